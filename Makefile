@@ -1,0 +1,36 @@
+# make train: set up .venv if missing, then train the default model (n-gram MLP on the names)
+# make test:  the same set-up, then the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# the offline data mirror beside the checkout, when there is one (see README: Data)
+export GENLAB_DATA_MIRROR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+
+.PHONY: setup train test test-all benchmark tensorboard clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+train: setup
+	$(PY) train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+# the slow end-to-end tests too
+test-all: setup
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+benchmark: setup
+	$(PY) scripts/benchmark.py $(ARGS)
+
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir outputs
+
+clean:
+	rm -rf outputs

@@ -1,0 +1,163 @@
+"""The Italian first names (``data=names``), or any word list given by ``data.path``."""
+
+from __future__ import annotations
+
+import logging
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from genlab.data.batches import FixedBatches, SequenceBatches
+from genlab.data.fetch import DataError, RemoteFile, fetch
+from genlab.data.tokenizer import CharTokenizer
+
+log = logging.getLogger(__name__)
+
+ITALIAN_NAMES = RemoteFile(
+    name="names/nomi_italiani.raw.txt",
+    url="https://gist.githubusercontent.com/pdesterlich/2562329/raw/"
+    "7c09ac44d769539c61df15d5b3c441eaebb77660/nomi_italiani.txt",
+    sha256="48e5c7de82ab6f4c656ac7acdd1377ade6eb1ae97d463685adb162df5be3a718",
+)
+
+BOUNDARY = "."  # start and end token, id 0
+
+# The gist's accented letters are cp1252 bytes that were decoded as Mac Roman.
+MOJIBAKE = str.maketrans({"‡": "à", "˘": "ù", "Ú": "ò", "Ï": "ì", "Ë": "è"})
+
+
+@dataclass
+class CleaningReport:
+    raw: int
+    repaired: int
+    punctuation: int
+    duplicates: int
+    kept: int
+
+    def __str__(self) -> str:
+        return (
+            f"names: {self.raw:,} entries -> {self.kept:,} names "
+            f"(repaired mis-encoded accents in {self.repaired}, dropped {self.punctuation} with "
+            f"punctuation or digits and {self.duplicates} duplicates)"
+        )
+
+
+def strip_accents(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+
+
+def clean_names(text: str) -> tuple[list[str], CleaningReport]:
+    """Clean a word list, one entry per line, into names over '-' and lower-case letters.
+
+    Rules (those of ``nomi_italiani.clean.txt`` in the data README): drop a leading header that ends
+    with a line of dashes; drop blank lines; join whitespace inside an entry with '-'; repair the
+    gist's mis-encoded accents, then strip accents; drop entries holding anything but letters and
+    '-'; drop duplicates, keeping the first."""
+    lines = text.splitlines()
+    header_end = next((i for i, line in enumerate(lines[:20]) if line.strip().startswith("----")), -1)
+    entries = ["-".join(line.split()) for line in lines[header_end + 1 :] if line.strip()]
+    repaired = sum(1 for e in entries if e != e.translate(MOJIBAKE))
+    # repair before lower-casing: the mojibake characters are upper-case letters
+    entries = [strip_accents(e.translate(MOJIBAKE).lower()) for e in entries]
+    letters = [e for e in entries if all(c == "-" or (c.isalpha() and c.isascii()) for c in e)]
+    unique = list(dict.fromkeys(letters))
+    report = CleaningReport(len(entries), repaired, len(entries) - len(letters), len(letters) - len(unique), len(unique))
+    return unique, report
+
+
+def encode_names(names: list[str], tokenizer: CharTokenizer, width: int):
+    """x = '.' + name, y = name + '.', right-padded to ``width`` (x with 0, y with -1)."""
+    x = torch.zeros(len(names), width, dtype=torch.long)
+    y = torch.full((len(names), width), -1, dtype=torch.long)
+    for row, name in enumerate(names):
+        ids = tokenizer.encode(name)
+        x[row, 1 : len(ids) + 1] = torch.tensor(ids)
+        y[row, : len(ids) + 1] = torch.tensor(ids + [tokenizer.eos_id])
+    return x, y
+
+
+class NamesDataModule(L.LightningDataModule):
+    """Names as sequences: batch ``(x, y)`` of shape (B, T) with T the longest name + 1, trimmed per
+    batch to its own longest name. Splits 80/10/10 from ``seed``; the vocabulary is '.' + the
+    characters of all names."""
+
+    kind = "text"
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        mirror: str | None = None,
+        path: str | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int = 1024,
+        seed: int = 42,
+        split: tuple[float, float] = (0.8, 0.9),
+    ):
+        super().__init__()
+        self.data_dir = data_dir
+        self.mirror = mirror
+        self.path = path
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.split = split
+        self.batches_per_step = 1  # set by the trainer set-up from the model (see models.base)
+        self._load()
+
+    def _load(self) -> None:
+        if self.path:
+            source = Path(self.path).expanduser()
+            if not source.exists():
+                raise DataError(f"data.path={self.path}: no such file. Give an existing word list, one entry per line.")
+        else:
+            source = fetch(ITALIAN_NAMES, self.data_dir, self.mirror)
+        try:
+            text = source.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{source} is not UTF-8 text ({err}); convert it with iconv -t utf-8.") from None
+        names, report = clean_names(text)
+        if not names:
+            raise DataError(f"{source} holds no usable names ({report}); give a list with one name per line.")
+        log.info("%s", report)
+        self.report = report
+        self.names = names
+        self.tokenizer = CharTokenizer.from_text("".join(names), boundary=BOUNDARY)
+        self.max_len = max(len(n) for n in names)
+        self.seq_len = self.max_len + 1  # the longest name plus its end token
+
+        order = torch.randperm(len(names), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n1, n2 = int(self.split[0] * len(names)), int(self.split[1] * len(names))
+        self.splits = {
+            "train": [names[i] for i in order[:n1]],
+            "val": [names[i] for i in order[n1:n2]],
+            "test": [names[i] for i in order[n2:]],
+        }
+        self.tensors = {k: encode_names(v, self.tokenizer, self.seq_len) for k, v in self.splits.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def train_dataloader(self):
+        x, y = self.tensors["train"]
+        loader = SequenceBatches(x, y, self.batch_size, self.batches_per_step, seed=self.seed)
+        if self.trainer is not None:
+            loader.set_epoch(self.trainer.current_epoch)
+        return loader
+
+    def val_dataloader(self):
+        return FixedBatches(*self.tensors["val"], self.eval_batch_size)
+
+    def test_dataloader(self):
+        return FixedBatches(*self.tensors["test"], self.eval_batch_size)
+
+    def training_words(self) -> set[str]:
+        """What sampling compares against to measure novelty."""
+        return set(self.splits["train"])
+
+    def bigram_counts(self) -> Counter:
+        return Counter(pair for n in self.splits["train"] for pair in zip("." + n, n + "."))

@@ -1,0 +1,179 @@
+"""The shared base of every language model: (B, T) token ids -> (B, T, V) next-token logits.
+
+A subclass defines the network (``__init__`` and ``forward``); this base does the rest: the loss
+(mean cross-entropy over real targets, -1 marks padding), training with manual optimization,
+exact validation and test losses, optimizers and schedulers from Hydra configs, and ``generate``.
+
+Speed: a tiny model's update takes well under a millisecond, less than Lightning's per-step
+bookkeeping. With ``updates_per_step = K`` the data module hands over K batches at once and one
+Lightning step makes K optimizer updates, each on its own batch, exactly as a plain loop would;
+``trainer.global_step`` still counts optimizer updates, so ``trainer.max_steps`` means updates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+
+def vocab_size_of(tokenizer: dict) -> int:
+    return len(tokenizer["chars"]) if tokenizer["type"] == "char" else 50257
+
+
+def context_windows(idx: torch.Tensor, size: int, pad_id: int = 0) -> torch.Tensor:
+    """(B, T) -> (B, T, size): at position t the tokens t-size+1 .. t, left-padded with ``pad_id``
+    (the start token), so position t of a name sees the notebook's window ('...' -> 'e')."""
+    padded = F.pad(idx, (size - 1, 0), value=pad_id)
+    return padded.unfold(1, size, 1)
+
+
+class LanguageModel(L.LightningModule):
+    kind = "text"  # the data kind this model consumes
+    context_length: int | None = None  # tokens the model looks back; None: unbounded (recurrent)
+
+    def __init__(
+        self,
+        tokenizer: dict,
+        seq_len: int,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        updates_per_step: int = 1,
+        grad_clip: float | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.vocab_size = vocab_size_of(tokenizer)
+        self.seq_len = seq_len
+        self.updates_per_step = updates_per_step
+        self._eval_totals = None
+        self.tokens_seen = 0  # real target tokens trained on, for tokens/s
+
+    # --- the loss ------------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+
+    # --- training ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        if not self.hparams.optimizer:
+            return None
+        optimizer = hydra.utils.instantiate(self.hparams.optimizer)(params=self.parameter_groups())
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self):
+        """What the optimizer gets; a model may return groups (e.g. no weight decay on norms)."""
+        return self.parameters()
+
+    def training_step(self, batch, batch_idx):
+        batches = [batch] if isinstance(batch[0], torch.Tensor) else batch
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else math.inf
+        total, updates = 0.0, 0
+        for x, y in batches:
+            if self.global_step >= max_steps:  # the last group may overshoot max_steps
+                break
+            loss = self.loss(self(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            if self.hparams.grad_clip:
+                self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += loss.detach()
+            updates += 1
+            self.tokens_seen += int((y >= 0).sum())
+        if updates:
+            loss = total / updates
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the training loss became {loss.item()} at step {self.global_step}; lower the "
+                    "learning rate or clip gradients (model.grad_clip). The last checkpoint is the last good state."
+                )
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/lr", optimizer.param_groups[0]["lr"])
+        return None
+
+    # --- evaluation: exact mean over every real target of the split -------------------------
+    def _eval_step(self, batch):
+        x, y = batch
+        summed = self.loss(self(x), y, reduction="sum")
+        count = (y >= 0).sum()
+        totals = torch.stack([summed.double(), count.double()])
+        self._eval_totals = totals if self._eval_totals is None else self._eval_totals + totals
+
+    def _eval_end(self, stage: str):
+        if self._eval_totals is None:
+            return
+        totals = self.trainer.strategy.reduce(self._eval_totals, reduce_op="sum")
+        self._eval_totals = None
+        self.log(f"{stage}/loss", (totals[0] / totals[1]).float(), sync_dist=False)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        self._eval_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self):
+        self._eval_end("test")
+
+    # --- sampling ------------------------------------------------------------------------------
+    def next_token_logits(self, idx: torch.Tensor, state=None):
+        """Logits for the token after ``idx`` (B, T); recurrent models carry ``state`` instead of
+        re-reading the context."""
+        if self.context_length is not None:
+            idx = idx[:, -self.context_length :]
+        return self(idx)[:, -1], None
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend ``idx`` (B, T) by sampling; stops early once every row has produced ``eos_id``.
+        Runs in eval mode (BatchNorm uses its running statistics, dropout is off)."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        was_training = self.training
+        self.eval()
+        try:
+            done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+            logits, state = self.next_token_logits(idx)
+            for step in range(max_new_tokens):
+                logits = logits.float() / temperature
+                if top_k is not None and top_k < logits.shape[-1]:
+                    kth = torch.topk(logits, top_k).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, -math.inf)
+                probs = torch.softmax(logits, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+                idx = torch.cat([idx, nxt], dim=1)
+                if eos_id is not None:
+                    done |= nxt[:, 0] == eos_id
+                    if done.all():
+                        break
+                if step + 1 < max_new_tokens:
+                    logits, state = self.next_token_logits(idx, state)
+        finally:
+            self.train(was_training)
+        return idx
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["genlab"] = {"class": f"{type(self).__module__}.{type(self).__qualname__}"}

@@ -1,0 +1,48 @@
+"""The notebook's bigram model (and n-gram tables with ``context > 1``).
+
+``counting=True``: the table of counts, filled in one pass over the training split; with add-k
+smoothing its logits are log((counts + k) / row sum), so the loss is the table's negative
+log-likelihood per character. ``counting=False``: the gradient-trained twin, one linear layer on the
+one-hot context (an embedding of V**context rows). The table has V**context rows: 28 for a bigram,
+784 for a trigram, 21,952 for a 4-gram, mostly empty, which is why counting does not scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from genlab.models.base import LanguageModel, context_windows
+
+
+class Bigram(LanguageModel):
+    def __init__(self, context: int = 1, counting: bool = True, smoothing: float = 1.0, **base):
+        super().__init__(**base)
+        self.context_length = context
+        rows = self.vocab_size**context
+        if counting:
+            self.register_buffer("counts", torch.zeros(rows, self.vocab_size))
+            self.hparams.optimizer = None  # nothing to optimise: the table is counted
+        else:
+            self.logit_table = nn.Embedding(rows, self.vocab_size)
+            nn.init.zeros_(self.logit_table.weight)  # uniform at start, loss = ln V
+        self.register_buffer("place", self.vocab_size ** torch.arange(context - 1, -1, -1))
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T): the table row of each position's context (base-V number)."""
+        return (context_windows(idx, self.context_length) * self.place).sum(-1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.hparams.counting:
+            smoothed = self.counts + self.hparams.smoothing
+            return (smoothed / smoothed.sum(1, keepdim=True)).log()[self.rows(idx)]
+        return self.logit_table(self.rows(idx))
+
+    def training_step(self, batch, batch_idx):
+        if not self.hparams.counting:
+            return super().training_step(batch, batch_idx)
+        for x, y in [batch] if isinstance(batch[0], torch.Tensor) else batch:
+            real = y >= 0
+            self.counts.index_put_((self.rows(x)[real], y[real]), torch.ones(()), accumulate=True)
+            self.tokens_seen += int(real.sum())
+        return None

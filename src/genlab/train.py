@@ -1,0 +1,162 @@
+"""``python train.py [overrides]``: build the data, the model and the trainer from the Hydra config,
+train, test, sample, and write ``metrics.json``. Returns the final validation loss (for sweeps)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from genlab.outputs import atomic_write_text, write_metrics
+
+log = logging.getLogger("genlab")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the options and the fix."""
+
+
+def choice(group: str) -> str:
+    """The option chosen for a config group (``model=mlp`` -> "mlp"), for messages."""
+    try:
+        return HydraConfig.get().runtime.choices.get(group) or "?"
+    except ValueError:  # not running under Hydra (tests that compose by hand)
+        return "?"
+
+
+def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
+    model_kind = hydra.utils.get_class(cfg.model._target_).kind
+    if model_kind != datamodule.kind:
+        raise ConfigError(
+            f"model={choice('model')} works on {model_kind} data, but data={choice('data')} gives "
+            f"{datamodule.kind} data; pick a {model_kind} data set or another model."
+        )
+    sizes = {}
+    if model_kind == "text":  # data-dependent sizes come from the data, never typed twice
+        sizes = {"tokenizer": datamodule.tokenizer.to_config(), "seq_len": datamodule.seq_len}
+    return hydra.utils.instantiate(
+        cfg.model,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
+        **sizes,
+        _recursive_=False,
+    )
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int) -> L.Trainer:
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    if cfg.val_every % updates_per_step:
+        raise ConfigError(
+            f"val_every={cfg.val_every} must be a multiple of model.updates_per_step={updates_per_step}"
+        )
+    return hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        val_check_interval=cfg.val_every // updates_per_step,  # Lightning counts its own steps
+        check_val_every_n_epoch=None,
+    )
+
+
+def sample_names(model, tokenizer, num_samples: int, seed: int, temperature=1.0, top_k=None) -> list[str]:
+    """Whole sequences from the start token to the end token (names)."""
+    start = torch.full((num_samples, 1), tokenizer.eos_id, dtype=torch.long, device=model.device)
+    out = model.generate(
+        start,
+        max_new_tokens=max(model.seq_len, 1) * 2,
+        temperature=temperature,
+        top_k=top_k,
+        eos_id=tokenizer.eos_id,
+        generator=torch.Generator(model.device).manual_seed(seed),
+    )
+    names = []
+    for row in out[:, 1:].tolist():
+        if tokenizer.eos_id in row:
+            row = row[: row.index(tokenizer.eos_id)]
+        names.append(tokenizer.decode(row))
+    return names
+
+
+def train(cfg: DictConfig) -> float:
+    run_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = build_model(cfg, datamodule)
+    updates_per_step = getattr(model, "updates_per_step", 1)
+    datamodule.batches_per_step = updates_per_step
+    trainer = build_trainer(cfg, run_dir, updates_per_step)
+
+    for logger in trainer.loggers:
+        logger.log_hyperparams(
+            flat_hparams(cfg), metrics={"hp/val_loss": math.nan, "hp/best_val_loss": math.nan}
+        ) if hasattr(logger, "log_hyperparams") else None
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_seconds = time.perf_counter() - start
+
+    val = trainer.validate(model, datamodule=datamodule, verbose=False)[0]["val/loss"]
+    test = trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/loss"]
+    checkpoint_cb = trainer.checkpoint_callback
+    best = float(checkpoint_cb.best_model_score) if checkpoint_cb and checkpoint_cb.best_model_score is not None else val
+
+    metrics = {
+        "val_loss": float(val),
+        "best_val_loss": min(best, float(val)),
+        "test_loss": float(test),
+        "steps": int(trainer.global_step),
+        "train_seconds": round(train_seconds, 3),
+        "tokens_per_second": round(model.tokens_seen / train_seconds, 1) if train_seconds > 0 else None,
+    }
+    if trainer.is_global_zero:
+        tokenizer = datamodule.tokenizer
+        if tokenizer.eos_id is not None and cfg.num_samples > 0:
+            samples = sample_names(model, tokenizer, cfg.num_samples, cfg.seed)
+            atomic_write_text(run_dir / "samples.txt", "\n".join(samples) + "\n")
+            print("\n".join(samples))
+            for logger in trainer.loggers:
+                if hasattr(logger.experiment, "add_text"):
+                    logger.experiment.add_text("samples", "  \n".join(samples), trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics({"hp/val_loss": metrics["val_loss"], "hp/best_val_loss": metrics["best_val_loss"]}, trainer.global_step)
+            logger.finalize("success")
+        write_metrics(run_dir / "metrics.json", metrics)
+        log.info("metrics: %s", metrics)
+        log.info("run folder: %s", run_dir)
+    return metrics["val_loss"]
+
+
+def flat_hparams(cfg: DictConfig) -> dict:
+    """The config as flat key/values for TensorBoard's HPARAMS tab (lists become strings)."""
+    out = {}
+
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            elif isinstance(value, (int, float, str, bool)) or value is None:
+                out[name] = "null" if value is None else value
+            else:
+                out[name] = str(value)
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for group in ("data", "model", "optimizer", "scheduler", "trainer"):
+        walk(container.get(group) or {}, group + ".")
+    out["seed"] = container["seed"]
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    return train(cfg)
