@@ -1,9 +1,11 @@
 """In-memory batching: whole splits live as tensors and batches are cut by indexing.
 
 A per-sample ``Dataset`` with the default collate costs more than a tiny model's step, so these
-iterables hand Lightning ready-made batches. With ``batches_per_step = K > 1`` every item is a list
-of K batches, which the language-model base consumes as K optimizer updates in one Lightning step
-(see ``genlab.models.base``).
+iterables hand Lightning ready-made batches. Training items are groups of K = ``batches_per_step``
+batches, packed as three tensors ``(xs, ys, widths)``: xs and ys of shape (K, B, T), and the width
+of each batch (its longest sequence), so the model trims each batch without extra padding. The
+language-model base makes K optimizer updates from one item (see ``genlab.models.base``); three
+tensors cost Lightning far less to hand over than a list of K pairs.
 """
 
 from __future__ import annotations
@@ -11,11 +13,23 @@ from __future__ import annotations
 import torch
 
 
+def widths(y: torch.Tensor) -> torch.Tensor:
+    """(..., B, T) targets -> (...,): one past the last column holding a real target (not -1)."""
+    real = (y >= 0).any(-2)
+    return real.shape[-1] - real.flip(-1).int().argmax(-1)
+
+
 def trim(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the trailing columns in which every target is padding (-1)."""
-    real = (y >= 0).any(0).nonzero()
-    width = int(real[-1]) + 1 if len(real) else 1
+    width = int(widths(y))
     return x[:, :width], y[:, :width]
+
+
+def group(xs: torch.Tensor, ys: torch.Tensor, k: int):
+    """(N*k*B... ) rows of K batches -> one training item (xs, ys, widths), trimmed to the widest."""
+    w = widths(ys)
+    width = int(w.max())
+    return xs[..., :width], ys[..., :width], w
 
 
 class SequenceBatches:
@@ -51,11 +65,10 @@ class SequenceBatches:
         else:
             order = torch.arange(n)
         self.epoch += 1
-        batches = (
-            trim(self.x[idx], self.y[idx])
-            for idx in order[: self._num_batches() * self.batch_size].split(self.batch_size)
-        )
-        yield from group(batches, self.batches_per_step, len(self))
+        per_item = self.batch_size * self.batches_per_step
+        for idx in order[: len(self) * per_item].split(per_item):
+            idx = idx.view(self.batches_per_step, self.batch_size)
+            yield group(self.x[idx], self.y[idx], self.batches_per_step)
 
 
 class WindowBatches:
@@ -85,23 +98,10 @@ class WindowBatches:
         high = len(self.tokens) - self.seq_len - 1
         tokens = torch.as_tensor(self.tokens)
 
-        def batches():
-            while True:
-                starts = torch.randint(0, high + 1, (self.batch_size, 1), generator=g)
-                window = tokens[starts + self.offsets].long()
-                yield window[:, :-1], window[:, 1:]
-
-        yield from group(batches(), self.batches_per_step, len(self))
-
-
-def group(batches, k: int, count: int):
-    """Yield ``count`` items: single batches when k == 1, else lists of k batches."""
-    batches = iter(batches)
-    for _ in range(count):
-        if k == 1:
-            yield next(batches)
-        else:
-            yield [next(batches) for _ in range(k)]
+        for _ in range(len(self)):
+            starts = torch.randint(0, high + 1, (self.batches_per_step, self.batch_size, 1), generator=g)
+            window = tokens[starts + self.offsets].long()
+            yield group(window[..., :-1], window[..., 1:], self.batches_per_step)
 
 
 class FixedBatches:

@@ -12,6 +12,7 @@ Lightning step makes K optimizer updates, each on its own batch, exactly as a pl
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import hydra
@@ -71,28 +72,28 @@ class LanguageModel(L.LightningModule):
         """What the optimizer gets; a model may return groups (e.g. no weight decay on norms)."""
         return self.parameters()
 
+    @staticmethod
+    def unpack(batch):
+        """A training item -> its batches (x, y), each trimmed to its own width."""
+        xs, ys, widths = batch
+        for x, y, width in zip(xs, ys, widths.tolist()):
+            yield x[:, :width], y[:, :width]
+
     def training_step(self, batch, batch_idx):
-        batches = [batch] if isinstance(batch[0], torch.Tensor) else batch
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else math.inf
-        total, updates = 0.0, 0
-        for x, y in batches:
-            if self.global_step >= max_steps:  # the last group may overshoot max_steps
-                break
+        updates = max(0, min(len(batch[0]), max_steps - self.global_step))  # the last item may overshoot
+        losses = []
+        for x, y in itertools.islice(self.unpack(batch), updates):
             loss = self.loss(self(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if self.hparams.grad_clip:
-                self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-            optimizer.step()
+            self.update(optimizer, loss)
             if scheduler is not None:
                 scheduler.step()
-            total += loss.detach()
-            updates += 1
-            self.tokens_seen += int((y >= 0).sum())
-        if updates:
-            loss = total / updates
+            losses.append(loss.detach())
+        self.tokens_seen += int((batch[1][:updates] >= 0).sum())
+        if losses:
+            loss = torch.stack(losses).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"the training loss became {loss.item()} at step {self.global_step}; lower the "
@@ -101,6 +102,26 @@ class LanguageModel(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/lr", optimizer.param_groups[0]["lr"])
         return None
+
+    def update(self, optimizer, loss: torch.Tensor) -> None:
+        """One optimizer update. Lightning's own path (``manual_backward``, ``optimizer.step()``)
+        calls callback hooks and precision plugins around every update, which costs a tiny model
+        about a third of its speed; where no gradient scaler is needed (every precision but
+        16-mixed), this does what a plain loop does and advances Lightning's update counter,
+        so ``global_step``, ``max_steps`` and checkpoints still count optimizer updates."""
+        if self.trainer.precision == "16-mixed":
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            if self.hparams.grad_clip:
+                self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            optimizer.step()
+            return
+        optimizer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.hparams.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.grad_clip)
+        optimizer.optimizer.step()
+        self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_completed()
 
     # --- evaluation: exact mean over every real target of the split -------------------------
     def _eval_step(self, batch):

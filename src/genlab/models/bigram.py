@@ -41,7 +41,7 @@ class Bigram(LanguageModel):
     def training_step(self, batch, batch_idx):
         if not self.hparams.counting:
             return super().training_step(batch, batch_idx)
-        for x, y in [batch] if isinstance(batch[0], torch.Tensor) else batch:
+        for x, y in self.unpack(batch):
             real = y >= 0
             self.counts.index_put_((self.rows(x)[real], y[real]), torch.ones(()), accumulate=True)
             self.tokens_seen += int(real.sum())
