@@ -14,14 +14,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from genlab.callbacks import ValidateAtEnd
+from genlab.errors import ConfigError, exit_on_user_error, instantiate
 from genlab.outputs import atomic_write_text, write_metrics
 
 log = logging.getLogger("genlab")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message names the options and the fix."""
 
 
 def choice(group: str) -> str:
@@ -42,7 +40,7 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
     sizes = {}
     if model_kind == "text":  # data-dependent sizes come from the data, never typed twice
         sizes = {"tokenizer": datamodule.tokenizer.to_config(), "seq_len": datamodule.seq_len}
-    return hydra.utils.instantiate(
+    return instantiate(
         cfg.model,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
@@ -51,20 +49,21 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
     )
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int) -> L.Trainer:
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int, single_pass: bool = False) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [ValidateAtEnd()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     if cfg.val_every % updates_per_step:
         raise ConfigError(
             f"val_every={cfg.val_every} must be a multiple of model.updates_per_step={updates_per_step}"
         )
-    return hydra.utils.instantiate(
+    return instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),
         val_check_interval=cfg.val_every // updates_per_step,  # Lightning counts its own steps
         check_val_every_n_epoch=None,
+        **({"max_epochs": 1, "max_steps": -1} if single_pass else {}),
     )
 
 
@@ -90,11 +89,13 @@ def sample_names(model, tokenizer, num_samples: int, seed: int, temperature=1.0,
 def train(cfg: DictConfig) -> float:
     run_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
+    if hasattr(datamodule, "training_words"):
+        model.training_words = sorted(datamodule.training_words())
     updates_per_step = getattr(model, "updates_per_step", 1)
     datamodule.batches_per_step = updates_per_step
-    trainer = build_trainer(cfg, run_dir, updates_per_step)
+    trainer = build_trainer(cfg, run_dir, updates_per_step, getattr(model, "single_pass", False))
 
     for logger in trainer.loggers:
         logger.log_hyperparams(
@@ -105,7 +106,7 @@ def train(cfg: DictConfig) -> float:
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_seconds = time.perf_counter() - start
 
-    val = trainer.validate(model, datamodule=datamodule, verbose=False)[0]["val/loss"]
+    val = float(trainer.callback_metrics["val/loss"])  # ValidateAtEnd: measured after the last update
     test = trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/loss"]
     checkpoint_cb = trainer.checkpoint_callback
     best = float(checkpoint_cb.best_model_score) if checkpoint_cb and checkpoint_cb.best_model_score is not None else val
@@ -158,5 +159,6 @@ def flat_hparams(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@exit_on_user_error
 def main(cfg: DictConfig) -> float:
     return train(cfg)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from genlab.errors import DataError
+
 
 def widths(y: torch.Tensor) -> torch.Tensor:
     """(..., B, T) targets -> (...,): one past the last column holding a real target (not -1)."""
@@ -25,83 +27,93 @@ def trim(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, :width], y[:, :width]
 
 
-def group(xs: torch.Tensor, ys: torch.Tensor, k: int):
-    """(N*k*B... ) rows of K batches -> one training item (xs, ys, widths), trimmed to the widest."""
+def group(xs: torch.Tensor, ys: torch.Tensor):
+    """K batches (K, B, T) -> one training item (xs, ys, widths), trimmed to the widest batch."""
     w = widths(ys)
     width = int(w.max())
     return xs[..., :width], ys[..., :width], w
 
 
 class SequenceBatches:
-    """Shuffled batches of whole sequences (names), one pass over the split per epoch.
+    """Shuffled batches of whole sequences (names): one pass over the split per data epoch, a new
+    order each epoch.
 
-    The order depends only on ``seed`` and the epoch number, so a resumed run sees the batches the
-    uninterrupted run would have seen."""
+    The batches form one stream across epochs and each item takes the next K of it, so every
+    item holds exactly K batches and ``trainer.global_step`` = K x Lightning steps. Which batch
+    comes at stream position p depends only on ``seed`` and p, and ``position`` is the whole
+    state (``state_dict``), so a resumed run sees the batches the uninterrupted one would have."""
 
-    def __init__(self, x, y, batch_size, batches_per_step=1, seed=0, shuffle=True, drop_last=True):
+    def __init__(self, x, y, batch_size, batches_per_step=1, seed=0):
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.batches_per_step = batches_per_step
         self.seed = seed
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _num_batches(self) -> int:
-        n = len(self.x)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        self.batches_per_epoch = len(x) // batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(f"the training split has {len(x)} sequences, fewer than one batch of {batch_size}; lower data.batch_size")
+        self.position = 0
+        self._order = (None, None)  # (data epoch, its permutation)
 
     def __len__(self) -> int:
-        return self._num_batches() // self.batches_per_step
+        """Items per Lightning epoch: about one pass over the data."""
+        return -(-self.batches_per_epoch // self.batches_per_step)
+
+    def batch_indices(self, position: int) -> torch.Tensor:
+        epoch, i = divmod(position, self.batches_per_epoch)
+        if self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.x), generator=g))
+        return self._order[1][i * self.batch_size : (i + 1) * self.batch_size]
 
     def __iter__(self):
-        n = len(self.x)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
-        self.epoch += 1
-        per_item = self.batch_size * self.batches_per_step
-        for idx in order[: len(self) * per_item].split(per_item):
-            idx = idx.view(self.batches_per_step, self.batch_size)
-            yield group(self.x[idx], self.y[idx], self.batches_per_step)
+        for _ in range(len(self)):
+            k = self.batches_per_step
+            idx = torch.stack([self.batch_indices(p) for p in range(self.position, self.position + k)])
+            self.position += k
+            yield group(self.x[idx], self.y[idx])
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
 
 
 class WindowBatches:
     """Random windows of ``seq_len + 1`` tokens from one long token stream (training on text).
 
-    An "epoch" is ``steps_per_epoch`` items; the windows depend only on ``seed`` and the epoch."""
+    The windows of stream position p depend only on ``seed`` and p (see ``SequenceBatches``);
+    a Lightning epoch is ``steps_per_epoch`` items."""
 
     def __init__(self, tokens, seq_len, batch_size, steps_per_epoch, batches_per_step=1, seed=0):
-        self.tokens = tokens
+        self.tokens = torch.as_tensor(tokens)
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
         self.batches_per_step = batches_per_step
         self.seed = seed
-        self.epoch = 0
+        self.position = 0
         self.offsets = torch.arange(seq_len + 1)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if len(self.tokens) <= seq_len + 1:
+            raise DataError(f"the training text has {len(self.tokens)} tokens, too few for windows of {seq_len + 1}")
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        self.epoch += 1
-        high = len(self.tokens) - self.seq_len - 1
-        tokens = torch.as_tensor(self.tokens)
+    def batch(self, position: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + position)
+        starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size, 1), generator=g)
+        return self.tokens[starts + self.offsets]
 
+    def __iter__(self):
         for _ in range(len(self)):
-            starts = torch.randint(0, high + 1, (self.batches_per_step, self.batch_size, 1), generator=g)
-            window = tokens[starts + self.offsets].long()
-            yield group(window[..., :-1], window[..., 1:], self.batches_per_step)
+            k = self.batches_per_step
+            windows = torch.stack([self.batch(p) for p in range(self.position, self.position + k)]).long()
+            self.position += k
+            yield group(windows[..., :-1], windows[..., 1:])
+
+    state_dict = SequenceBatches.state_dict
+    load_state_dict = SequenceBatches.load_state_dict
 
 
 class FixedBatches:

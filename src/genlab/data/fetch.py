@@ -16,11 +16,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from genlab.errors import DataError
+
 log = logging.getLogger(__name__)
-
-
-class DataError(RuntimeError):
-    """A data file is missing, corrupt or unusable; the message says how to fix it."""
 
 
 @dataclass(frozen=True)

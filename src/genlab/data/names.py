@@ -12,7 +12,8 @@ import lightning as L
 import torch
 
 from genlab.data.batches import FixedBatches, SequenceBatches
-from genlab.data.fetch import DataError, RemoteFile, fetch
+from genlab.data.fetch import RemoteFile, fetch
+from genlab.errors import DataError
 from genlab.data.tokenizer import CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -144,10 +145,7 @@ class NamesDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         x, y = self.tensors["train"]
-        loader = SequenceBatches(x, y, self.batch_size, self.batches_per_step, seed=self.seed)
-        if self.trainer is not None:
-            loader.set_epoch(self.trainer.current_epoch)
-        return loader
+        return SequenceBatches(x, y, self.batch_size, self.batches_per_step, seed=self.seed)
 
     def val_dataloader(self):
         return FixedBatches(*self.tensors["val"], self.eval_batch_size)

@@ -35,6 +35,7 @@ def context_windows(idx: torch.Tensor, size: int, pad_id: int = 0) -> torch.Tens
 class LanguageModel(L.LightningModule):
     kind = "text"  # the data kind this model consumes
     context_length: int | None = None  # tokens the model looks back; None: unbounded (recurrent)
+    single_pass = False  # True: trained by one pass over the data (counting), not by updates
 
     def __init__(
         self,
@@ -53,6 +54,7 @@ class LanguageModel(L.LightningModule):
         self.updates_per_step = updates_per_step
         self._eval_totals = None
         self.tokens_seen = 0  # real target tokens trained on, for tokens/s
+        self.training_words: list[str] | None = None  # set for names: sampling measures novelty
 
     # --- the loss ------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -101,6 +103,7 @@ class LanguageModel(L.LightningModule):
                 )
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/lr", optimizer.param_groups[0]["lr"])
+            self.log_step()
         return None
 
     def update(self, optimizer, loss: torch.Tensor) -> None:
@@ -121,7 +124,15 @@ class LanguageModel(L.LightningModule):
         if self.hparams.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.grad_clip)
         optimizer.optimizer.step()
+        self.advance_step_counter()
+
+    def advance_step_counter(self) -> None:
+        """Count one update in ``trainer.global_step`` (what Lightning's ``optimizer.step()`` does)."""
         self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_completed()
+
+    def log_step(self) -> None:
+        """Lightning's x-axis counts its own steps; a logged "step" makes it optimizer updates."""
+        self.log("step", float(self.global_step))
 
     # --- evaluation: exact mean over every real target of the split -------------------------
     def _eval_step(self, batch):
@@ -137,6 +148,7 @@ class LanguageModel(L.LightningModule):
         totals = self.trainer.strategy.reduce(self._eval_totals, reduce_op="sum")
         self._eval_totals = None
         self.log(f"{stage}/loss", (totals[0] / totals[1]).float(), sync_dist=False)
+        self.log_step()
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)
@@ -197,4 +209,7 @@ class LanguageModel(L.LightningModule):
 
     # --- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["genlab"] = {"class": f"{type(self).__module__}.{type(self).__qualname__}"}
+        checkpoint["genlab"] = {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "training_words": self.training_words,
+        }

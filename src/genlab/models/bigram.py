@@ -23,6 +23,7 @@ class Bigram(LanguageModel):
         if counting:
             self.register_buffer("counts", torch.zeros(rows, self.vocab_size))
             self.hparams.optimizer = None  # nothing to optimise: the table is counted
+            self.single_pass = True  # one epoch over the training split, whatever max_steps says
         else:
             self.logit_table = nn.Embedding(rows, self.vocab_size)
             nn.init.zeros_(self.logit_table.weight)  # uniform at start, loss = ln V
@@ -45,4 +46,5 @@ class Bigram(LanguageModel):
             real = y >= 0
             self.counts.index_put_((self.rows(x)[real], y[real]), torch.ones(()), accumulate=True)
             self.tokens_seen += int(real.sum())
+            self.advance_step_counter()  # a step of the counting model: one batch counted
         return None

@@ -1,0 +1,64 @@
+"""Shared fixtures: small data the tests make themselves, and a helper that trains through the
+same code path as ``python train.py`` (Hydra compose + ``genlab.train.train``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from genlab.train import CONF_DIR, train
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+MIRROR = os.environ.get("GENLAB_DATA_MIRROR") or (str(SHARED_DATA) if SHARED_DATA.exists() else None)
+
+
+@pytest.fixture
+def mirror() -> str:
+    """The offline mirror of the real data (``../shared/data`` in this workplace and in CI)."""
+    assert MIRROR and Path(MIRROR).exists(), (
+        "these tests read the real data: set GENLAB_DATA_MIRROR to a folder like ../shared/data"
+    )
+    return MIRROR
+
+
+@pytest.fixture
+def names_file(tmp_path) -> Path:
+    """300 made-up names over a few syllables, one per line."""
+    rng = random.Random(0)
+    syllables = ["ma", "ri", "o", "lu", "ca", "gio", "van", "na", "an", "to", "el", "sa", "be", "tta"]
+    names = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(600)})[:300]
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join(names) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    """A few thousand characters of running text."""
+    rng = random.Random(1)
+    words = ["nel", "mezzo", "del", "cammin", "di", "nostra", "vita", "mi", "ritrovai", "per", "una", "selva", "oscura"]
+    path = tmp_path / "text.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(1500)), encoding="utf-8")
+    return path
+
+
+def compose_config(overrides: list[str], run_dir: Path):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[f"paths.output_dir={run_dir}", f"paths.data_dir={run_dir.parent / 'data'}",
+                       "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *overrides],
+        )
+
+
+def run_training(run_dir: Path, overrides: list[str]) -> dict:
+    """Train in-process and return metrics.json."""
+    cfg = compose_config(overrides, run_dir)
+    train(cfg)
+    return json.loads((run_dir / "metrics.json").read_text())

@@ -1,0 +1,58 @@
+import torch
+
+from genlab.data.names import CleaningReport, NamesDataModule, clean_names
+from genlab.data.tokenizer import CharTokenizer
+
+
+def test_cleaning_rules_on_a_small_list():
+    raw = "\n".join([
+        "-- DISCLAIMER --", "made automatically", "----------------", "",
+        "maria", "gian  luca", "felicit‡", "niccolÚ", "niccolo", "fatima  ap.", "nicolo'", "", "maria", "  anna ",
+    ])
+    names, report = clean_names(raw)
+    assert names == ["maria", "gian-luca", "felicita", "niccolo", "anna"]
+    assert report == CleaningReport(raw=9, repaired=2, punctuation=2, duplicates=2, kept=5)
+    assert "9 entries -> 5 names" in str(report)
+
+
+def test_real_names_match_the_documented_clean_list(tmp_path, mirror):
+    dm = NamesDataModule(data_dir=tmp_path, mirror=mirror)
+    clean = open(f"{mirror}/names/nomi_italiani.clean.txt", encoding="utf-8").read().split()
+    assert dm.names == clean
+    assert len(dm.names) == 9101
+    assert dm.tokenizer.chars == ".-abcdefghijklmnopqrstuvwxyz"
+    assert dm.max_len == len("marie-odette-rose-gabrielle")
+    assert "9,118 entries -> 9,101 names" in str(dm.report)
+
+
+def test_split_is_deterministic_disjoint_and_80_10_10(names_file, tmp_path):
+    a = NamesDataModule(data_dir=tmp_path, path=str(names_file), seed=3)
+    b = NamesDataModule(data_dir=tmp_path, path=str(names_file), seed=3)
+    c = NamesDataModule(data_dir=tmp_path, path=str(names_file), seed=4)
+    assert a.splits == b.splits
+    assert a.splits["train"] != c.splits["train"]
+    sizes = {k: len(v) for k, v in a.splits.items()}
+    assert sizes == {"train": 240, "val": 30, "test": 30}
+    assert set(a.splits["train"]).isdisjoint(a.splits["val"]) and set(a.splits["val"]).isdisjoint(a.splits["test"])
+
+
+def test_vocabulary_round_trip_and_boundary_token():
+    tok = CharTokenizer.from_text("gian-luca", boundary=".")
+    assert tok.chars[0] == "." and tok.eos_id == 0
+    assert tok.decode(tok.encode("luca-gian")) == "luca-gian"
+    restored = CharTokenizer(**{k: v for k, v in tok.to_config().items() if k != "type"})
+    assert restored.encode("gian") == tok.encode("gian")
+
+
+def test_batches_are_start_token_shifted_and_padded_with_minus_one(names_file, tmp_path):
+    dm = NamesDataModule(data_dir=tmp_path, path=str(names_file), batch_size=8)
+    dm.batches_per_step = 3
+    xs, ys, widths = next(iter(dm.train_dataloader()))
+    assert xs.shape[:2] == (3, 8) and xs.shape == ys.shape and widths.shape == (3,)
+    assert (xs[..., 0] == 0).all()  # every sequence starts with '.'
+    for x, y in zip(xs.flatten(0, 1), ys.flatten(0, 1)):
+        n = int((y >= 0).sum())  # the name and its end token
+        assert y[n - 1] == 0 and (y[n:] == -1).all()
+        assert torch.equal(x[1:n], y[: n - 1])  # y is x shifted by one
+    for k in range(3):  # each batch's width is its longest name + 1
+        assert widths[k] == int((ys[k] >= 0).sum(1).max())

@@ -1,0 +1,101 @@
+"""End to end through the same code as ``python train.py`` / ``python sample.py``."""
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO, compose_config, run_training
+from genlab.errors import DataError
+from genlab.sample import sample
+from genlab.train import CONF_DIR, train
+
+TINY = {
+    "bigram": ["model=bigram"],
+    "bigram-gradient": ["model=bigram", "model.counting=false"],
+    "mlp": ["model=mlp", "model.n_hidden=32"],
+}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_a_few_training_steps_write_a_complete_run(name, names_file, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = TINY[name] + [f"data.path={names_file}", "data.batch_size=8", "model.updates_per_step=10",
+                              "trainer.max_steps=60", "val_every=20", "num_samples=5"]
+    metrics = run_training(run_dir, overrides)
+    assert set(metrics) >= {"val_loss", "best_val_loss", "test_loss", "steps", "train_seconds", "tokens_per_second"}
+    assert metrics["val_loss"] < 3.0  # ln(V) is about 2.8 for this vocabulary; better after training
+    assert metrics["best_val_loss"] <= metrics["val_loss"]
+    if name != "bigram":  # the counting model makes no optimizer updates
+        assert metrics["steps"] == 60
+        assert metrics["tokens_per_second"] > 0
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / "checkpoints" / "best.ckpt").exists()
+    assert len((run_dir / "samples.txt").read_text().splitlines()) == 5
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_updates_per_step_does_not_change_training(names_file, tmp_path):
+    """K updates per Lightning step are the same K updates a plain loop makes, on the same batches."""
+    common = [f"data.path={names_file}", "data.batch_size=8", "model=mlp", "model.n_hidden=32",
+              "optimizer=sgd", "trainer.max_steps=45", "val_every=45", "num_samples=0", "logger=none"]
+    weights = []  # 45 updates cross the end of the first pass over the data (30 batches)
+    for k in (1, 5):
+        run_dir = tmp_path / f"k{k}"
+        run_training(run_dir, common + [f"model.updates_per_step={k}"])
+        state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        assert state["global_step"] == 45
+        weights.append(state["state_dict"])
+    for key in weights[0]:
+        assert torch.allclose(weights[0][key], weights[1][key], atol=1e-6), key
+
+
+def test_sampling_from_a_checkpoint_alone(names_file, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_training(run_dir, [f"data.path={names_file}", "data.batch_size=8", "model.updates_per_step=10",
+                           "trainer.max_steps=100", "val_every=50", "num_samples=0"])
+    names_file.unlink()  # the data is gone: the checkpoint must be enough
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt_path={run_dir}/checkpoints/last.ckpt", "num_samples=12",
+                                           "top_k=5", f"out={tmp_path}/s.txt"])
+    names = sample(cfg)
+    assert len(names) == 12 and all(n and set(n) <= set("abcdefghijklmnopqrstuvwxyz-") for n in names)
+    printed = capsys.readouterr().out
+    assert "novelty:" in printed and "of the samples are not training names" in printed
+    assert (tmp_path / "s.txt").read_text().startswith(names[0])
+
+
+def test_missing_data_without_network_or_mirror_names_url_and_mirror(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.delenv("GENLAB_DATA_MIRROR", raising=False)
+    cfg = compose_config(["paths.data_mirror=null"], tmp_path / "run")
+    with pytest.raises(DataError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "https://gist.githubusercontent.com/pdesterlich/2562329" in message
+    assert "paths.data_mirror" in message and "GENLAB_DATA_MIRROR" in message
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_train_py_writes_config_and_unknown_model_lists_the_models(names_file, tmp_path):
+    run_dir = tmp_path / "cli"
+    ok = subprocess.run(
+        [sys.executable, "train.py", f"data.path={names_file}", "trainer.max_steps=200", "val_every=200",
+         f"hydra.run.dir={run_dir}", "num_samples=3", "trainer.enable_progress_bar=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 200
+    bad = subprocess.run([sys.executable, "train.py", "model=transformerz"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0
+    assert "model/transformerz" in bad.stderr and "Available options" in bad.stderr
+    assert "mlp" in bad.stderr and "bigram" in bad.stderr
