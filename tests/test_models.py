@@ -9,7 +9,10 @@ import torch
 from genlab.data.names import NamesDataModule
 from genlab.data.tokenizer import CharTokenizer
 from genlab.models.bigram import Bigram
+from genlab.models.gpt import GPT
 from genlab.models.mlp import MLP
+from genlab.models.recurrent import Recurrent
+from genlab.models.wavenet import WaveNet
 
 TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz-", boundary=".").to_config()  # V = 28
 
@@ -23,6 +26,11 @@ LANGUAGE_MODELS = {
     "bigram": lambda: make(Bigram, counting=False),
     "trigram": lambda: make(Bigram, counting=False, context=2),
     "mlp": lambda: make(MLP, block_size=3, n_embd=8, n_hidden=32),
+    "wavenet": lambda: make(WaveNet, block_size=8, n_embd=8, n_hidden=16),
+    "rnn": lambda: make(Recurrent, cell="rnn", n_embd=8, n_hidden=16),
+    "lstm": lambda: make(Recurrent, cell="lstm", n_embd=8, n_hidden=16, n_layers=2),
+    "gru": lambda: make(Recurrent, cell="gru", n_embd=8, n_hidden=16),
+    "gpt": lambda: make(GPT, n_layer=2, n_head=2, n_embd=16, dropout=0.0),
 }
 
 
@@ -101,3 +109,81 @@ def test_generate_stops_at_end_token_and_respects_top_k():
     assert (top1 == top1[0]).all()  # top_k=1 is greedy: every row the same
     with pytest.raises(ValueError, match="temperature"):
         model.generate(start, 3, temperature=0)
+
+
+def test_wavenet_context_is_its_block_size():
+    model = make(WaveNet, block_size=8, n_embd=8, n_hidden=16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    idx = torch.randint(1, 28, (1, 14))
+    base = model(idx)[0, -1]
+    for back, seen in [(9, False), (8, True), (1, True)]:  # 8 back = the oldest character in the window
+        changed = idx.clone()
+        changed[0, -back] = (changed[0, -back] + 1) % 28
+        assert torch.equal(model(changed)[0, -1], base) != seen, back
+
+
+def test_wavenet_rejects_a_context_that_is_not_a_power_of_two():
+    from genlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="power of two"):
+        make(WaveNet, block_size=6)
+
+
+def test_wavenet_batchnorm_ignores_padding_in_training():
+    model = make(WaveNet, block_size=4, n_embd=8, n_hidden=16).train()
+    x = torch.randint(1, 28, (4, 10))
+    y = torch.randint(1, 28, (4, 10))
+    y[:, 6:] = -1
+    garbage = x.clone()
+    garbage[:, 6:] = 7  # what stands in the padded positions must not matter
+    first = model.training_forward(x, y)[:, :6]
+    second = model.training_forward(garbage, y)[:, :6]
+    assert torch.allclose(first, second, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["wavenet", "gpt", "lstm"])
+def test_sampling_runs_in_eval_mode_and_restores_training_mode(name):
+    model = LANGUAGE_MODELS[name]().train()
+    modes = []
+    hooks = [m.register_forward_pre_hook(lambda module, args: modes.append(module.training)) for m in model.modules()]
+    model.generate(torch.zeros(3, 1, dtype=torch.long), max_new_tokens=5)
+    for hook in hooks:
+        hook.remove()
+    assert modes and not any(modes), "generate() ran the network in training mode"
+    assert model.training
+
+
+def test_recurrent_generation_carries_state_instead_of_rereading():
+    model = make(Recurrent, cell="gru", n_embd=8, n_hidden=16)
+    lengths = []
+    hook = model.rnn.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    model.generate(torch.zeros(2, 5, dtype=torch.long), max_new_tokens=4)
+    hook.remove()
+    assert lengths == [5, 1, 1, 1]  # the prompt once, then one token at a time
+
+
+def test_recurrent_state_carries_across_training_chunks():
+    model = Recurrent(tokenizer=TOKENIZER, seq_len=8, cell="lstm", n_embd=8, n_hidden=16, contiguous=True)
+    text = torch.randint(0, 28, (2, 17))
+    whole, _ = model.run(text[:, :16])
+    first = model.training_forward(text[:, :8], text[:, 1:9])
+    second = model.training_forward(text[:, 8:16], text[:, 9:17])
+    # two chunks with the carried state = one pass over the whole text
+    assert torch.allclose(torch.cat([first, second], 1), whole, atol=1e-5)
+    assert not model.carried[0].requires_grad  # truncated: no graph kept across chunks
+
+
+def test_gpt_loss_at_init_is_close_to_ln_v():
+    model = make(GPT, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    idx = torch.randint(0, 28, (8, 16))
+    loss = model.loss(model(idx), torch.randint(0, 28, (8, 16)))
+    assert abs(loss.item() - math.log(28)) < 0.1
+
+
+def test_gpt_rejects_heads_that_do_not_divide_the_width():
+    from genlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not divisible"):
+        make(GPT, n_layer=1, n_head=3, n_embd=16)

@@ -18,6 +18,11 @@ TINY = {
     "bigram": ["model=bigram"],
     "bigram-gradient": ["model=bigram", "model.counting=false"],
     "mlp": ["model=mlp", "model.n_hidden=32"],
+    "wavenet": ["model=wavenet", "model.block_size=4", "model.n_hidden=16"],
+    "rnn": ["model=rnn", "model.n_hidden=32"],
+    "lstm": ["model=lstm", "model.n_hidden=32"],
+    "gru": ["model=gru", "model.n_hidden=32"],
+    "gpt": ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2"],
 }
 
 
@@ -37,6 +42,17 @@ def test_a_few_training_steps_write_a_complete_run(name, names_file, tmp_path):
     assert (run_dir / "checkpoints" / "best.ckpt").exists()
     assert len((run_dir / "samples.txt").read_text().splitlines()) == 5
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("name", [n for n in TINY if n != "bigram"])
+def test_every_model_trains_on_text(name, text_file, tmp_path):
+    sampling = ["data.sampling=sequential"] if name in ("rnn", "lstm", "gru") else []
+    overrides = TINY[name] + sampling + ["data=divina", f"data.path={text_file}", "data.block_size=16",
+                                         "data.batch_size=4", "model.updates_per_step=1", "trainer.max_steps=30",
+                                         "val_every=15", "logger=none"]
+    metrics = run_training(tmp_path / "run", overrides)
+    assert metrics["steps"] == 30 and metrics["val_loss"] < 3.0  # ln(V) = 2.9 for these 18 symbols
+    assert metrics["test_loss"] is None  # no test split asked for
 
 
 def test_updates_per_step_does_not_change_training(names_file, tmp_path):
@@ -99,3 +115,20 @@ def test_train_py_writes_config_and_unknown_model_lists_the_models(names_file, t
     assert bad.returncode != 0
     assert "model/transformerz" in bad.stderr and "Available options" in bad.stderr
     assert "mlp" in bad.stderr and "bigram" in bad.stderr
+
+
+def test_sampling_text_with_a_prompt(text_file, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_training(run_dir, ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data=divina",
+                           f"data.path={text_file}", "data.block_size=16", "data.batch_size=4",
+                           "trainer.max_steps=20", "val_every=20", "logger=none"])
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt_path={run_dir}", "prompt=nel mezzo", "max_new_tokens=40",
+                                           "num_samples=2", "temperature=0.8", "top_k=5"])
+        texts = sample(cfg)
+        assert len(texts) == 2 and all(t.startswith("nel mezzo") and len(t) == len("nel mezzo") + 40 for t in texts)
+        bad = compose("sample", overrides=[f"ckpt_path={run_dir}", "prompt='Nel mezzo!'"])
+    from genlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"outside the model's vocabulary: \['!', 'N'\]"):
+        sample(bad)

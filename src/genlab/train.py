@@ -39,7 +39,11 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
         )
     sizes = {}
     if model_kind == "text":  # data-dependent sizes come from the data, never typed twice
-        sizes = {"tokenizer": datamodule.tokenizer.to_config(), "seq_len": datamodule.seq_len}
+        sizes = {
+            "tokenizer": datamodule.tokenizer.to_config(),
+            "seq_len": datamodule.seq_len,
+            "contiguous": getattr(datamodule, "contiguous", False),
+        }
     return instantiate(
         cfg.model,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
@@ -107,14 +111,16 @@ def train(cfg: DictConfig) -> float:
     train_seconds = time.perf_counter() - start
 
     val = float(trainer.callback_metrics["val/loss"])  # ValidateAtEnd: measured after the last update
-    test = trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/loss"]
+    test = None  # text data has a test split only when data.test_fraction > 0
+    if getattr(datamodule, "has_test", True):
+        test = float(trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/loss"])
     checkpoint_cb = trainer.checkpoint_callback
     best = float(checkpoint_cb.best_model_score) if checkpoint_cb and checkpoint_cb.best_model_score is not None else val
 
     metrics = {
         "val_loss": float(val),
         "best_val_loss": min(best, float(val)),
-        "test_loss": float(test),
+        "test_loss": test,
         "steps": int(trainer.global_step),
         "train_seconds": round(train_seconds, 3),
         "tokens_per_second": round(model.tokens_seen / train_seconds, 1) if train_seconds > 0 else None,

@@ -116,6 +116,40 @@ class WindowBatches:
     load_state_dict = SequenceBatches.load_state_dict
 
 
+class StreamBatches:
+    """The training text read in order by ``batch_size`` parallel streams (for recurrent models
+    that carry their state): row b of consecutive items continues the same stretch of text, so
+    the state after one chunk is the right start for the next. Wraps around at the end."""
+
+    def __init__(self, tokens, seq_len, batch_size, batches_per_step=1):
+        self.seq_len, self.batches_per_step = seq_len, batches_per_step
+        self.chunks = (len(tokens) - 1) // (batch_size * seq_len)  # chunks per stream
+        if self.chunks == 0:
+            raise DataError(f"the training text has {len(tokens)} tokens, too few for {batch_size} streams "
+                            f"of {seq_len}; lower data.batch_size or data.block_size")
+        length = self.chunks * seq_len
+        starts = torch.arange(batch_size) * length
+        self.streams = torch.stack([torch.as_tensor(tokens[s : s + length + 1]) for s in starts.tolist()]).long()
+        self.position = 0
+
+    def __len__(self) -> int:
+        return -(-self.chunks // self.batches_per_step)
+
+    def batch(self, position: int) -> torch.Tensor:
+        start = (position % self.chunks) * self.seq_len
+        return self.streams[:, start : start + self.seq_len + 1]
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            k = self.batches_per_step
+            windows = torch.stack([self.batch(p) for p in range(self.position, self.position + k)])
+            self.position += k
+            yield group(windows[..., :-1], windows[..., 1:])
+
+    state_dict = SequenceBatches.state_dict
+    load_state_dict = SequenceBatches.load_state_dict
+
+
 class FixedBatches:
     """Deterministic evaluation batches, in order (validation and test)."""
 

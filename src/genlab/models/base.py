@@ -41,6 +41,7 @@ class LanguageModel(L.LightningModule):
         self,
         tokenizer: dict,
         seq_len: int,
+        contiguous: bool = False,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
         updates_per_step: int = 1,
@@ -51,6 +52,9 @@ class LanguageModel(L.LightningModule):
         self.automatic_optimization = False
         self.vocab_size = vocab_size_of(tokenizer)
         self.seq_len = seq_len
+        # consecutive training batches continue each other row by row (text read in order), so a
+        # recurrent model may carry its state from one batch to the next
+        self.contiguous = contiguous
         self.updates_per_step = updates_per_step
         self._eval_totals = None
         self.tokens_seen = 0  # real target tokens trained on, for tokens/s
@@ -88,7 +92,7 @@ class LanguageModel(L.LightningModule):
         updates = max(0, min(len(batch[0]), max_steps - self.global_step))  # the last item may overshoot
         losses = []
         for x, y in itertools.islice(self.unpack(batch), updates):
-            loss = self.loss(self(x), y)
+            loss = self.loss(self.training_forward(x, y), y)
             self.update(optimizer, loss)
             if scheduler is not None:
                 scheduler.step()
@@ -105,6 +109,11 @@ class LanguageModel(L.LightningModule):
             self.log("train/lr", optimizer.param_groups[0]["lr"])
             self.log_step()
         return None
+
+    def training_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The logits for a training batch; models that need the targets' padding mask (BatchNorm
+        statistics) or carry state between batches override this."""
+        return self(x)
 
     def update(self, optimizer, loss: torch.Tensor) -> None:
         """One optimizer update. Lightning's own path (``manual_backward``, ``optimizer.step()``)

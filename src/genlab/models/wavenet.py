@@ -1,0 +1,66 @@
+"""The notebook's hierarchical MLP ("WaveNet", makemore part 5): embed, then fuse consecutive pairs
+level by level (Linear without bias -> BatchNorm -> tanh) until one vector covers the whole context
+of 2**n_levels characters, then a final Linear.
+
+Fusing pairs of pairs is a causal convolution with kernel 2 and dilations 1, 2, 4, ...: level l
+combines the vectors at t - 2**l and t. Applied to the input left-padded with 2**n_levels - 1 start
+tokens, without further padding, it predicts at every position at once, and position t sees
+exactly the notebook's window of the last 2**n_levels characters.
+
+BatchNorm takes its statistics over batch and time, from the positions that lead to a real target
+(padding after a name's end is left out); sampling and evaluation use the running statistics."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from genlab.errors import ConfigError
+from genlab.models.base import LanguageModel
+
+
+class MaskedBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over (B, L, C) whose training statistics come from the positions in ``valid``."""
+
+    def forward(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.training or valid is None:
+            return super().forward(h.transpose(1, 2)).transpose(1, 2)
+        selected = h[valid]  # (N, C)
+        mean, var = selected.mean(0), selected.var(0, unbiased=False)
+        with torch.no_grad():
+            n = selected.shape[0]
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
+        return (h - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class WaveNet(LanguageModel):
+    def __init__(self, block_size: int = 8, n_embd: int = 10, n_hidden: int = 68, **base):
+        super().__init__(**base)
+        if block_size < 2 or block_size & (block_size - 1):
+            raise ConfigError(f"model.block_size={block_size}: the WaveNet's context must be a power of two "
+                              "(2, 4, 8, 16, ...), since each level fuses pairs")
+        self.context_length = block_size
+        self.dilations = [2**level for level in range(block_size.bit_length() - 1)]
+        self.embedding = nn.Embedding(self.vocab_size, n_embd)
+        widths = [n_embd] + [n_hidden] * len(self.dilations)
+        self.fuse = nn.ModuleList(nn.Linear(2 * w, n_hidden, bias=False) for w in widths[:-1])
+        self.norms = nn.ModuleList(MaskedBatchNorm(n_hidden) for _ in self.dilations)
+        self.head = nn.Linear(n_hidden, self.vocab_size)
+        with torch.no_grad():
+            self.head.weight.mul_(0.1)  # as the notebook: a less confident start
+
+    def forward(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        pad = self.context_length - 1
+        h = self.embedding(F.pad(idx, (pad, 0), value=0))  # (B, T + pad, n_embd)
+        if valid is not None:  # the padding in front leads to real targets: keep it
+            valid = F.pad(valid, (pad, 0), value=True)
+        for d, fuse, norm in zip(self.dilations, self.fuse, self.norms):
+            h = fuse(torch.cat([h[:, :-d], h[:, d:]], dim=-1))  # the pair (t - d, t)
+            valid = valid[:, d:] if valid is not None else None
+            h = torch.tanh(norm(h, valid))
+        return self.head(h)
+
+    def training_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self(x, valid=y >= 0)
