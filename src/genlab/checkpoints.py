@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import hydra
@@ -19,7 +18,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"no checkpoint at {path}; give ckpt_path=<run folder or .ckpt file>.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:
+    except Exception as err:  # a cut-short zip, random bytes, an empty file, ...
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({err.__class__.__name__}: {str(err)[:120]}); it may be "
             "truncated by an interrupted copy or not a checkpoint at all. Use another one, e.g. "

@@ -18,6 +18,10 @@ class CheckpointError(GenlabError):
     """A checkpoint that cannot be used."""
 
 
+class TrainingDiverged(GenlabError):
+    """The training loss became NaN or infinite."""
+
+
 def instantiate(config, **kwargs):
     """``hydra.utils.instantiate`` that lets our own errors through unwrapped."""
     import hydra

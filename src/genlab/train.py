@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -12,11 +14,14 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.callbacks import ValidateAtEnd
-from genlab.errors import ConfigError, exit_on_user_error, instantiate
+from genlab.checkpoints import read_checkpoint
+from genlab.errors import CheckpointError, ConfigError, exit_on_user_error, instantiate
 from genlab.outputs import atomic_write_text, write_metrics
+from genlab.runs import checkpoint_file
 
 log = logging.getLogger("genlab")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -50,6 +55,7 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         **sizes,
         _recursive_=False,
+        _convert_="all",  # plain dicts and lists in the hyper-parameters (checkpoints load safely)
     )
 
 
@@ -90,25 +96,80 @@ def sample_names(model, tokenizer, num_samples: int, seed: int, temperature=1.0,
     return names
 
 
+def resume_checkpoint(cfg: DictConfig, model, datamodule) -> Path | None:
+    """The checkpoint to resume from, checked against the model and data of this config."""
+    if not cfg.get("ckpt_path"):
+        return None
+    path = checkpoint_file(str(cfg.ckpt_path), choice("model"), choice("data"))
+    checkpoint = read_checkpoint(path)
+    saved_class = checkpoint["genlab"]["class"]
+    wanted = f"{type(model).__module__}.{type(model).__qualname__}"
+    if saved_class != wanted:
+        raise CheckpointError(f"{path} holds a {saved_class.rsplit('.', 1)[-1]} model, but model={choice('model')} "
+                              f"is a {wanted.rsplit('.', 1)[-1]}; pass the model= the checkpoint was trained with")
+    saved_tokens = checkpoint.get("hyper_parameters", {}).get("tokenizer")
+    if saved_tokens is not None and saved_tokens != model.hparams.get("tokenizer"):
+        raise CheckpointError(f"{path} was trained on another vocabulary than data={choice('data')} gives; "
+                              "resume with the data the run was started with")
+    return path
+
+
+class GracefulStop:
+    """Ctrl-C or SIGTERM: finish the current step, validate and save ``last.ckpt``, then stop.
+    A second signal stops at once."""
+
+    def __init__(self, trainer: L.Trainer):
+        self.trainer, self.signal = trainer, None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        self.signal = signum
+        self.trainer.should_stop = True  # Lightning validates (and checkpoints) at a stop request
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def resume_command(run_dir: Path) -> str:
+    try:
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
+    except ValueError:
+        overrides = []
+    return " ".join(["python train.py", *overrides, f"ckpt_path={run_dir}"])
+
+
 def train(cfg: DictConfig) -> float:
     run_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
+    ckpt_path = resume_checkpoint(cfg, model, datamodule)
     if hasattr(datamodule, "training_words"):
         model.training_words = sorted(datamodule.training_words())
     updates_per_step = getattr(model, "updates_per_step", 1)
     datamodule.batches_per_step = updates_per_step
     trainer = build_trainer(cfg, run_dir, updates_per_step, getattr(model, "single_pass", False))
 
-    for logger in trainer.loggers:
-        logger.log_hyperparams(
-            flat_hparams(cfg), metrics={"hp/val_loss": math.nan, "hp/best_val_loss": math.nan}
-        ) if hasattr(logger, "log_hyperparams") else None
+    for logger in trainer.loggers:  # TensorBoard's HPARAMS tab shows these metrics beside the config
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(flat_hparams(cfg), metrics={"hp/val_loss": math.nan, "hp/best_val_loss": math.nan})
+        else:
+            logger.log_hyperparams(flat_hparams(cfg))
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    with GracefulStop(trainer) as stop:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - start
+    if stop.signal is not None:
+        print(f"\nstopped by {signal.Signals(stop.signal).name} at step {trainer.global_step}; saved "
+              f"{run_dir / 'checkpoints' / 'last.ckpt'}.\nResume with:\n  {resume_command(run_dir)}", file=sys.stderr)
+        sys.exit(128 + stop.signal)
 
     val = float(trainer.callback_metrics["val/loss"])  # ValidateAtEnd: measured after the last update
     test = None  # text data has a test split only when data.test_fraction > 0

@@ -34,65 +34,75 @@ def group(xs: torch.Tensor, ys: torch.Tensor):
     return xs[..., :width], ys[..., :width], w
 
 
-class SequenceBatches:
+def resume_position(datamodule) -> int:
+    """Where the training stream stands: the optimizer updates made so far (one batch each), which
+    Lightning restores from a checkpoint before training resumes."""
+    trainer = datamodule.trainer
+    return trainer.global_step if trainer is not None else 0
+
+
+class BatchStream:
+    """A stream of training batches: batch p depends only on p (and a seed), never on what came
+    before, and each Lightning step takes the next K = ``batches_per_step`` of them as one item.
+
+    Every ``__iter__`` (one Lightning epoch) starts at ``start()``: the updates made so far, so a
+    resumed run sees the batches the uninterrupted run would have seen. (Lightning's own loader
+    state would be off by the item it prefetches.)"""
+
+    batches_per_step = 1
+    start = staticmethod(lambda: 0)
+
+    def batch(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self):
+        position = self.start()
+        for _ in range(len(self)):
+            xs, ys = zip(*(self.batch(p) for p in range(position, position + self.batches_per_step)))
+            position += self.batches_per_step
+            yield group(torch.stack(xs), torch.stack(ys))
+
+
+class SequenceBatches(BatchStream):
     """Shuffled batches of whole sequences (names): one pass over the split per data epoch, a new
-    order each epoch.
+    order each epoch; a Lightning epoch is about one pass."""
 
-    The batches form one stream across epochs and each item takes the next K of it, so every
-    item holds exactly K batches and ``trainer.global_step`` = K x Lightning steps. Which batch
-    comes at stream position p depends only on ``seed`` and p, and ``position`` is the whole
-    state (``state_dict``), so a resumed run sees the batches the uninterrupted one would have."""
-
-    def __init__(self, x, y, batch_size, batches_per_step=1, seed=0):
+    def __init__(self, x, y, batch_size, batches_per_step=1, seed=0, start=None):
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.batches_per_step = batches_per_step
         self.seed = seed
+        self.start = start or self.start
         self.batches_per_epoch = len(x) // batch_size
         if self.batches_per_epoch == 0:
-            raise DataError(f"the training split has {len(x)} sequences, fewer than one batch of {batch_size}; lower data.batch_size")
-        self.position = 0
+            raise DataError(f"the training split has {len(x)} sequences, fewer than one batch of {batch_size}; "
+                            "lower data.batch_size")
         self._order = (None, None)  # (data epoch, its permutation)
 
     def __len__(self) -> int:
-        """Items per Lightning epoch: about one pass over the data."""
         return -(-self.batches_per_epoch // self.batches_per_step)
 
-    def batch_indices(self, position: int) -> torch.Tensor:
+    def batch(self, position: int):
         epoch, i = divmod(position, self.batches_per_epoch)
         if self._order[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._order = (epoch, torch.randperm(len(self.x), generator=g))
-        return self._order[1][i * self.batch_size : (i + 1) * self.batch_size]
-
-    def __iter__(self):
-        for _ in range(len(self)):
-            k = self.batches_per_step
-            idx = torch.stack([self.batch_indices(p) for p in range(self.position, self.position + k)])
-            self.position += k
-            yield group(self.x[idx], self.y[idx])
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
+        idx = self._order[1][i * self.batch_size : (i + 1) * self.batch_size]
+        return self.x[idx], self.y[idx]
 
 
-class WindowBatches:
-    """Random windows of ``seq_len + 1`` tokens from one long token stream (training on text).
+class WindowBatches(BatchStream):
+    """Random windows of ``seq_len + 1`` tokens from one long token stream (training on text); a
+    Lightning epoch is ``steps_per_epoch`` items."""
 
-    The windows of stream position p depend only on ``seed`` and p (see ``SequenceBatches``);
-    a Lightning epoch is ``steps_per_epoch`` items."""
-
-    def __init__(self, tokens, seq_len, batch_size, steps_per_epoch, batches_per_step=1, seed=0):
+    def __init__(self, tokens, seq_len, batch_size, steps_per_epoch, batches_per_step=1, seed=0, start=None):
         self.tokens = torch.as_tensor(tokens)
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
         self.batches_per_step = batches_per_step
         self.seed = seed
-        self.position = 0
+        self.start = start or self.start
         self.offsets = torch.arange(seq_len + 1)
         if len(self.tokens) <= seq_len + 1:
             raise DataError(f"the training text has {len(self.tokens)} tokens, too few for windows of {seq_len + 1}")
@@ -100,29 +110,21 @@ class WindowBatches:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def batch(self, position: int) -> torch.Tensor:
+    def batch(self, position: int):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + position)
         starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size, 1), generator=g)
-        return self.tokens[starts + self.offsets]
-
-    def __iter__(self):
-        for _ in range(len(self)):
-            k = self.batches_per_step
-            windows = torch.stack([self.batch(p) for p in range(self.position, self.position + k)]).long()
-            self.position += k
-            yield group(windows[..., :-1], windows[..., 1:])
-
-    state_dict = SequenceBatches.state_dict
-    load_state_dict = SequenceBatches.load_state_dict
+        window = self.tokens[starts + self.offsets].long()
+        return window[:, :-1], window[:, 1:]
 
 
-class StreamBatches:
+class StreamBatches(BatchStream):
     """The training text read in order by ``batch_size`` parallel streams (for recurrent models
-    that carry their state): row b of consecutive items continues the same stretch of text, so
+    that carry their state): row b of consecutive batches continues the same stretch of text, so
     the state after one chunk is the right start for the next. Wraps around at the end."""
 
-    def __init__(self, tokens, seq_len, batch_size, batches_per_step=1):
+    def __init__(self, tokens, seq_len, batch_size, batches_per_step=1, start=None):
         self.seq_len, self.batches_per_step = seq_len, batches_per_step
+        self.start = start or self.start
         self.chunks = (len(tokens) - 1) // (batch_size * seq_len)  # chunks per stream
         if self.chunks == 0:
             raise DataError(f"the training text has {len(tokens)} tokens, too few for {batch_size} streams "
@@ -130,24 +132,14 @@ class StreamBatches:
         length = self.chunks * seq_len
         starts = torch.arange(batch_size) * length
         self.streams = torch.stack([torch.as_tensor(tokens[s : s + length + 1]) for s in starts.tolist()]).long()
-        self.position = 0
 
     def __len__(self) -> int:
         return -(-self.chunks // self.batches_per_step)
 
-    def batch(self, position: int) -> torch.Tensor:
+    def batch(self, position: int):
         start = (position % self.chunks) * self.seq_len
-        return self.streams[:, start : start + self.seq_len + 1]
-
-    def __iter__(self):
-        for _ in range(len(self)):
-            k = self.batches_per_step
-            windows = torch.stack([self.batch(p) for p in range(self.position, self.position + k)])
-            self.position += k
-            yield group(windows[..., :-1], windows[..., 1:])
-
-    state_dict = SequenceBatches.state_dict
-    load_state_dict = SequenceBatches.load_state_dict
+        window = self.streams[:, start : start + self.seq_len + 1]
+        return window[:, :-1], window[:, 1:]
 
 
 class FixedBatches:

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from genlab.data.batches import FixedBatches, SequenceBatches
+from genlab.data.batches import FixedBatches, SequenceBatches, resume_position
 from genlab.data.fetch import RemoteFile, fetch
 from genlab.errors import DataError
 from genlab.data.tokenizer import CharTokenizer
@@ -145,7 +145,7 @@ class NamesDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         x, y = self.tensors["train"]
-        return SequenceBatches(x, y, self.batch_size, self.batches_per_step, seed=self.seed)
+        return SequenceBatches(x, y, self.batch_size, self.batches_per_step, self.seed, start=lambda: resume_position(self))
 
     def val_dataloader(self):
         return FixedBatches(*self.tensors["val"], self.eval_batch_size)

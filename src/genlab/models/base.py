@@ -20,6 +20,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from genlab.errors import TrainingDiverged
+
 
 def vocab_size_of(tokenizer: dict) -> int:
     return len(tokenizer["chars"]) if tokenizer["type"] == "char" else 50257
@@ -101,7 +103,7 @@ class LanguageModel(L.LightningModule):
         if losses:
             loss = torch.stack(losses).mean()
             if not torch.isfinite(loss):
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"the training loss became {loss.item()} at step {self.global_step}; lower the "
                     "learning rate or clip gradients (model.grad_clip). The last checkpoint is the last good state."
                 )
@@ -221,4 +223,13 @@ class LanguageModel(L.LightningModule):
         checkpoint["genlab"] = {
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
             "training_words": self.training_words,
+            "rng": torch.get_rng_state(),  # dropout's random stream, for an exact resume
         }
+
+    def on_load_checkpoint(self, checkpoint):
+        self._rng_to_restore = checkpoint.get("genlab", {}).get("rng")
+
+    def on_train_start(self):
+        if getattr(self, "_rng_to_restore", None) is not None:  # resuming: continue the random stream
+            torch.set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None

@@ -53,6 +53,7 @@ class Recurrent(LanguageModel):
         checkpoint["carried_state"] = self.carried  # so that a resumed run continues exactly
 
     def on_load_checkpoint(self, checkpoint) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.carried = checkpoint.get("carried_state")
 
     def next_token_logits(self, idx: torch.Tensor, state=None):
