@@ -1,11 +1,12 @@
 """Framework overhead, measured: the project's training path against a plain PyTorch loop of the
 same network, batches and optimizer, in one process.
 
-    python scripts/benchmark.py model=mlp [steps=6000] [any train.py override ...]
+    python scripts/benchmark.py model=mlp [steps=6000] [rounds=2] [any train.py override ...]
 
-Prints both speeds in optimizer updates per second (and tokens/s), and ``ratio=<framework/plain>``
-on the last line. The framework side runs with logging (TensorBoard), the progress bar,
-validation and checkpointing on, exactly as ``train.py`` builds them.
+Prints both speeds in optimizer updates per second and tokens/s (for the GPT also the achieved
+FLOP/s against this machine's measured matmul FLOP/s), and ``ratio=<framework/plain>`` on the last
+line. The framework side runs with logging (TensorBoard), the progress bar, validation and
+checkpointing on, exactly as ``train.py`` builds them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from genlab.train import CONF_DIR, build_model, build_trainer
 PRESETS = {
     "mlp": ["experiment=notebook_mlp", "val_every=2000"],
     "bigram": ["model.counting=false", "data.batch_size=4", "val_every=2000"],
+    "wavenet": ["experiment=notebook_wavenet", "val_every=2000"],
+    "gpt": ["experiment=divina_gpt_cpu", "val_every=100000", "steps=120", "rounds=1"],
+    "lstm": ["experiment=names_lstm", "val_every=1000"],
+    "gru": ["experiment=names_gru", "val_every=1000"],
 }
 
 
@@ -43,9 +48,11 @@ class Clock(L.Callback):
         if self.start_time is None and trainer.fit_loop.epoch_loop._batches_that_stepped >= self.warmup:
             self.start_time, self.start_step = time.perf_counter(), trainer.global_step
 
-    def on_train_end(self, trainer, pl_module):
-        self.seconds = time.perf_counter() - self.start_time
-        self.updates = trainer.global_step - self.start_step
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # the clock stops after the last update, before the final validation
+        if self.start_time is not None:
+            self.seconds = time.perf_counter() - self.start_time
+            self.updates = trainer.global_step - self.start_step
 
 
 class Replay:
@@ -103,23 +110,41 @@ def plain_speed(model, cfg, batches):
     scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer=optimizer)
     model.train()
     warmup = len(batches) // 10
+    clip = model.hparams.get("grad_clip")
     for i, (x, y) in enumerate(batches):
         if i == warmup:
             start = time.perf_counter()
-        logits = model(x)
+        logits = model.training_forward(x, y)  # the model's forward (WaveNet: with the padding mask)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         scheduler.step()
     return (len(batches) - warmup) / (time.perf_counter() - start)
 
 
+def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
+    """This machine's fp32 matmul FLOP/s (a large square matmul on all threads)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def option(args: list[str], key: str, default):
+    """The last ``key=value`` in ``args`` (the command line comes after the presets)."""
+    return type(default)(next((a.split("=", 1)[1] for a in reversed(args) if a.startswith(key + "=")), default))
+
+
 def main(argv: list[str]) -> None:
-    overrides = [a for a in argv if not a.startswith("steps=")]
-    steps = int(next((a.split("=", 1)[1] for a in argv if a.startswith("steps=")), 6000))
-    model_name = next((a.split("=", 1)[1] for a in overrides if a.startswith("model=")), "mlp")
-    overrides = PRESETS.get(model_name, []) + overrides
+    model_name = option(argv, "model", "mlp")
+    args = PRESETS.get(model_name, []) + argv
+    steps, rounds = option(args, "steps", 6000), option(args, "rounds", 2)
+    overrides = [a for a in args if not a.startswith(("steps=", "rounds="))]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides + ["hydra.run.dir=."], return_hydra_config=False)
     torch.manual_seed(cfg.seed)
@@ -135,7 +160,7 @@ def main(argv: list[str]) -> None:
 
     results = {"plain": [], "framework": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(2):  # alternate, keep the best of each: the machine's noise hits both
+        for round_ in range(rounds):  # alternate, keep the best of each: the machine's noise hits both
             results["plain"].append(plain_speed(copy.deepcopy(model), cfg, batches))
             results["framework"].append(
                 framework_speed(copy.deepcopy(cfg), copy.deepcopy(model), datamodule, batches, Path(tmp) / str(round_))
@@ -143,6 +168,12 @@ def main(argv: list[str]) -> None:
     plain, framework = max(results["plain"]), max(results["framework"])
     print(f"plain PyTorch loop: {plain:9.1f} updates/s  {plain * tokens_per_update:11.0f} tokens/s")
     print(f"genlab (Lightning): {framework:9.1f} updates/s  {framework * tokens_per_update:11.0f} tokens/s")
+    if hasattr(model, "flops_per_token"):
+        peak = matmul_flops()
+        for name, speed in (("plain", plain), ("genlab", framework)):
+            achieved = model.flops_per_token() * speed * tokens_per_update
+            print(f"{name}: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of this machine's fp32 matmul "
+                  f"({peak / 1e9:.1f} GFLOP/s)")
     print(f"ratio={framework / plain:.3f}")
 
 

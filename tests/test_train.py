@@ -132,3 +132,43 @@ def test_sampling_text_with_a_prompt(text_file, tmp_path, capsys):
 
     with pytest.raises(ConfigError, match=r"outside the model's vocabulary: \['!', 'N'\]"):
         sample(bad)
+
+
+@pytest.mark.parametrize("data", ["divina", "shakespeare"])
+def test_a_few_gpt_steps_on_the_real_text(data, mirror, tmp_path):
+    metrics = run_training(tmp_path / "run", ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+                                              f"data={data}", "data.block_size=32", "data.batch_size=8",
+                                              "trainer.max_steps=20", "val_every=20", "logger=none",
+                                              f"paths.data_mirror={mirror}"])
+    assert metrics["steps"] == 20 and metrics["val_loss"] < 4.0
+
+
+def test_gpt_trains_on_gpt2_tokens(text_file, mirror, tmp_path):
+    metrics = run_training(tmp_path / "run", ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+                                              "data=divina", f"data.path={text_file}", "data.tokenizer=gpt2",
+                                              "data.block_size=8", "data.batch_size=4", "trainer.max_steps=5",
+                                              "val_every=5", "logger=none", f"paths.data_mirror={mirror}"])
+    assert metrics["steps"] == 5 and metrics["val_loss"] < 11.0  # ln(50257) = 10.8
+
+
+def test_trainer_gpu_without_cuda_says_so(names_file, tmp_path):
+    from genlab.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the message is for machines without one")
+    cfg = compose_config([f"data.path={names_file}", "trainer=gpu"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU.*use trainer=cpu"):
+        train(cfg)
+
+
+@pytest.mark.slow
+def test_compiled_model_checkpoints_without_compiler_prefixes(names_file, tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(run_dir, [f"data.path={names_file}", "model=gpt", "model.n_layer=1", "model.n_embd=32",
+                           "model.n_head=2", "model.compile=true", "trainer.max_steps=10", "val_every=10",
+                           "num_samples=3", "logger=none"])
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert not any("_orig_mod" in key for key in state)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt_path={run_dir}", "num_samples=4"])
+    assert len(sample(cfg)) == 4

@@ -60,6 +60,9 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int, single_pass: bool = False) -> L.Trainer:
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer={choice('trainer')} needs a CUDA GPU, and this machine shows none "
+                          "(torch.cuda.is_available() is False); use trainer=cpu")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [ValidateAtEnd()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     if cfg.val_every % updates_per_step:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import hydra
 import lightning as L
@@ -21,6 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from genlab.errors import TrainingDiverged
+
+
+# dense bf16 peak FLOP/s of common accelerators (vendor data sheets), for MFU
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                   "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 def vocab_size_of(tokenizer: dict) -> int:
@@ -48,6 +61,7 @@ class LanguageModel(L.LightningModule):
         scheduler: dict | None = None,
         updates_per_step: int = 1,
         grad_clip: float | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -60,7 +74,14 @@ class LanguageModel(L.LightningModule):
         self.updates_per_step = updates_per_step
         self._eval_totals = None
         self.tokens_seen = 0  # real target tokens trained on, for tokens/s
+        self._step_clock = None  # (time, tokens_seen) at the previous Lightning step
         self.training_words: list[str] | None = None  # set for names: sampling measures novelty
+
+    def configure_model(self) -> None:
+        """``compile=True``: run ``forward`` through ``torch.compile``. The compiled function replaces
+        the bound method on this instance, so parameter names (and checkpoints) are unchanged."""
+        if self.hparams.compile and not hasattr(self.forward, "_torchdynamo_orig_callable"):
+            self.forward = torch.compile(self.forward)
 
     # --- the loss ------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -109,6 +130,7 @@ class LanguageModel(L.LightningModule):
                 )
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/lr", optimizer.param_groups[0]["lr"])
+            self.log_throughput()
             self.log_step()
         return None
 
@@ -140,6 +162,17 @@ class LanguageModel(L.LightningModule):
     def advance_step_counter(self) -> None:
         """Count one update in ``trainer.global_step`` (what Lightning's ``optimizer.step()`` does)."""
         self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_completed()
+
+    def log_throughput(self) -> None:
+        """Tokens per second between Lightning steps; on a GPU also the model FLOPs utilisation."""
+        now = time.perf_counter()
+        if self._step_clock is not None and now > self._step_clock[0]:
+            tokens_per_second = (self.tokens_seen - self._step_clock[1]) / (now - self._step_clock[0])
+            self.log("perf/tokens_per_second", tokens_per_second)
+            peak = peak_flops(self.device)
+            if peak and hasattr(self, "flops_per_token"):
+                self.log("perf/mfu", self.flops_per_token() * tokens_per_second / peak)
+        self._step_clock = (now, self.tokens_seen)
 
     def log_step(self) -> None:
         """Lightning's x-axis counts its own steps; a logged "step" makes it optimizer updates."""
