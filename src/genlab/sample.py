@@ -55,6 +55,9 @@ def sample_text(model, tokenizer, cfg: DictConfig) -> list[str]:
             f"The vocabulary is {getattr(tokenizer, 'chars', '')!r}"
         )
     ids = tokenizer.encode(prompt) or [0]
+    if model.reads_whole_context and len(ids) > model.context_length:
+        raise ConfigError(f"the prompt has {len(ids)} tokens, more than the model's context of "
+                          f"{model.context_length}; shorten it to at most that many")
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long)
     out = model.generate(
         idx,

@@ -50,6 +50,9 @@ def context_windows(idx: torch.Tensor, size: int, pad_id: int = 0) -> torch.Tens
 class LanguageModel(L.LightningModule):
     kind = "text"  # the data kind this model consumes
     context_length: int | None = None  # tokens the model looks back; None: unbounded (recurrent)
+    # True where the context is what the model can read at all (a GPT's position table), so a
+    # longer prompt would be cut; False where a fixed window slides over any text (MLP, WaveNet)
+    reads_whole_context = False
     single_pass = False  # True: trained by one pass over the data (counting), not by updates
 
     def __init__(

@@ -49,6 +49,8 @@ class Block(nn.Module):
 
 
 class GPT(LanguageModel):
+    reads_whole_context = True
+
     def __init__(
         self,
         n_layer: int = 6,
