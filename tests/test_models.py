@@ -143,6 +143,27 @@ def test_wavenet_batchnorm_ignores_padding_in_training():
     assert torch.allclose(first, second, atol=1e-6)
 
 
+def test_wavenet_training_gives_no_gradient_from_a_sequences_own_future():
+    """In training mode BatchNorm statistics mix sequences; nothing may reward a position for
+    reading its own future through them: the gradient of earlier logits w.r.t. a later input is 0."""
+    model = make(WaveNet, block_size=4, n_embd=8, n_hidden=16).train()
+    x = torch.randint(1, 28, (4, 10))
+    y = torch.randint(1, 28, (4, 10))
+    saved = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        saved["embedded"] = output
+
+    hook = model.embedding.register_forward_hook(keep)
+    logits = model.training_forward(x, y)
+    hook.remove()
+    logits[0, :7].sum().backward()
+    grad = saved["embedded"].grad  # (B, 3 + 10, n_embd): three start tokens in front
+    assert grad[0, 3 + 6].abs().sum() > 0  # position 6 matters to its own logits
+    assert grad[0, 3 + 7 :].abs().sum() == 0  # positions 7.. do not
+
+
 @pytest.mark.parametrize("name", ["wavenet", "gpt", "lstm"])
 def test_sampling_runs_in_eval_mode_and_restores_training_mode(name):
     model = LANGUAGE_MODELS[name]().train()

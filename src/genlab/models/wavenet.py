@@ -8,7 +8,9 @@ tokens, without further padding, it predicts at every position at once, and posi
 exactly the notebook's window of the last 2**n_levels characters.
 
 BatchNorm takes its statistics over batch and time, from the positions that lead to a real target
-(padding after a name's end is left out); sampling and evaluation use the running statistics."""
+(padding after a name's end is left out) and, for each sequence, from the other sequences of the
+batch, so that no position sees its own future through them (``SequenceBatchNorm``); sampling and
+evaluation use the running statistics."""
 
 from __future__ import annotations
 
@@ -20,19 +22,37 @@ from genlab.errors import ConfigError
 from genlab.models.base import LanguageModel
 
 
-class MaskedBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d over (B, L, C) whose training statistics come from the positions in ``valid``."""
+class SequenceBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over (B, L, C) for whole sequences.
+
+    Statistics over batch and time would let position t see its own sequence's future (the mean
+    includes later positions) and the network learns to cheat: training loss falls far below the
+    validation loss. So in training each sequence is normalised with the statistics of the *other*
+    sequences of the batch (leave-one-out), like the notebook's batches of windows from different
+    names, and only over ``valid`` positions (those that lead to a real target). Through several
+    levels a sequence still reaches its own statistics by way of the others' activations, so no
+    gradient flows through the statistics: nothing rewards the network for using that path. The
+    running statistics, used for evaluation and sampling, take the whole batch."""
 
     def forward(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training or valid is None:
-            return super().forward(h.transpose(1, 2)).transpose(1, 2)
-        selected = h[valid]  # (N, C)
-        mean, var = selected.mean(0), selected.var(0, unbiased=False)
+        if not self.training or h.shape[0] < 2:  # one sequence has no others: running statistics
+            return F.batch_norm(h.transpose(1, 2), self.running_mean, self.running_var, self.weight, self.bias,
+                                training=False, eps=self.eps).transpose(1, 2)
         with torch.no_grad():
-            n = selected.shape[0]
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
-        return (h - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+            weight = valid if valid is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+            weight = weight.unsqueeze(-1).to(h.dtype)
+            count = weight.sum(1)  # (B, 1) positions per sequence
+            sums, squares = (h * weight).sum(1), (h * h * weight).sum(1)  # (B, C)
+            total_count, total_sums, total_squares = count.sum(0), sums.sum(0), squares.sum(0)
+            others = (total_count - count).clamp(min=1)
+            mean = (total_sums - sums) / others
+            var = ((total_squares - squares) / others - mean * mean).clamp(min=0)
+            batch_mean = total_sums / total_count
+            batch_var = (total_squares / total_count - batch_mean**2).clamp(min=0)
+            n = float(total_count)
+            self.running_mean.lerp_(batch_mean, self.momentum)
+            self.running_var.lerp_(batch_var * n / max(n - 1, 1), self.momentum)
+        return (h - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps) * self.weight + self.bias
 
 
 class WaveNet(LanguageModel):
@@ -46,7 +66,7 @@ class WaveNet(LanguageModel):
         self.embedding = nn.Embedding(self.vocab_size, n_embd)
         widths = [n_embd] + [n_hidden] * len(self.dilations)
         self.fuse = nn.ModuleList(nn.Linear(2 * w, n_hidden, bias=False) for w in widths[:-1])
-        self.norms = nn.ModuleList(MaskedBatchNorm(n_hidden) for _ in self.dilations)
+        self.norms = nn.ModuleList(SequenceBatchNorm(n_hidden) for _ in self.dilations)
         self.head = nn.Linear(n_hidden, self.vocab_size)
         with torch.no_grad():
             self.head.weight.mul_(0.1)  # as the notebook: a less confident start
