@@ -98,3 +98,38 @@ def test_bad_sampling_arguments(gpt_run, overrides, pattern):
         cfg = compose("sample", overrides=[f"ckpt_path={gpt_run}", *overrides])
     with pytest.raises(ConfigError, match=pattern):
         sample(cfg)
+
+
+def test_an_image_folder_skips_corrupt_files_and_refuses_an_empty_one(tmp_path, caplog):
+    from PIL import Image
+
+    from genlab.data.images import ImageFolderDataModule
+
+    folder = tmp_path / "faces" / "img"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (89, 109), (40 * i, 100, 200)).save(folder / f"{i:06d}.jpg")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    dm = ImageFolderDataModule(root=str(tmp_path / "faces"), batch_size=2, num_workers=0)
+    assert len(dm.paths) == 3 and dm.skipped == 1
+    assert "skipped 1 file(s) that could not be decoded" in caplog.text
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.shape == (2, 3, 64, 64) and batch.min() >= -1 and batch.max() <= 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=f"no readable image .* in {empty}"):
+        ImageFolderDataModule(root=str(empty))
+
+
+def test_a_language_model_on_image_data_names_both_options(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    bad = subprocess.run([sys.executable, "train.py", "model=gpt", "data=celeba", f"hydra.run.dir={tmp_path}/run"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert "error: model=gpt works on text data, but data=celeba gives image data" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()

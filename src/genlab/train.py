@@ -35,13 +35,19 @@ def choice(group: str) -> str:
         return "?"
 
 
-def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
+def check_compatible(cfg: DictConfig) -> None:
+    """A model and data that cannot work together fail at once, before any data is loaded."""
     model_kind = hydra.utils.get_class(cfg.model._target_).kind
-    if model_kind != datamodule.kind:
+    data_kind = hydra.utils.get_class(cfg.data._target_).kind
+    if model_kind != data_kind:
         raise ConfigError(
             f"model={choice('model')} works on {model_kind} data, but data={choice('data')} gives "
-            f"{datamodule.kind} data; pick a {model_kind} data set or another model."
+            f"{data_kind} data; pick a {model_kind} data set or another model."
         )
+
+
+def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
+    model_kind = hydra.utils.get_class(cfg.model._target_).kind
     sizes = {}
     if model_kind == "text":  # data-dependent sizes come from the data, never typed twice
         sizes = {
@@ -149,6 +155,7 @@ def resume_command(run_dir: Path) -> str:
 
 def train(cfg: DictConfig) -> float:
     run_dir = Path(cfg.paths.output_dir)
+    check_compatible(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)

@@ -1,0 +1,102 @@
+"""Face images (``data=celeba``): CelebA's aligned faces or any folder of images (flat, or
+ImageFolder's one folder per class), as the notebook prepares them: ``Resize(64)``,
+``CenterCrop(64)``, ``Normalize(0.5, 0.5)`` -> tensors in [-1, 1].
+
+Where ``data.root`` is not given, the data mirror's ``faces/celeba`` is used when it exists (a
+10,000-image subset of ``img_align_celeba``), else torchvision downloads CelebA into
+``data_dir``; its Google Drive host is often over quota, and the error then says how to point
+``data.root`` at a manual download."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from genlab.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def readable_images(root: Path) -> tuple[list[Path], int]:
+    """The decodable images under ``root`` (any depth), and how many files failed to decode."""
+    candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    good, bad = [], 0
+    for path in candidates:
+        try:
+            with Image.open(path) as image:
+                image.verify()  # reads the headers and checks the structure, without decoding pixels
+            good.append(path)
+        except Exception:
+            bad += 1
+    return good, bad
+
+
+class ImageFiles(Dataset):
+    def __init__(self, paths: list[Path], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with Image.open(self.paths[index]) as image:
+            return self.transform(image.convert("RGB"))
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    kind = "image"
+
+    def __init__(self, root: str | None = None, data_dir: str = "data", mirror: str | None = None,
+                 image_size: int = 64, batch_size: int = 128, num_workers: int = 2, seed: int = 42):
+        super().__init__()
+        self.root = Path(root).expanduser() if root else self._default_root(Path(data_dir), mirror)
+        self.image_size, self.batch_size, self.num_workers, self.seed = image_size, batch_size, num_workers, seed
+        if not self.root.is_dir():
+            raise DataError(f"data.root={self.root} is not a folder; give a folder of images (flat or one "
+                            "sub-folder per class)")
+        self.paths, bad = readable_images(self.root)
+        if not self.paths:
+            raise DataError(f"no readable image (.jpg, .png, ...) in {self.root}; point data.root at a folder of images")
+        if bad:
+            log.warning("%s: skipped %d file(s) that could not be decoded as images", self.root, bad)
+        self.skipped = bad
+        self.transform = transforms.Compose([
+            transforms.Resize(image_size),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ])
+        log.info("%s: %d images at %dx%d", self.root, len(self.paths), image_size, image_size)
+
+    @staticmethod
+    def _default_root(data_dir: Path, mirror: str | None) -> Path:
+        if mirror and (Path(mirror) / "faces" / "celeba").is_dir():
+            return Path(mirror) / "faces" / "celeba"
+        target = data_dir / "celeba"
+        if (target / "celeba" / "img_align_celeba").is_dir():
+            return target / "celeba" / "img_align_celeba"
+        try:
+            from torchvision.datasets import CelebA
+
+            CelebA(str(target), split="all", download=True)
+        except Exception as err:
+            raise DataError(
+                f"could not download CelebA through torchvision ({err.__class__.__name__}: {str(err)[:200]}). "
+                "Its host is often over quota: download img_align_celeba.zip from the CelebA site "
+                "(mmlab.ie.cuhk.edu.hk/projects/CelebA.html), unzip it, and pass "
+                "data.root=/path/to/img_align_celeba (any folder of face images works)."
+            ) from None
+        return target / "celeba" / "img_align_celeba"
+
+    def train_dataloader(self):
+        return DataLoader(ImageFiles(self.paths, self.transform), batch_size=self.batch_size, shuffle=True,
+                          drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed))
