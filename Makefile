@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # the offline data mirror beside the checkout, when there is one (see README: Data)
 export GENLAB_DATA_MIRROR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 
-.PHONY: setup train test test-all benchmark tensorboard clean
+.PHONY: setup train test test-slow benchmark tensorboard clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,9 @@ train: setup
 test: setup
 	$(PY) -m pytest -q $(ARGS)
 
-# the slow end-to-end tests too
-test-all: setup
-	$(PY) -m pytest -q -m "" $(ARGS)
+# the slow end-to-end tests (torch.compile); CI runs them after make test
+test-slow: setup
+	$(PY) -m pytest -q -m slow $(ARGS)
 
 benchmark: setup
 	$(PY) scripts/benchmark.py $(ARGS)
