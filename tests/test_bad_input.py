@@ -7,7 +7,6 @@ from hydra import compose, initialize_config_dir
 from conftest import compose_config, run_training
 from genlab.data.fetch import fetch
 from genlab.data.names import ITALIAN_NAMES, NamesDataModule
-from genlab.data.text import TextDataModule
 from genlab.errors import ConfigError, DataError, TrainingDiverged
 from genlab.sample import sample
 from genlab.train import CONF_DIR, train

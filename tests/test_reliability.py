@@ -1,7 +1,6 @@
 """Resume exactly, stop cleanly on a signal, refuse bad checkpoints, repeat runs exactly."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

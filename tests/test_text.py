@@ -74,5 +74,5 @@ def test_training_windows_and_sequential_streams(text_file, tmp_path):
     seq = TextDataModule(path=str(text_file), data_dir=tmp_path, block_size=16, batch_size=4, sampling="sequential")
     assert seq.contiguous
     loader = iter(seq.train_dataloader())
-    (x1, y1, _), (x2, _, _) = next(loader), next(loader)
+    (_, y1, _), (x2, _, _) = next(loader), next(loader)
     assert torch.equal(x2[0, :, 0], y1[0, :, -1])  # each row continues where it stopped
