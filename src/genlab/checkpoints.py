@@ -8,14 +8,11 @@ import hydra
 import torch
 
 from genlab.errors import CheckpointError
+from genlab.runs import checkpoint_file
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if path.is_dir():  # a run folder
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}; give ckpt_path=<run folder or .ckpt file>.")
+    path = checkpoint_file(str(path))  # a file or a run folder
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a cut-short zip, random bytes, an empty file, ...
