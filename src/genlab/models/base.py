@@ -17,11 +17,11 @@ import math
 import time
 
 import hydra
-import lightning as L
 import torch
 import torch.nn.functional as F
 
 from genlab.errors import TrainingDiverged
+from genlab.models.module import GenlabModule
 
 
 # dense bf16 peak FLOP/s of common accelerators (vendor data sheets), for MFU
@@ -47,8 +47,8 @@ def context_windows(idx: torch.Tensor, size: int, pad_id: int = 0) -> torch.Tens
     return padded.unfold(1, size, 1)
 
 
-class LanguageModel(L.LightningModule):
-    kind = "text"  # the data kind this model consumes
+class LanguageModel(GenlabModule):
+    kind = "text"
     context_length: int | None = None  # tokens the model looks back; None: unbounded (recurrent)
     # True where the context is what the model can read at all (a GPT's position table), so a
     # longer prompt would be cut; False where a fixed window slides over any text (MLP, WaveNet)
@@ -79,12 +79,6 @@ class LanguageModel(L.LightningModule):
         self.tokens_seen = 0  # real target tokens trained on, for tokens/s
         self._step_clock = None  # (time, tokens_seen) at the previous Lightning step
         self.training_words: list[str] | None = None  # set for names: sampling measures novelty
-
-    def configure_model(self) -> None:
-        """``compile=True``: run ``forward`` through ``torch.compile``. The compiled function replaces
-        the bound method on this instance, so parameter names (and checkpoints) are unchanged."""
-        if self.hparams.compile and not hasattr(self.forward, "_torchdynamo_orig_callable"):
-            self.forward = torch.compile(self.forward)
 
     # --- the loss ------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -119,7 +113,7 @@ class LanguageModel(L.LightningModule):
         losses = []
         for x, y in itertools.islice(self.unpack(batch), updates):
             loss = self.loss(self.training_forward(x, y), y)
-            self.update(optimizer, loss)
+            self.update(optimizer, loss, clip=self.hparams.grad_clip)
             if scheduler is not None:
                 scheduler.step()
             losses.append(loss.detach())
@@ -141,30 +135,6 @@ class LanguageModel(L.LightningModule):
         """The logits for a training batch; models that need the targets' padding mask (BatchNorm
         statistics) or carry state between batches override this."""
         return self(x)
-
-    def update(self, optimizer, loss: torch.Tensor) -> None:
-        """One optimizer update. Lightning's own path (``manual_backward``, ``optimizer.step()``)
-        calls callback hooks and precision plugins around every update, which costs a tiny model
-        about a third of its speed; where no gradient scaler is needed (every precision but
-        16-mixed), this does what a plain loop does and advances Lightning's update counter,
-        so ``global_step``, ``max_steps`` and checkpoints still count optimizer updates."""
-        if self.trainer.precision == "16-mixed":
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if self.hparams.grad_clip:
-                self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-            optimizer.step()
-            return
-        optimizer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.hparams.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.grad_clip)
-        optimizer.optimizer.step()
-        self.advance_step_counter()
-
-    def advance_step_counter(self) -> None:
-        """Count one update in ``trainer.global_step`` (what Lightning's ``optimizer.step()`` does)."""
-        self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_completed()
 
     def log_throughput(self) -> None:
         """Tokens per second between Lightning steps; on a GPU also the model FLOPs utilisation."""
@@ -255,17 +225,5 @@ class LanguageModel(L.LightningModule):
         return idx
 
     # --- checkpoints ---------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["genlab"] = {
-            "class": f"{type(self).__module__}.{type(self).__qualname__}",
-            "training_words": self.training_words,
-            "rng": torch.get_rng_state(),  # dropout's random stream, for an exact resume
-        }
-
-    def on_load_checkpoint(self, checkpoint):
-        self._rng_to_restore = checkpoint.get("genlab", {}).get("rng")
-
-    def on_train_start(self):
-        if getattr(self, "_rng_to_restore", None) is not None:  # resuming: continue the random stream
-            torch.set_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
+    def checkpoint_extras(self) -> dict:
+        return {"training_words": self.training_words}
