@@ -3,10 +3,11 @@ same network, batches and optimizer, in one process.
 
     python scripts/benchmark.py model=mlp [steps=6000] [rounds=2] [any train.py override ...]
 
-Prints both speeds in optimizer updates per second and tokens/s (for the GPT also the achieved
-FLOP/s against this machine's measured matmul FLOP/s), and ``ratio=<framework/plain>`` on the last
-line. The framework side runs with logging (TensorBoard), the progress bar, validation and
-checkpointing on, exactly as ``train.py`` builds them.
+Prints both speeds in optimizer updates per second and tokens/s (the DCGAN: images/s; the GPT
+also the achieved FLOP/s against this machine's measured matmul FLOP/s), and
+``ratio=<framework/plain>`` on the last line. The framework side runs with logging (TensorBoard),
+the progress bar, validation, checkpointing and the insight callback on, exactly as ``train.py``
+builds them; it also runs once more without the insight callback, to print that callback's cost.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ PRESETS = {
     "gpt": ["experiment=divina_gpt_cpu", "val_every=100000", "steps=120", "rounds=1"],
     "lstm": ["experiment=names_lstm", "val_every=1000"],
     "gru": ["experiment=names_gru", "val_every=1000"],
+    "dcgan": ["experiment=notebook_dcgan", "steps=12", "rounds=2"],
 }
 
 
@@ -69,7 +71,7 @@ class Replay:
 
 
 class FixedTrainData(L.LightningDataModule):
-    """The given training items, in order; validation from the real data module."""
+    """The given training items, in order; validation (where there is any) from the real data."""
 
     def __init__(self, items, real):
         super().__init__()
@@ -79,16 +81,17 @@ class FixedTrainData(L.LightningDataModule):
         return Replay(self.items)
 
     def val_dataloader(self):
-        return self.real.val_dataloader()
+        return self.real.val_dataloader() if hasattr(self.real, "val_dataloader") and self.real.kind == "text" else []
 
 
 def framework_speed(cfg, model, datamodule, batches, run_dir):
-    k = model.updates_per_step
-    items = [pack(batches[i : i + k]) for i in range(0, len(batches) - k + 1, k)]
+    k = getattr(model, "updates_per_step", 1)
+    items = [pack(batches[i : i + k]) for i in range(0, len(batches) - k + 1, k)] if model.kind == "text" else batches
     with open_dict(cfg):
         cfg.trainer.max_steps = len(items) * k
+        cfg.trainer.max_epochs = -1
         cfg.paths.output_dir = str(run_dir)
-    trainer = build_trainer(cfg, run_dir, k)
+    trainer = build_trainer(cfg, run_dir, k, validates=model.kind == "text")
     clock = Clock(warmup=max(1, len(items) // 10))
     trainer.callbacks.append(clock)
     trainer.fit(model, datamodule=FixedTrainData(items, datamodule))
@@ -125,6 +128,30 @@ def plain_speed(model, cfg, batches):
     return (len(batches) - warmup) / (time.perf_counter() - start)
 
 
+def plain_gan_speed(model, cfg, batches):
+    """The DCGAN's step as the notebook writes it: a discriminator update on a real and a fake
+    batch, then a generator update, with BCE on the discriminator's logits."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    make = hydra.utils.instantiate(cfg.model.optimizer)
+    d_opt, g_opt = make(params=model.discriminator.parameters()), make(params=model.generator.parameters())
+    model.train()
+    warmup = max(1, len(batches) // 10)
+    for i, real in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        ones, zeros = torch.ones(len(real)), torch.zeros(len(real))
+        fake = model.generator(torch.randn(len(real), model.hparams.nz, 1, 1))
+        loss_d = bce(model.discriminator(real), ones) + bce(model.discriminator(fake.detach()), zeros)
+        d_opt.zero_grad(set_to_none=True)
+        loss_d.backward()
+        d_opt.step()
+        loss_g = bce(model.discriminator(fake), ones)
+        g_opt.zero_grad(set_to_none=True)
+        loss_g.backward()
+        g_opt.step()
+    return (len(batches) - warmup) / (time.perf_counter() - start)
+
+
 def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
     """This machine's fp32 matmul FLOP/s (a large square matmul on all threads)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -150,28 +177,44 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = build_model(cfg, datamodule)
-    batches = []  # single batches, as a plain loop sees them
-    while len(batches) < steps:
-        batches.extend(b for item in datamodule.train_dataloader() for b in model.unpack(item))
-    batches = batches[:steps]
-    tokens_per_update = sum(int((y >= 0).sum()) for _, y in batches) / len(batches)
-    print(f"benchmark: model={model_name} {' '.join(overrides)}; {steps} updates, "
-          f"{tokens_per_update:.1f} target tokens per update, {torch.get_num_threads()} threads")
+    if model.kind == "image":
+        batches = [b for b, _ in zip(datamodule.train_dataloader(), range(steps))]  # decoded once, for both sides
+        per_update, unit, plain_loop = float(len(batches[0])), "images", plain_gan_speed
+    else:
+        batches = []  # single batches, as a plain loop sees them
+        while len(batches) < steps:
+            batches.extend(b for item in datamodule.train_dataloader() for b in model.unpack(item))
+        batches = batches[:steps]
+        per_update = sum(int((y >= 0).sum()) for _, y in batches) / len(batches)
+        unit, plain_loop = "tokens", plain_speed
+    print(f"benchmark: model={model_name} {' '.join(overrides)}; {len(batches)} updates, "
+          f"{per_update:.1f} {unit} per update, {torch.get_num_threads()} threads")
 
-    results = {"plain": [], "framework": []}
+    insight = bool((cfg.get("callbacks") or {}).get("insight"))
+    without_insight = copy.deepcopy(cfg)
+    with open_dict(without_insight):
+        without_insight.callbacks.insight = None
+    results = {"plain": [], "framework": [], "no insight": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(rounds):  # alternate, keep the best of each: the machine's noise hits both
-            results["plain"].append(plain_speed(copy.deepcopy(model), cfg, batches))
+        for round_ in range(rounds):  # alternate, keep the best of each: the machine's noise hits all
+            results["plain"].append(plain_loop(copy.deepcopy(model), cfg, batches))
             results["framework"].append(
                 framework_speed(copy.deepcopy(cfg), copy.deepcopy(model), datamodule, batches, Path(tmp) / str(round_))
             )
+            if insight:
+                results["no insight"].append(framework_speed(
+                    copy.deepcopy(without_insight), copy.deepcopy(model), datamodule, batches, Path(tmp) / f"n{round_}"))
     plain, framework = max(results["plain"]), max(results["framework"])
-    print(f"plain PyTorch loop: {plain:9.1f} updates/s  {plain * tokens_per_update:11.0f} tokens/s")
-    print(f"genlab (Lightning): {framework:9.1f} updates/s  {framework * tokens_per_update:11.0f} tokens/s")
+    print(f"plain PyTorch loop: {plain:9.2f} updates/s  {plain * per_update:11.1f} {unit}/s")
+    print(f"genlab (Lightning): {framework:9.2f} updates/s  {framework * per_update:11.1f} {unit}/s")
+    if insight:
+        bare = max(results["no insight"])
+        print(f"genlab without the insight callback: {bare:9.2f} updates/s; the callback costs "
+              f"{1 - framework / bare:.1%} of training time")
     if hasattr(model, "flops_per_token"):
         peak = matmul_flops()
         for name, speed in (("plain", plain), ("genlab", framework)):
-            achieved = model.flops_per_token() * speed * tokens_per_update
+            achieved = model.flops_per_token() * speed * per_update
             print(f"{name}: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of this machine's fp32 matmul "
                   f"({peak / 1e9:.1f} GFLOP/s)")
     print(f"ratio={framework / plain:.3f}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 
 
@@ -19,3 +21,13 @@ class ValidateAtEnd(L.Callback):
         )
         if steps_done or epochs_done:
             trainer.should_stop = True  # Lightning then runs validation for this batch
+
+
+class CheckpointAtEnd(L.Callback):
+    """For models without validation (which is what saves a checkpoint at the end otherwise):
+    write ``last.ckpt`` when training ends, also when stopped by Ctrl-C or SIGTERM."""
+
+    def on_train_end(self, trainer, pl_module):
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.dirpath:
+            trainer.save_checkpoint(Path(checkpoint.dirpath) / "last.ckpt")

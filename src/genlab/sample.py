@@ -1,7 +1,8 @@
 """``python sample.py ckpt_path=PATH``: sample from a trained model, from its checkpoint alone.
 
 Names models print whole names and the share that is new (not in the training list, which the
-checkpoint carries); text models continue ``prompt`` by ``max_new_tokens`` tokens."""
+checkpoint carries); text models continue ``prompt`` by ``max_new_tokens`` tokens; the DCGAN
+writes a grid of images (or, with ``interpolate=true``, a walk between two noise vectors)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from omegaconf import DictConfig
 from genlab.checkpoints import load_model
 from genlab.data.tokenizer import tokenizer_from_config
 from genlab.errors import ConfigError, exit_on_user_error
+from genlab.figures import image_grid, save_png
 from genlab.outputs import atomic_write_text
 from genlab.train import CONF_DIR, sample_names
 
@@ -27,9 +29,11 @@ def check_sampling_args(cfg: DictConfig) -> None:
         raise ConfigError(f"top_k must be a positive number of tokens or null, got {cfg.top_k}")
 
 
-def sample(cfg: DictConfig) -> list[str]:
+def sample(cfg: DictConfig) -> list[str] | Path:
     check_sampling_args(cfg)
     model, checkpoint = load_model(cfg.ckpt_path)
+    if model.kind == "image":
+        return sample_images(model, checkpoint, cfg)
     tokenizer = tokenizer_from_config(model.hparams.tokenizer, cfg.paths.data_mirror)
     if tokenizer.eos_id is not None and cfg.prompt is None:
         samples = sample_names(model, tokenizer, cfg.num_samples, cfg.seed, cfg.temperature, cfg.top_k)
@@ -68,6 +72,25 @@ def sample_text(model, tokenizer, cfg: DictConfig) -> list[str]:
     )
     start = len(ids) if prompt else 1
     return [prompt + tokenizer.decode(row[start:]) for row in out.tolist()]
+
+
+def sample_images(model, checkpoint: dict, cfg: DictConfig) -> Path:
+    """A grid of ``num_samples`` generated images, or with ``interpolate=true`` a row of
+    ``num_samples`` images on the straight line between two noise vectors; written as PNG."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.interpolate:
+        if cfg.num_samples < 2:
+            raise ConfigError(f"interpolate=true needs num_samples >= 2 (the two ends and the steps between), got {cfg.num_samples}")
+        ends = model.noise(2, generator)
+        weights = torch.linspace(0, 1, cfg.num_samples).view(-1, 1, 1, 1)
+        z, nrow, name = (1 - weights) * ends[0] + weights * ends[1], cfg.num_samples, "interpolation.png"
+    else:
+        z, nrow, name = model.noise(cfg.num_samples, generator), 8, "samples.png"
+    images = model.generate(z)
+    out = Path(cfg.out) if cfg.out else Path(checkpoint["path"]).resolve().parent.parent / name
+    save_png(image_grid(images, nrow=nrow), out)
+    print(f"wrote {len(images)} images to {out}")
+    return out
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")

@@ -11,8 +11,16 @@ tensors cost Lightning far less to hand over than a list of K pairs.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from genlab.errors import DataError
+
+
+def context_windows(idx: torch.Tensor, size: int, pad_id: int = 0) -> torch.Tensor:
+    """(B, T) -> (B, T, size): at position t the tokens t-size+1 .. t, left-padded with ``pad_id``
+    (the start token), so position t of a name sees the notebook's window ('...' -> 'e')."""
+    padded = F.pad(idx, (size - 1, 0), value=pad_id)
+    return padded.unfold(1, size, 1)
 
 
 def widths(y: torch.Tensor) -> torch.Tensor:
@@ -34,6 +42,12 @@ def group(xs: torch.Tensor, ys: torch.Tensor):
     return xs[..., :width], ys[..., :width], w
 
 
+def replica(datamodule) -> tuple[int, int]:
+    """(this process's rank, number of processes) under distributed training; (0, 1) otherwise."""
+    trainer = getattr(datamodule, "trainer", None)
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
 def resume_position(datamodule) -> int:
     """Where the training stream stands: the optimizer updates made so far (one batch each), which
     Lightning restores from a checkpoint before training resumes."""
@@ -47,18 +61,26 @@ class BatchStream:
 
     Every ``__iter__`` (one Lightning epoch) starts at ``start()``: the updates made so far, so a
     resumed run sees the batches the uninterrupted run would have seen. (Lightning's own loader
-    state would be off by the item it prefetches.)"""
+    state would be off by the item it prefetches.)
+
+    Under distributed training, update p of rank r takes global batch ``p * world + r``: the
+    ranks see different batches, and together the batches one process would see in turn."""
 
     batches_per_step = 1
     start = staticmethod(lambda: 0)
+    rank, world = 0, 1
 
     def batch(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def global_index(self, position: int) -> int:
+        return position * self.world + self.rank
+
     def __iter__(self):
         position = self.start()
         for _ in range(len(self)):
-            xs, ys = zip(*(self.batch(p) for p in range(position, position + self.batches_per_step)))
+            steps = range(position, position + self.batches_per_step)
+            xs, ys = zip(*(self.batch(self.global_index(p)) for p in steps))
             position += self.batches_per_step
             yield group(torch.stack(xs), torch.stack(ys))
 
@@ -67,8 +89,9 @@ class SequenceBatches(BatchStream):
     """Shuffled batches of whole sequences (names): one pass over the split per data epoch, a new
     order each epoch; a Lightning epoch is about one pass."""
 
-    def __init__(self, x, y, batch_size, batches_per_step=1, seed=0, start=None):
+    def __init__(self, x, y, batch_size, batches_per_step=1, seed=0, start=None, replica=(0, 1)):
         self.x, self.y = x, y
+        self.rank, self.world = replica
         self.batch_size = batch_size
         self.batches_per_step = batches_per_step
         self.seed = seed
@@ -80,7 +103,7 @@ class SequenceBatches(BatchStream):
         self._order = (None, None)  # (data epoch, its permutation)
 
     def __len__(self) -> int:
-        return -(-self.batches_per_epoch // self.batches_per_step)
+        return -(-self.batches_per_epoch // (self.world * self.batches_per_step))
 
     def batch(self, position: int):
         epoch, i = divmod(position, self.batches_per_epoch)
@@ -95,8 +118,10 @@ class WindowBatches(BatchStream):
     """Random windows of ``seq_len + 1`` tokens from one long token stream (training on text); a
     Lightning epoch is ``steps_per_epoch`` items."""
 
-    def __init__(self, tokens, seq_len, batch_size, steps_per_epoch, batches_per_step=1, seed=0, start=None):
+    def __init__(self, tokens, seq_len, batch_size, steps_per_epoch, batches_per_step=1, seed=0, start=None,
+                 replica=(0, 1)):
         self.tokens = torch.as_tensor(tokens)
+        self.rank, self.world = replica
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
@@ -120,21 +145,26 @@ class WindowBatches(BatchStream):
 class StreamBatches(BatchStream):
     """The training text read in order by ``batch_size`` parallel streams (for recurrent models
     that carry their state): row b of consecutive batches continues the same stretch of text, so
-    the state after one chunk is the right start for the next. Wraps around at the end."""
+    the state after one chunk is the right start for the next. Wraps around at the end. Under
+    distributed training each rank reads its own ``batch_size`` of the ``world * batch_size`` streams."""
 
-    def __init__(self, tokens, seq_len, batch_size, batches_per_step=1, start=None):
+    def __init__(self, tokens, seq_len, batch_size, batches_per_step=1, start=None, replica=(0, 1)):
         self.seq_len, self.batches_per_step = seq_len, batches_per_step
         self.start = start or self.start
-        self.chunks = (len(tokens) - 1) // (batch_size * seq_len)  # chunks per stream
+        rank, world = replica
+        self.chunks = (len(tokens) - 1) // (world * batch_size * seq_len)  # chunks per stream
         if self.chunks == 0:
             raise DataError(f"the training text has {len(tokens)} tokens, too few for {batch_size} streams "
                             f"of {seq_len}; lower data.batch_size or data.block_size")
         length = self.chunks * seq_len
-        starts = torch.arange(batch_size) * length
+        starts = (torch.arange(batch_size) + rank * batch_size) * length
         self.streams = torch.stack([torch.as_tensor(tokens[s : s + length + 1]) for s in starts.tolist()]).long()
 
     def __len__(self) -> int:
         return -(-self.chunks // self.batches_per_step)
+
+    def global_index(self, position: int) -> int:
+        return position  # the streams are this rank's own already
 
     def batch(self, position: int):
         start = (position % self.chunks) * self.seq_len
@@ -143,14 +173,23 @@ class StreamBatches(BatchStream):
 
 
 class FixedBatches:
-    """Deterministic evaluation batches, in order (validation and test)."""
+    """Deterministic evaluation batches, in order (validation and test). Under distributed
+    training rank r evaluates batches r, r + world, ...: every example exactly once over all
+    ranks, so the summed losses (see ``LanguageModel._eval_end``) give the exact mean. Every rank
+    runs the same number of batches (a rank short of one gets a batch without targets), since
+    each forward of a DistributedDataParallel model is a collective call."""
 
-    def __init__(self, x, y, batch_size):
+    def __init__(self, x, y, batch_size, replica=(0, 1)):
         self.x, self.y, self.batch_size = x, y, batch_size
+        self.rank, self.world = replica
 
     def __len__(self) -> int:
-        return -(-len(self.x) // self.batch_size)
+        return -(-len(self.x) // (self.world * self.batch_size))
 
     def __iter__(self):
-        for start in range(0, len(self.x), self.batch_size):
+        for i in range(len(self)):
+            start = (i * self.world + self.rank) * self.batch_size
+            if start >= len(self.x):  # nothing left for this rank: targets -1 count for nothing
+                yield self.x[:1], torch.full_like(self.y[:1, :1], -1).expand_as(self.y[:1]).clone()
+                continue
             yield trim(self.x[start : start + self.batch_size], self.y[start : start + self.batch_size])

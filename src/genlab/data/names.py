@@ -11,9 +11,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from genlab.data.batches import FixedBatches, SequenceBatches, resume_position
+from genlab.data.batches import FixedBatches, SequenceBatches, context_windows, replica, resume_position
 from genlab.data.fetch import RemoteFile, fetch
-from genlab.errors import DataError
+from genlab.errors import ConfigError, DataError
 from genlab.data.tokenizer import CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ class NamesDataModule(L.LightningDataModule):
         eval_batch_size: int = 1024,
         seed: int = 42,
         split: tuple[float, float] = (0.8, 0.9),
+        sampling: str = "names",
+        window: int = 8,
     ):
         super().__init__()
         self.data_dir = data_dir
@@ -106,6 +108,10 @@ class NamesDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.split = split
+        if sampling not in ("names", "windows"):
+            raise ConfigError(f"data.sampling={sampling}: use names (batches of whole names) or windows "
+                              "(batches of random context windows, as the notebook samples)")
+        self.sampling, self.window = sampling, window
         self.batches_per_step = 1  # set by the trainer set-up from the model (see models.base)
         self._load()
 
@@ -144,14 +150,26 @@ class NamesDataModule(L.LightningDataModule):
         return self.tokenizer.vocab_size
 
     def train_dataloader(self):
+        x, y = self.tensors["train"] if self.sampling == "names" else self.training_windows()
+        return SequenceBatches(x, y, self.batch_size, self.batches_per_step, self.seed,
+                               start=lambda: resume_position(self), replica=replica(self))
+
+    def training_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every (context, next character) pair of the training names, as the notebook builds its
+        dataset: x (N, window) the ``window`` characters before the target (left-padded with '.'),
+        y (N, window) all -1 (no target) except the last position, the character that follows."""
         x, y = self.tensors["train"]
-        return SequenceBatches(x, y, self.batch_size, self.batches_per_step, self.seed, start=lambda: resume_position(self))
+        real = y >= 0
+        contexts = context_windows(x, self.window, pad_id=self.tokenizer.eos_id)[real]
+        targets = torch.full_like(contexts, -1)
+        targets[:, -1] = y[real]
+        return contexts, targets
 
     def val_dataloader(self):
-        return FixedBatches(*self.tensors["val"], self.eval_batch_size)
+        return FixedBatches(*self.tensors["val"], self.eval_batch_size, replica(self))
 
     def test_dataloader(self):
-        return FixedBatches(*self.tensors["test"], self.eval_batch_size)
+        return FixedBatches(*self.tensors["test"], self.eval_batch_size, replica(self))
 
     def training_words(self) -> set[str]:
         """What sampling compares against to measure novelty."""

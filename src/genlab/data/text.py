@@ -21,7 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from genlab.data.batches import FixedBatches, StreamBatches, WindowBatches, resume_position
+from genlab.data.batches import FixedBatches, StreamBatches, WindowBatches, replica, resume_position
 from genlab.data.fetch import RemoteFile, fetch, sha256_of
 from genlab.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from genlab.errors import ConfigError, DataError
@@ -194,10 +194,12 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self):
         tokens = self.split_tokens("train")
         if self.contiguous:
-            return StreamBatches(tokens, self.seq_len, self.batch_size, self.batches_per_step, start=lambda: resume_position(self))
-        per_epoch = max(1, len(tokens) // (self.batch_size * self.seq_len * self.batches_per_step))
+            return StreamBatches(tokens, self.seq_len, self.batch_size, self.batches_per_step,
+                                 start=lambda: resume_position(self), replica=replica(self))
+        rank, world = replica(self)
+        per_epoch = max(1, len(tokens) // (world * self.batch_size * self.seq_len * self.batches_per_step))
         return WindowBatches(tokens, self.seq_len, self.batch_size, per_epoch, self.batches_per_step, self.seed,
-                             start=lambda: resume_position(self))
+                             start=lambda: resume_position(self), replica=(rank, world))
 
     def _fixed_windows(self, split: str) -> FixedBatches:
         tokens = self.split_tokens(split)
@@ -207,7 +209,7 @@ class TextDataModule(L.LightningDataModule):
         inputs, targets = tokens[:-1], tokens[1:]
         x.view(-1)[: len(inputs)] = inputs
         y.view(-1)[: len(targets)] = targets
-        return FixedBatches(x, y, self.eval_batch_size)
+        return FixedBatches(x, y, self.eval_batch_size, replica(self))
 
     def val_dataloader(self):
         return self._fixed_windows("val")

@@ -40,13 +40,6 @@ def vocab_size_of(tokenizer: dict) -> int:
     return len(tokenizer["chars"]) if tokenizer["type"] == "char" else 50257
 
 
-def context_windows(idx: torch.Tensor, size: int, pad_id: int = 0) -> torch.Tensor:
-    """(B, T) -> (B, T, size): at position t the tokens t-size+1 .. t, left-padded with ``pad_id``
-    (the start token), so position t of a name sees the notebook's window ('...' -> 'e')."""
-    padded = F.pad(idx, (size - 1, 0), value=pad_id)
-    return padded.unfold(1, size, 1)
-
-
 class LanguageModel(GenlabModule):
     kind = "text"
     context_length: int | None = None  # tokens the model looks back; None: unbounded (recurrent)
@@ -79,6 +72,16 @@ class LanguageModel(GenlabModule):
         self.tokens_seen = 0  # real target tokens trained on, for tokens/s
         self._step_clock = None  # (time, tokens_seen) at the previous Lightning step
         self.training_words: list[str] | None = None  # set for names: sampling measures novelty
+        self.step_losses: list[torch.Tensor] = []  # the losses of the last Lightning step's updates
+
+    # --- what the insight callback looks at (genlab.insight) ------------------------------------
+    def tanh_layers(self) -> dict[str, torch.nn.Module]:
+        """Named tanh layers (``nn.Tanh``, or a vanilla ``nn.RNN`` whose outputs are tanh's)."""
+        return {}
+
+    def token_embeddings(self) -> torch.nn.Embedding | None:
+        """The table of token vectors, if the model has one."""
+        return getattr(self, "embedding", None)
 
     # --- the loss ------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -117,6 +120,7 @@ class LanguageModel(GenlabModule):
             if scheduler is not None:
                 scheduler.step()
             losses.append(loss.detach())
+        self.step_losses = losses  # every update's loss, for the insight callback's curves
         self.tokens_seen += int((batch[1][:updates] >= 0).sum())
         if losses:
             loss = torch.stack(losses).mean()
@@ -129,6 +133,7 @@ class LanguageModel(GenlabModule):
             self.log("train/lr", optimizer.param_groups[0]["lr"])
             self.log_throughput()
             self.log_step()
+            return loss  # Lightning's LR finder reads the loss from here
         return None
 
     def training_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from genlab.models.base import LanguageModel, context_windows
+from genlab.data.batches import context_windows
+from genlab.models.base import LanguageModel
 
 
 class Bigram(LanguageModel):

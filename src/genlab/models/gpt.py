@@ -91,6 +91,9 @@ class GPT(LanguageModel):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def token_embeddings(self):
+        return self.token_embedding
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
         if T > self.context_length:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from genlab.models.base import LanguageModel, context_windows
+from genlab.data.batches import context_windows
+from genlab.models.base import LanguageModel
 
 
 class MLP(LanguageModel):
@@ -16,11 +17,15 @@ class MLP(LanguageModel):
         self.context_length = block_size
         self.embedding = nn.Embedding(self.vocab_size, n_embd)
         self.hidden = nn.Linear(block_size * n_embd, n_hidden)
+        self.tanh = nn.Tanh()
         self.head = nn.Linear(n_hidden, self.vocab_size)
         with torch.no_grad():  # a less confident start: initial loss close to ln V
             self.head.weight.mul_(0.1)
             self.head.bias.zero_()
 
+    def tanh_layers(self):
+        return {"hidden": self.tanh}
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         windows = self.embedding(context_windows(idx, self.context_length))  # (B, T, block, n_embd)
-        return self.head(torch.tanh(self.hidden(windows.flatten(2))))
+        return self.head(self.tanh(self.hidden(windows.flatten(2))))

@@ -30,7 +30,9 @@ class GenlabModule(L.LightningModule):
         (``manual_backward``, ``optimizer.step()``) calls callback hooks and precision plugins around
         every update, which costs a tiny model about a third of its speed; where no gradient scaler
         is needed (every precision but 16-mixed) this does what a plain loop does and advances
-        Lightning's counter itself. Under 16-mixed Lightning's path is taken, and it counts."""
+        Lightning's counter itself. Under 16-mixed Lightning's path is taken, and it counts.
+        Under DDP the backward goes through Lightning, which prepares DDP's gradient reduction for
+        each backward: several updates (or the GAN's two networks) per step stay in sync."""
         if self.trainer.precision == "16-mixed":
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
@@ -40,7 +42,10 @@ class GenlabModule(L.LightningModule):
             return
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer -> torch's
         torch_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.trainer.world_size > 1:
+            self.manual_backward(loss)  # DDP: readies the gradient all-reduce for this very backward
+        else:
+            loss.backward()
         if clip:
             params = [p for group in torch_optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, clip)

@@ -33,6 +33,10 @@ class Recurrent(LanguageModel):
         self.head = nn.Linear(n_hidden, self.vocab_size)
         self.carried = None  # the state handed from one training chunk to the next
 
+    def tanh_layers(self):
+        # a vanilla RNN's outputs are its last layer's tanh activations (LSTM's and GRU's are not)
+        return {f"rnn.layer{self.hparams.n_layers}": self.rnn} if self.hparams.cell == "rnn" else {}
+
     def run(self, idx: torch.Tensor, state=None):
         """(B, T) ids and a state -> (B, T, V) logits and the state after the last token."""
         out, state = self.rnn(self.drop(self.embedding(idx)), state)

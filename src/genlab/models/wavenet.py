@@ -7,10 +7,11 @@ combines the vectors at t - 2**l and t. Applied to the input left-padded with 2*
 tokens, without further padding, it predicts at every position at once, and position t sees
 exactly the notebook's window of the last 2**n_levels characters.
 
-BatchNorm takes its statistics over batch and time, from the positions that lead to a real target
-(padding after a name's end is left out) and, for each sequence, from the other sequences of the
-batch, so that no position sees its own future through them (``SequenceBatchNorm``); sampling and
-evaluation use the running statistics."""
+BatchNorm takes its statistics over batch and time, from the positions whose outputs lead to a
+real target (padding after a name's end is left out; on the notebook's windows of 8 characters
+with one target, exactly the notebook's 4, 2 and 1 positions per window and level) and, for whole
+sequences, from the other sequences of the batch, so that no position sees its own future through
+them (``SequenceBatchNorm``); sampling and evaluation use the running statistics."""
 
 from __future__ import annotations
 
@@ -23,32 +24,39 @@ from genlab.models.base import LanguageModel
 
 
 class SequenceBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d over (B, L, C) for whole sequences.
+    """BatchNorm1d over (B, L, C), with statistics over the positions in ``mask`` only (those whose
+    output feeds a real target).
 
-    Statistics over batch and time would let position t see its own sequence's future (the mean
-    includes later positions) and the network learns to cheat: training loss falls far below the
-    validation loss. So in training each sequence is normalised with the statistics of the *other*
-    sequences of the batch (leave-one-out), like the notebook's batches of windows from different
-    names, and only over ``valid`` positions (those that lead to a real target). Through several
-    levels a sequence still reaches its own statistics by way of the others' activations, so no
-    gradient flows through the statistics: nothing rewards the network for using that path. The
-    running statistics, used for evaluation and sampling, take the whole batch."""
+    Whole sequences: statistics over batch and time would let position t see its own sequence's
+    future (the mean includes later positions), and the network learns to cheat: training loss
+    falls far below the validation loss. So each sequence is normalised with the statistics of
+    the *other* sequences of the batch (``leave_one_out``). Through several levels a sequence still
+    reaches its own statistics by way of the others' activations, so no gradient flows through
+    the statistics: nothing rewards the network for using that path.
 
-    def forward(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training or h.shape[0] < 2:  # one sequence has no others: running statistics
+    Windows (one target per row, the notebook's batches): a row's statistics may include itself,
+    as in the notebook, since nothing in a window is in its target's future.
+
+    The running statistics, used for evaluation and sampling, take the whole batch."""
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None, leave_one_out: bool = True) -> torch.Tensor:
+        if not self.training or (leave_one_out and h.shape[0] < 2):  # one sequence has no others
             return F.batch_norm(h.transpose(1, 2), self.running_mean, self.running_var, self.weight, self.bias,
                                 training=False, eps=self.eps).transpose(1, 2)
         with torch.no_grad():
-            weight = valid if valid is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+            weight = mask if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
             weight = weight.unsqueeze(-1).to(h.dtype)
             count = weight.sum(1)  # (B, 1) positions per sequence
             sums, squares = (h * weight).sum(1), (h * h * weight).sum(1)  # (B, C)
             total_count, total_sums, total_squares = count.sum(0), sums.sum(0), squares.sum(0)
-            others = (total_count - count).clamp(min=1)
-            mean = (total_sums - sums) / others
-            var = ((total_squares - squares) / others - mean * mean).clamp(min=0)
             batch_mean = total_sums / total_count
             batch_var = (total_squares / total_count - batch_mean**2).clamp(min=0)
+            if leave_one_out:
+                others = (total_count - count).clamp(min=1)
+                mean = (total_sums - sums) / others
+                var = ((total_squares - squares) / others - mean * mean).clamp(min=0)
+            else:
+                mean, var = batch_mean.expand_as(sums), batch_var.expand_as(sums)
             n = float(total_count)
             self.running_mean.lerp_(batch_mean, self.momentum)
             self.running_var.lerp_(batch_var * n / max(n - 1, 1), self.momentum)
@@ -67,20 +75,38 @@ class WaveNet(LanguageModel):
         widths = [n_embd] + [n_hidden] * len(self.dilations)
         self.fuse = nn.ModuleList(nn.Linear(2 * w, n_hidden, bias=False) for w in widths[:-1])
         self.norms = nn.ModuleList(SequenceBatchNorm(n_hidden) for _ in self.dilations)
+        self.tanhs = nn.ModuleList(nn.Tanh() for _ in self.dilations)
         self.head = nn.Linear(n_hidden, self.vocab_size)
         with torch.no_grad():
             self.head.weight.mul_(0.1)  # as the notebook: a less confident start
 
+    def tanh_layers(self):
+        return {f"level{i + 1}": tanh for i, tanh in enumerate(self.tanhs)}
+
     def forward(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``valid`` (B, T), in training: the positions with a real target; BatchNorm then takes its
+        statistics over the positions of each level that feed them."""
         pad = self.context_length - 1
         h = self.embedding(F.pad(idx, (pad, 0), value=0))  # (B, T + pad, n_embd)
-        if valid is not None:  # the padding in front leads to real targets: keep it
-            valid = F.pad(valid, (pad, 0), value=True)
-        for d, fuse, norm in zip(self.dilations, self.fuse, self.norms):
+        masks = self.needed_positions(valid) if valid is not None else [None] * len(self.dilations)
+        # one target per row: the notebook's windows, else whole sequences (see SequenceBatchNorm)
+        leave_one_out = valid is not None and bool((valid.sum(1) > 1).any())
+        for d, fuse, norm, tanh, mask in zip(self.dilations, self.fuse, self.norms, self.tanhs, masks):
             h = fuse(torch.cat([h[:, :-d], h[:, d:]], dim=-1))  # the pair (t - d, t)
-            valid = valid[:, d:] if valid is not None else None
-            h = torch.tanh(norm(h, valid))
+            h = tanh(norm(h, mask, leave_one_out))
         return self.head(h)
+
+    def needed_positions(self, valid: torch.Tensor) -> list[torch.Tensor]:
+        """For each level, the output positions that some real target depends on. Walking down
+        from the top: output j of a level with dilation d reads its input at j and j + d."""
+        masks, needed = [], valid
+        for d in reversed(self.dilations):
+            masks.append(needed)
+            below = torch.zeros(needed.shape[0], needed.shape[1] + d, dtype=torch.bool, device=needed.device)
+            below[:, :-d] |= needed
+            below[:, d:] |= needed
+            needed = below
+        return masks[::-1]
 
     def training_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self(x, valid=y >= 0)

@@ -1,0 +1,149 @@
+"""The DCGAN: network shapes, one step training both networks, step counting, what a run writes,
+resume, sampling from a checkpoint, and configs that cannot work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, compose_config, run_training
+from PIL import Image
+
+from genlab.checkpoints import load_model, read_checkpoint
+from genlab.errors import ConfigError
+from genlab.models.dcgan import DCGAN, Discriminator, Generator
+from genlab.train import train
+
+
+@pytest.fixture
+def faces(tmp_path):
+    """24 small made-up RGB images and one file that is not an image."""
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(24):
+        pixels = torch.randint(0, 256, (20, 20, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8 truncated")
+    return folder
+
+
+def gan_overrides(faces, *extra):
+    return ["model=dcgan", "data=celeba", f"data.root={faces}", "data.image_size=16", "data.batch_size=8",
+            "data.num_workers=0", "model.ngf=8", "model.ndf=8", "model.nz=12", "model.grid_every=2",
+            "model.grid_size=4", "val_every=2", "trainer.max_steps=4", *extra]
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_network_shapes(size):
+    generator, discriminator = Generator(size, nz=100, ngf=8), Discriminator(size, ndf=8)
+    images = generator(torch.randn(5, 100, 1, 1))
+    assert images.shape == (5, 3, size, size)
+    assert images.min() >= -1 and images.max() <= 1  # tanh
+    assert discriminator(images).shape == (5,)
+
+
+def test_the_notebook_sizes():
+    model = DCGAN(image_size=64)
+    assert model.generator(torch.randn(2, 100, 1, 1)).shape == (2, 3, 64, 64)
+    assert [m.out_channels for m in model.generator if isinstance(m, torch.nn.ConvTranspose2d)] == [512, 256, 128, 64, 3]
+    assert [m.out_channels for m in model.discriminator if isinstance(m, torch.nn.Conv2d)] == [64, 128, 256, 512, 1]
+    convs = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Conv2d)])
+    assert abs(convs.std().item() - 0.02) < 0.002  # N(0, 0.02) initialisation
+
+
+def test_image_sizes_that_do_not_fit_are_refused():
+    with pytest.raises(ConfigError, match="data.image_size=48"):
+        DCGAN(image_size=48)
+
+
+def test_a_run_trains_both_networks_counts_batches_and_writes_its_pictures(faces, tmp_path):
+    run = tmp_path / "run"
+    cfg = compose_config(gan_overrides(faces), run)
+    from genlab.train import build_model, instantiate
+
+    before = build_model(cfg, instantiate(cfg.data)).state_dict()
+    metrics = run_training(run, gan_overrides(faces))
+
+    assert metrics["steps"] == 4 and metrics["images_per_second"] > 0
+    checkpoint = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 4  # one step = one batch, not one per optimizer
+    d_state, g_state = checkpoint["optimizer_states"]
+    assert {s["step"].item() for s in d_state["state"].values()} == {4}
+    assert {s["step"].item() for s in g_state["state"].values()} == {4}
+    after = checkpoint["state_dict"]
+    for net in ("generator", "discriminator"):
+        changed = [k for k in after if k.startswith(net) and "weight" in k and not torch.equal(after[k], before[k])]
+        assert changed, f"the {net} did not change"
+    assert torch.equal(after["fixed_noise"], before["fixed_noise"])
+
+    assert sorted(p.name for p in (run / "grids").iterdir()) == [
+        "step_0000001.png", "step_0000002.png", "step_0000004.png"]
+    assert Image.open(run / "grids" / "step_0000004.png").size == (2 + 4 * 18, 2 + 1 * 18)  # 4 images in a row
+    gif = Image.open(run / "progress.gif")
+    assert gif.n_frames == 3
+    assert Image.open(run / "losses.png").format == "PNG"
+    assert Image.open(run / "real_images.png").size == (2 + 8 * 18, 2 + 1 * 18)  # the first real batch of 8
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert {"real_images", "fixed_noise"} <= set(events.Tags()["images"])
+    assert {"gan/loss_d", "gan/loss_g", "gan/d_x", "gan/d_g_z_before", "gan/d_g_z_after"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Images("fixed_noise")] == [1, 2, 4]
+
+
+def test_resume_continues_the_step_count_and_the_loss_history(faces, tmp_path):
+    run = tmp_path / "run"
+    run_training(run, gan_overrides(faces, "trainer.max_steps=2"))
+    metrics = run_training(run, gan_overrides(faces, "trainer.max_steps=4", f"ckpt_path={run}"))
+    assert metrics["steps"] == 4
+    history = read_checkpoint(run / "checkpoints" / "last.ckpt")["genlab"]["history"]
+    assert [step for step, _, _ in history] == [1, 2, 3, 4]
+
+
+def test_sampling_a_grid_and_an_interpolation_from_a_checkpoint(faces, tmp_path):
+    run = tmp_path / "run"
+    run_training(run, gan_overrides(faces, "trainer.max_steps=1"))
+    model, _ = load_model(run / "checkpoints" / "last.ckpt")
+    model.train()
+    first = model.generate(model.noise(3, torch.Generator().manual_seed(0)))
+    assert model.training and model.generate(model.noise(3, torch.Generator().manual_seed(0))).equal(first)
+
+    for args, name, size in (([], "samples.png", (2 + 8 * 18, 2 + 2 * 18)),
+                             (["interpolate=true"], "interpolation.png", (2 + 16 * 18, 2 + 18))):
+        done = subprocess.run([sys.executable, "sample.py", f"ckpt_path={run}", "num_samples=16", *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert Image.open(run / name).size == size
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=dcgan", "data=names"], "model=dcgan works on image data, but data=names gives text data"),
+    (["optimizer=sgd"], "model=dcgan sets its optimizers in model.optimizer"),
+])
+def test_configs_that_cannot_work_name_their_options(overrides, message, faces, tmp_path):
+    if "data=names" not in overrides:
+        overrides = gan_overrides(faces, *overrides)
+    bad = subprocess.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path}/run"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1, bad.stderr
+    assert message in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_gan_config_without_hydra_runs_through_train(faces, tmp_path):
+    """``train`` returns no validation loss for a model that has none (sweeps skip it)."""
+    cfg = compose_config(gan_overrides(faces, "trainer.max_steps=1"), tmp_path / "run")
+    assert train(cfg) is None
+
+
+def test_16_bit_precision_is_refused_with_the_fix():
+    """(On a CPU Lightning turns 16-mixed into bf16-mixed itself, so this asks the model directly.)"""
+    from types import SimpleNamespace
+
+    model = DCGAN(image_size=16, ngf=4, ndf=4)
+    model.trainer = SimpleNamespace(precision="16-mixed")
+    with pytest.raises(ConfigError, match="trainer.precision=bf16-mixed"):
+        model.setup("fit")

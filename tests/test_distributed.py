@@ -1,0 +1,98 @@
+"""Distributed training on this machine: ranks see different batches and evaluate each example
+once, `trainer=ddp_cpu` end to end, and a simulated 2-node run that matches a 2-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from genlab.data.batches import FixedBatches, SequenceBatches, StreamBatches, WindowBatches
+
+TINY = ["model=mlp", "data.batch_size=8", "trainer.max_steps=200", "val_every=100", "model.updates_per_step=50",
+        "num_samples=3", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "threads=1"]
+
+
+def batches_of(items) -> list[tuple]:
+    """Each batch of a stream's items as a hashable tuple of its rows."""
+    return [tuple(map(tuple, x.tolist())) for item in items for x in item[0]]
+
+
+@pytest.mark.parametrize("make", [
+    lambda rep: SequenceBatches(torch.arange(96).view(48, 2), torch.zeros(48, 2), 4, 2, seed=1, replica=rep),
+    lambda rep: WindowBatches(torch.arange(500), 6, 4, steps_per_epoch=3, batches_per_step=2, seed=1, replica=rep),
+])
+def test_ranks_take_different_batches_that_together_make_the_single_process_stream(make):
+    single = list(make((0, 1)))
+    rank0, rank1 = list(make((0, 2))), list(make((1, 2)))
+    assert len(rank0) == len(rank1)
+    assert not set(batches_of(rank0)) & set(batches_of(rank1))
+    # update p of rank r is global batch 2p + r: the first updates of both ranks are the single stream's first batches
+    first_single = [x for item in single for x in item[0]][:4]
+    first_ranks = [rank0[0][0][0], rank1[0][0][0], rank0[0][0][1], rank1[0][0][1]]
+    assert all(torch.equal(a, b) for a, b in zip(first_single, first_ranks))
+
+
+def test_each_rank_reads_its_own_text_streams():
+    text = torch.arange(1000)
+    rank0 = next(iter(StreamBatches(text, 10, 3, replica=(0, 2))))[0][0]
+    rank1 = next(iter(StreamBatches(text, 10, 3, replica=(1, 2))))[0][0]
+    assert not set(rank0.flatten().tolist()) & set(rank1.flatten().tolist())
+    assert rank0[:, 0].tolist() == [0, 160, 320] and rank1[:, 0].tolist() == [480, 640, 800]
+
+
+def test_evaluation_covers_every_example_once_with_as_many_batches_on_every_rank():
+    x, y = torch.arange(50).view(25, 2), torch.arange(50).view(25, 2)
+    shards = [list(FixedBatches(x, y, 4, replica=(r, 2))) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 4
+    seen = sorted(v for shard in shards for _, yb in shard for v in yb[yb >= 0].tolist())
+    assert seen == list(range(50))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, env=None):
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process) -> str:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    return out + err
+
+
+def test_ddp_cpu_and_a_simulated_two_node_run_train_to_the_same_loss(names_file, tmp_path):
+    common = [f"data.path={names_file}", f"paths.data_dir={tmp_path / 'data'}", *TINY]
+    ddp_dir = tmp_path / "ddp"
+    finish(launch(["trainer=ddp_cpu", f"hydra.run.dir={ddp_dir}", *common], {"MASTER_PORT": str(free_port())}))
+    ddp = json.loads((ddp_dir / "metrics.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["steps"] == 200 and ddp["status"] == "completed"
+    assert len((ddp_dir / "samples.txt").read_text().split()) == 3  # written once, by rank 0
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("ddp", "data", "names.txt")]  # no stray run folders
+    logged = (ddp_dir / "tensorboard" / "hparams.yaml").read_text()
+    assert "data.global_batch_size: 16" in logged and "trainer.world_size: 2" in logged
+
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    port = str(free_port())
+    processes = [launch(["trainer=multinode", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
+                         "trainer.num_nodes=2", f"hydra.run.dir={node}", *common],
+                        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(rank), "LOCAL_RANK": "0"})
+                 for rank, node in enumerate(nodes)]
+    for process in processes:
+        finish(process)
+    two_nodes = json.loads((nodes[0] / "metrics.json").read_text())
+    assert not (nodes[1] / "metrics.json").exists()  # only global rank 0 writes
+    assert two_nodes["world_size"] == 2
+    assert two_nodes["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-5)
+    assert two_nodes["test_loss"] == pytest.approx(ddp["test_loss"], rel=1e-5)

@@ -1,0 +1,138 @@
+"""Sweeps end to end, as a user runs them: a 2x2 grid with Hydra's multirun, a 3-trial Optuna
+study with one diverging trial, the comparison report on both, and TensorBoard's HPARAMS data
+read back from the event files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from genlab.compare import compare
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+TINY = ["data.batch_size=8", "trainer.max_steps=200", "val_every=100", "model.updates_per_step=100",
+        "num_samples=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "callbacks.insight=null", "threads=1"]
+
+
+def run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "train.py", *args, f"paths.data_dir={tmp_path / 'data'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def hparams_of(run_dir: Path) -> tuple[dict, dict]:
+    """What TensorBoard's HPARAMS tab shows for a run: its hyper-parameters and the hp/ metrics."""
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0},
+                              purge_orphaned_data=False).Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    hparams = {k: (v.number_value if v.HasField("number_value") else v.string_value) for k, v in start.hparams.items()}
+    # the value logged at the last step (event files of a run are not read in the order written)
+    metrics = {tag: max(events.Scalars(tag), key=lambda e: (e.step, e.wall_time)).value
+               for tag in events.Tags()["scalars"] if tag.startswith("hp/")}
+    return hparams, metrics
+
+
+def test_a_2x2_grid_sweep_and_its_comparison(names_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    run(["-m", "model=mlp", f"data.path={names_file}", "optimizer.lr=0.01,0.1", "model.n_embd=4,8",
+         f"hydra.sweep.dir={sweep}", *TINY], tmp_path)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["steps"] == 200
+        assert (job / "checkpoints" / "last.ckpt").exists()
+        hparams, hp_metrics = hparams_of(job)
+        seen.add((hparams["optimizer.lr"], hparams["model.n_embd"]))
+        assert hp_metrics["hp/val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
+        assert hp_metrics["hp/best_val_loss"] == pytest.approx(metrics["best_val_loss"], rel=1e-6)
+    assert seen == {(0.01, 4), (0.01, 8), (0.1, 4), (0.1, 8)}
+
+    rows = compare(sweep)
+    assert [k for k in rows[0] if "." in k] == ["model.n_embd", "optimizer.lr"]
+    assert [r["val_loss"] for r in rows] == sorted(r["val_loss"] for r in rows)
+    with open(sweep / "comparison.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert (sweep / "comparison.png").stat().st_size > 0
+
+
+def test_an_optuna_study_survives_a_diverging_trial_and_continues_from_its_storage(names_file, tmp_path):
+    import optuna
+
+    sweep, storage = tmp_path / "study", f"sqlite:///{tmp_path / 'study.db'}"
+    # a grid over three rates, the last of which makes the loss NaN at once
+    args = ["-m", "hparams_search=names_mlp_optuna", f"data.path={names_file}", "hydra/sweeper/sampler=grid",
+            "hydra.sweeper.params=null", "optimizer.lr=choice(0.05,0.1,1e37)", f"hydra.sweeper.storage={storage}",
+            "scheduler.milestones=[1000]", *TINY]
+    run([*args, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"], tmp_path)
+    statuses = {json.loads((sweep / str(i) / "metrics.json").read_text())["status"] for i in range(3)}
+    assert statuses == {"completed", "diverged"}
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_value" in results
+
+    study = optuna.load_study(study_name="names_mlp", storage=storage)
+    values = sorted(t.value for t in study.trials)
+    assert len(values) == 3 and values[-1] == 1e4 and values[0] < 4  # the diverged trial: large and finite
+
+    rows = compare(sweep)
+    assert rows[-1]["status"] == "diverged" and rows[0]["status"] == "completed"
+
+    # an interrupted study goes on: the same storage and study name add trials to the old ones
+    run([*args, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 'more'}"], tmp_path)
+    assert len(optuna.load_study(study_name="names_mlp", storage=storage).trials) == 4
+
+
+def test_compare_reads_a_mix_of_single_runs(names_file, tmp_path):
+    outputs = tmp_path / "outputs"
+    for name, lr in (("a", "0.01"), ("b", "0.05")):
+        run(["model=mlp", f"data.path={names_file}", f"optimizer.lr={lr}", f"hydra.run.dir={outputs / name}", *TINY],
+            tmp_path)
+    rows = compare(outputs)
+    assert {r["run"] for r in rows} == {"a", "b"} and [k for k in rows[0] if "." in k] == ["optimizer.lr"]
+
+
+def test_parallel_jobs_share_the_cores(names_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    run(["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "model=mlp", f"data.path={names_file}",
+         "optimizer.lr=0.01,0.1", f"hydra.sweep.dir={sweep}", *[a for a in TINY if a != "threads=1"]], tmp_path)
+    metrics = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(2)]
+    assert all(m["status"] == "completed" for m in metrics)
+    cores = __import__("os").cpu_count()
+    assert [m["threads"] for m in metrics] == [max(1, cores // 2)] * 2
+
+
+def test_tune_lr_plots_the_search_and_trains_with_the_suggestion(names_file, tmp_path, capsys):
+    from conftest import run_training
+
+    from genlab.checkpoints import read_checkpoint
+
+    run_dir = tmp_path / "run"
+    metrics = run_training(run_dir, ["model=mlp", f"data.path={names_file}", "tune_lr=true",
+                                     "lr_finder.num_training=40", *TINY[:4]])
+    printed = capsys.readouterr().out
+    suggested = float(printed.split("suggested learning rate ")[1].split()[0])
+    assert 1e-3 <= suggested <= 1.0
+    assert (run_dir / "lr_find.png").exists() and metrics["steps"] == 200
+    trained_with = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["hyper_parameters"]["optimizer"]["lr"]
+    assert trained_with == pytest.approx(suggested, rel=1e-3)
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert "lr_find" in events.Tags()["images"]
+
+    only = tmp_path / "only"
+    metrics = run_training(only, ["model=mlp", f"data.path={names_file}", "tune_lr=true", "lr_finder.then_train=false",
+                                  "lr_finder.num_training=40", *TINY[:4]])
+    assert metrics["status"] == "lr_search_only" and 1e-3 <= metrics["suggested_lr"] <= 1.0
+    assert not (only / "checkpoints").exists()
