@@ -96,3 +96,11 @@ def test_ddp_cpu_and_a_simulated_two_node_run_train_to_the_same_loss(names_file,
     assert two_nodes["world_size"] == 2
     assert two_nodes["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-5)
     assert two_nodes["test_loss"] == pytest.approx(ddp["test_loss"], rel=1e-5)
+
+
+def test_a_multirun_of_ddp_jobs_is_refused_with_what_to_do_instead(tmp_path):
+    done = subprocess.run([sys.executable, "train.py", "-m", "trainer=ddp_cpu", "optimizer.lr=0.01,0.1",
+                           f"hydra.sweep.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "cannot run inside a Hydra multirun" in done.stderr and "hydra/launcher=slurm" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -208,3 +208,27 @@ def test_gpt_rejects_heads_that_do_not_divide_the_width():
 
     with pytest.raises(ConfigError, match="not divisible"):
         make(GPT, n_layer=1, n_head=3, n_embd=16)
+
+
+def test_wavenet_on_the_notebooks_windows_normalises_exactly_the_notebooks_positions():
+    """A batch of 8-character windows with one target each: BatchNorm's statistics come from the
+    4, 2 and 1 fused pairs per window the notebook computes, and include the window itself."""
+    model = make(WaveNet, block_size=8, n_embd=8, n_hidden=16).train()
+    y = torch.full((32, 8), -1)
+    y[:, -1] = torch.randint(1, 28, (32,))
+    masks = model.needed_positions(y >= 0)
+    assert [m.sum(1).unique().tolist() for m in masks] == [[4], [2], [1]]
+    # level 1, output j fuses inputs j and j + 1; 7 start tokens stand in front of the window:
+    # outputs 7, 9, 11, 13 are the window's pairs (0,1) (2,3) (4,5) (6,7)
+    assert masks[0][0].nonzero().flatten().tolist() == [7, 9, 11, 13]
+
+    x = torch.randint(1, 28, (32, 8))
+    seen = {}
+    hook = model.norms[2].register_forward_pre_hook(lambda module, args: seen.update(h=args[0], mask=args[1]))
+    out = model.training_forward(x, y)[:, -1]
+    hook.remove()
+    top = seen["h"][:, -1]  # the one position of each window at the last level
+    expected = (top - top.mean(0)) / torch.sqrt(top.var(0, unbiased=False) + model.norms[2].eps)
+    normalised = model.norms[2](seen["h"], seen["mask"], leave_one_out=False)[:, -1]
+    assert torch.allclose(normalised, expected * model.norms[2].weight + model.norms[2].bias, atol=1e-5)
+    assert out.shape == (32, 28)

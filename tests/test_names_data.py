@@ -56,3 +56,25 @@ def test_batches_are_start_token_shifted_and_padded_with_minus_one(names_file, t
         assert torch.equal(x[1:n], y[: n - 1])  # y is x shifted by one
     for k in range(3):  # each batch's width is its longest name + 1
         assert widths[k] == int((ys[k] >= 0).sum(1).max())
+
+
+def test_window_sampling_gives_every_training_character_once_with_its_context(names_file, tmp_path):
+    dm = NamesDataModule(data_dir=str(tmp_path), path=str(names_file), sampling="windows", window=8)
+    x, y = dm.training_windows()
+    names = dm.splits["train"]
+    assert len(x) == sum(len(n) + 1 for n in names)  # each character and the end of each name
+    assert x.shape[1] == 8 and (y[:, :-1] == -1).all() and (y[:, -1] >= 0).all()
+    decode = dm.tokenizer.decode
+    first = names[0]
+    assert decode(x[0].tolist()) == "." * 8 and decode([y[0, -1].item()]) == first[0]  # '........' -> first letter
+    k = len(first)
+    assert decode(x[k].tolist()) == ("." * 8 + first)[-8:] and y[k, -1].item() == dm.tokenizer.eos_id
+
+
+def test_unknown_sampling_is_refused(names_file, tmp_path):
+    import pytest
+
+    from genlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.sampling=chunks"):
+        NamesDataModule(data_dir=str(tmp_path), path=str(names_file), sampling="chunks")

@@ -136,3 +136,15 @@ def test_tune_lr_plots_the_search_and_trains_with_the_suggestion(names_file, tmp
                                   "lr_finder.num_training=40", *TINY[:4]])
     assert metrics["status"] == "lr_search_only" and 1e-3 <= metrics["suggested_lr"] <= 1.0
     assert not (only / "checkpoints").exists()
+
+
+def test_two_runs_started_together_get_their_own_folders(names_file, tmp_path):
+    """Run folders are named to the microsecond: two runs launched at once do not collide."""
+    command = [sys.executable, str(REPO / "train.py"), "model=mlp", f"data.path={names_file}",
+               f"paths.data_dir={tmp_path / 'data'}", *TINY]
+    started = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    for process in started:
+        assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
+    runs = sorted((tmp_path / "outputs" / "runs" / "mlp-names").glob("*/*/metrics.json"))
+    assert len(runs) == 2 and runs[0].parent != runs[1].parent

@@ -7,7 +7,8 @@ while training, and as PNG files in ``<run>/insight/`` at the end.
   ``every_n_steps`` updates; the notebook's rule of thumb is about -3.
 - ``activations.png``: for tanh layers (mlp, wavenet, rnn), the histograms of pre-activations and
   activations per layer at the end, with the share of saturated units (|tanh| > 0.97), which is
-  also logged as ``insight/saturated/<layer>`` through training.
+  also logged as ``insight/saturated/<layer>`` through training; measured in eval mode on 64
+  validation names, at the positions that predict a real character.
 - ``embedding.png``: the characters' embedding vectors in 2-D (PCA when wider); also TensorBoard's
   embedding projector with the characters as labels.
 - ``bigram_counts.png``, ``bigram_probs.png``: the counting bigram's table, annotated.
@@ -64,6 +65,7 @@ class Insight(L.Callback):
         self.val_losses: list[tuple[int, float]] = []
         self.update_ratios: dict[str, list[tuple[int, float]]] = {}
         self.probe: torch.Tensor | None = None
+        self.probe_targets: torch.Tensor | None = None
         self._hooks = []
 
     # --- bookkeeping ---------------------------------------------------------------------------
@@ -78,8 +80,9 @@ class Insight(L.Callback):
             self._hooks += [optimizer.register_step_pre_hook(self._before_update(pl_module)),
                             optimizer.register_step_post_hook(self._after_update(trainer, pl_module))]
         if hasattr(pl_module, "tanh_layers") and pl_module.tanh_layers():
-            batch = next(iter(trainer.datamodule.val_dataloader()))  # a fixed batch to look at activations
-            self.probe = batch[0][:64].to(pl_module.device)
+            x, y = next(iter(trainer.datamodule.val_dataloader()))  # a fixed batch to look at activations
+            self.probe = x[:64].to(pl_module.device)
+            self.probe_targets = y[:64] >= 0  # positions that predict a real character (not padding)
 
     def on_train_end(self, trainer, pl_module):
         for hook in self._hooks:
@@ -141,12 +144,19 @@ class Insight(L.Callback):
         """Pre-activations and activations of each tanh layer on the probe batch, in eval mode."""
         seen, hooks = {}, []
 
+        real = self.probe_targets
+
+        def at_targets(t: torch.Tensor) -> torch.Tensor:
+            """(B, L, C) -> (N, C): the positions that predict a real character. A layer's positions
+            end where the sequence does (the WaveNet's lower levels also cover the start padding)."""
+            return t.float().cpu()[:, -real.shape[1]:][real]
+
         def keep(name):
             def hook(module, inputs, output):
                 if isinstance(module, nn.Tanh):
-                    seen[name] = (inputs[0].float().cpu(), output.float().cpu())
+                    seen[name] = (at_targets(inputs[0]), at_targets(output))
                 else:  # a vanilla RNN: its outputs are tanh(pre-activation)
-                    out = output[0].float().cpu()
+                    out = at_targets(output[0])
                     seen[name] = (torch.atanh(out.clamp(-1 + 1e-6, 1 - 1e-6)), out)
             return hook
 

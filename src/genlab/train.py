@@ -55,6 +55,13 @@ def check_compatible(cfg: DictConfig) -> None:
             f"model={choice('model')} works on {model_kind} data, but data={choice('data')} gives "
             f"{data_kind} data; pick a {model_kind} data set or another model."
         )
+    if in_sweep() and str(cfg.trainer.get("strategy", "")).startswith("ddp"):
+        launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+        if "submitit" not in launcher:  # there SLURM starts every process of a job itself
+            raise ConfigError(
+                f"trainer={choice('trainer')} cannot run inside a Hydra multirun (-m) on this launcher: Lightning's "
+                "DDP launcher re-runs the command for each process, which a sweep cannot do (dropped in "
+                "Lightning 1.8). Sweep with hydra/launcher=slurm, or run each configuration as its own command")
     if "optimizer" in cfg.model:  # the model builds its own optimizers: optimizer=... would be ignored
         ignored = [o for o in task_overrides() if o.lstrip("+~").startswith(("optimizer", "scheduler"))]
         if ignored:
