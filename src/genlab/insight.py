@@ -16,7 +16,10 @@ while training, and as PNG files in ``<run>/insight/`` at the end.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
+import time
 from pathlib import Path
 
 import lightning as L
@@ -56,6 +59,18 @@ def pca_2d(vectors: torch.Tensor) -> torch.Tensor:
     return centred @ v[:2].T
 
 
+def add_histogram(tb, tag: str, values: torch.Tensor, step: int, bins: int = 60) -> None:
+    """A TensorBoard histogram counted by torch. (``add_histogram`` counts with numpy, and on a
+    small machine the training after each call ran about a tenth slower.)"""
+    values = values.flatten().float()
+    low, high = values.min().item(), values.max().item()
+    counts = torch.histc(values, bins=bins, min=low, max=high)
+    limits = torch.linspace(low, high, bins + 1)[1:]
+    tb.add_histogram_raw(tag, min=low, max=high, num=values.numel(), sum=values.sum().item(),
+                         sum_squares=values.pow(2).sum().item(), bucket_limits=limits.tolist(),
+                         bucket_counts=counts.tolist(), global_step=step)
+
+
 class Insight(L.Callback):
     def __init__(self, every_n_steps: int = 1000, loss_window: int | None = None, histograms: bool = True):
         self.every_n_steps = every_n_steps
@@ -67,6 +82,7 @@ class Insight(L.Callback):
         self.probe: torch.Tensor | None = None
         self.probe_targets: torch.Tensor | None = None
         self._hooks = []
+        self.seconds = 0.0  # time spent in this callback during training (scripts/benchmark.py reports it)
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def run_dir(self, trainer) -> Path:
@@ -76,26 +92,63 @@ class Insight(L.Callback):
         return next((lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_histogram")), None)
 
     def on_train_start(self, trainer, pl_module):
-        for optimizer in trainer.optimizers:  # the update-to-data ratio is measured around real updates
-            self._hooks += [optimizer.register_step_pre_hook(self._before_update(pl_module)),
-                            optimizer.register_step_post_hook(self._after_update(trainer, pl_module))]
         if hasattr(pl_module, "tanh_layers") and pl_module.tanh_layers():
             x, y = next(iter(trainer.datamodule.val_dataloader()))  # a fixed batch to look at activations
             self.probe = x[:64].to(pl_module.device)
             self.probe_targets = y[:64] >= 0  # positions that predict a real character (not padding)
 
     def on_train_end(self, trainer, pl_module):
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
         if trainer.is_global_zero:
             self.write_figures(trainer, pl_module)
 
-    def due(self, step: int) -> bool:
-        return step % self.every_n_steps == 0
-
     # --- per update: losses and the update-to-data ratio -------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        """When one of this step's updates is due (a multiple of ``every_n_steps``), hook the
+        optimizers' ``step`` around that update; the other steps run without hooks."""
+        with self.timed():
+            self.arm(trainer, pl_module)
+
+    def arm(self, trainer, pl_module) -> None:
+        first = trainer.global_step + 1
+        due = -(-first // self.every_n_steps) * self.every_n_steps
+        if due < first + getattr(pl_module, "updates_per_step", 1):
+            for optimizer in trainer.optimizers:
+                self.measure_update(trainer, pl_module, optimizer, calls_before=due - first, step=due)
+
+    def measure_update(self, trainer, pl_module, optimizer, calls_before: int, step: int) -> None:
+        """log10(std(update) / std(weights)) of each weight matrix, for this optimizer's update
+        after ``calls_before`` others: the real update, whatever the optimizer (SGD, Adam, ...)."""
+        calls, before = itertools.count(), {}
+
+        def snapshot(opt, args, kwargs):
+            if next(calls) == calls_before:
+                with self.timed():
+                    before.update({n: p.detach().clone() for n, p in self.weights(pl_module, opt).items()})
+
+        def compare(opt, args, kwargs):
+            if not before:
+                return
+            with self.timed():
+                tb = self.tensorboard(trainer) if trainer.is_global_zero else None
+                for name, p in self.weights(pl_module, opt).items():
+                    ratio = ((p.detach() - before[name]).std() / (before[name].std() + 1e-12)).item()
+                    value = math.log10(ratio) if ratio > 0 else -10.0
+                    self.update_ratios.setdefault(name, []).append((step, value))
+                    if tb is not None:
+                        tb.add_scalar(f"insight/update_ratio_log10/{name}", value, step)
+                before.clear()
+
+        self._hooks += [optimizer.register_step_pre_hook(snapshot), optimizer.register_step_post_hook(compare)]
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with self.timed():
+            self.collect(trainer, pl_module)
+
+    def collect(self, trainer, pl_module) -> None:
+        """After a step: drop the optimizer hooks, keep the updates' losses, look at activations."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         losses = getattr(pl_module, "step_losses", None)
         after = trainer.global_step
         before = after - len(losses or [None])
@@ -104,6 +157,14 @@ class Insight(L.Callback):
             pl_module.step_losses = []
         if self.probe is not None and after // self.every_n_steps > before // self.every_n_steps:
             self.log_activations(trainer, pl_module)
+
+    @contextlib.contextmanager
+    def timed(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
 
     def on_validation_end(self, trainer, pl_module):
         if "val/loss" in trainer.callback_metrics and not trainer.sanity_checking:
@@ -114,29 +175,6 @@ class Insight(L.Callback):
         names = {id(p): n for n, p in pl_module.named_parameters()}
         return {names[id(p)]: p for group in optimizer.param_groups for p in group["params"]
                 if p.dim() >= 2 and id(p) in names}
-
-    def _before_update(self, pl_module):
-        def hook(optimizer, args, kwargs):
-            # the counter already shows this update's number when the update is counted after it
-            if self.due(pl_module.global_step + 1):
-                optimizer._genlab_before = {n: p.detach().clone() for n, p in self.weights(pl_module, optimizer).items()}
-        return hook
-
-    def _after_update(self, trainer, pl_module):
-        def hook(optimizer, args, kwargs):
-            before = getattr(optimizer, "_genlab_before", None)
-            if before is None:
-                return
-            optimizer._genlab_before = None
-            step = pl_module.global_step + 1
-            tb = self.tensorboard(trainer) if trainer.is_global_zero else None
-            for name, p in self.weights(pl_module, optimizer).items():
-                ratio = ((p.detach() - before[name]).std() / (before[name].std() + 1e-12)).item()
-                value = math.log10(ratio) if ratio > 0 else -10.0
-                self.update_ratios.setdefault(name, []).append((step, value))
-                if tb is not None:
-                    tb.add_scalar(f"insight/update_ratio_log10/{name}", value, step)
-        return hook
 
     # --- activations -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -178,8 +216,8 @@ class Insight(L.Callback):
             saturated = (post.abs() > SATURATED).float().mean().item()
             pl_module.log(f"insight/saturated/{name}", saturated)
             if tb is not None and self.histograms:
-                tb.add_histogram(f"insight/preactivation/{name}", pre, trainer.global_step)
-                tb.add_histogram(f"insight/activation/{name}", post, trainer.global_step)
+                add_histogram(tb, f"insight/preactivation/{name}", pre, trainer.global_step)
+                add_histogram(tb, f"insight/activation/{name}", post, trainer.global_step)
 
     # --- the figures at the end ------------------------------------------------------------------
     def write_figures(self, trainer, pl_module) -> None:

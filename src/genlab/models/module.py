@@ -33,7 +33,7 @@ class GenlabModule(L.LightningModule):
         Lightning's counter itself. Under 16-mixed Lightning's path is taken, and it counts.
         Under DDP the backward goes through Lightning, which prepares DDP's gradient reduction for
         each backward: several updates (or the GAN's two networks) per step stay in sync."""
-        if self.trainer.precision == "16-mixed":
+        if self._needs_scaler:
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             if clip:
@@ -42,7 +42,7 @@ class GenlabModule(L.LightningModule):
             return
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer -> torch's
         torch_optimizer.zero_grad(set_to_none=True)
-        if self.trainer.world_size > 1:
+        if self._distributed:
             self.manual_backward(loss)  # DDP: readies the gradient all-reduce for this very backward
         else:
             loss.backward()
@@ -74,6 +74,9 @@ class GenlabModule(L.LightningModule):
         self._rng_to_restore = checkpoint.get("genlab", {}).get("rng")
 
     def on_train_start(self):
+        # looked up once per run: at thousands of updates a second every attribute chain counts
+        self._needs_scaler = self.trainer.precision == "16-mixed"
+        self._distributed = self.trainer.world_size > 1
         if getattr(self, "_rng_to_restore", None) is not None:  # resuming: continue the random stream
             torch.set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
