@@ -147,3 +147,11 @@ def test_16_bit_precision_is_refused_with_the_fix():
     model.trainer = SimpleNamespace(precision="16-mixed")
     with pytest.raises(ConfigError, match="trainer.precision=bf16-mixed"):
         model.setup("fit")
+
+
+def test_epochs_count_whole_passes_over_the_images(faces, tmp_path):
+    """notebook_dcgan trains by epochs (max_steps=-1): 24 images in batches of 8 are 3 steps an epoch."""
+    run = tmp_path / "run"
+    metrics = run_training(run, gan_overrides(faces, "trainer.max_steps=-1", "trainer.max_epochs=2"))
+    assert metrics["steps"] == 6
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6
