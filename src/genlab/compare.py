@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from genlab.errors import DataError
 from genlab.figures import plt, save_figure
+from genlab.runs import flatten
 
 # run-specific values that differ between any two runs without being a choice anyone made
 NOT_PARAMETERS = ("paths.", "hydra.", "ckpt_path")
@@ -31,17 +32,6 @@ class Run:
     def val_loss(self) -> float:
         value = self.metrics.get("val_loss")
         return math.inf if value is None else float(value)
-
-
-def flatten(node: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def find_runs(root: Path) -> list[Run]:

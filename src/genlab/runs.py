@@ -47,3 +47,15 @@ def resolve_run_dir(ckpt_path, model: str, data: str, fresh: str) -> str:
 
 
 OmegaConf.register_new_resolver("genlab_run_dir", resolve_run_dir, replace=True)
+
+
+def flatten(node: dict, prefix: str = "") -> dict:
+    """A nested config as dotted keys: {"model": {"n_embd": 10}} -> {"model.n_embd": 10}."""
+    out = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

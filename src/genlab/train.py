@@ -29,7 +29,7 @@ from genlab.checkpoints import read_checkpoint
 from genlab.errors import CheckpointError, ConfigError, TrainingDiverged, exit_on_user_error, instantiate
 from genlab.figures import plt, save_figure
 from genlab.outputs import atomic_write_text, write_metrics
-from genlab.runs import checkpoint_file
+from genlab.runs import checkpoint_file, flatten
 
 log = logging.getLogger("genlab")
 # Lightning warns that a checkpoint taken every N steps under manual optimization holds the weights
@@ -346,21 +346,11 @@ def write_name_samples(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, model
 
 def flat_hparams(cfg: DictConfig) -> dict:
     """The config as flat key/values for TensorBoard's HPARAMS tab (lists become strings)."""
-    out = {}
-
-    def walk(node, prefix=""):
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict):
-                walk(value, name + ".")
-            elif isinstance(value, (int, float, str, bool)) or value is None:
-                out[name] = "null" if value is None else value
-            else:
-                out[name] = str(value)
-
     container = OmegaConf.to_container(cfg, resolve=True)
-    for group in ("data", "model", "optimizer", "scheduler", "trainer"):
-        walk(container.get(group) or {}, group + ".")
+    groups = {group: container.get(group) or {} for group in ("data", "model", "optimizer", "scheduler", "trainer")}
+    out = {}
+    for name, value in flatten(groups).items():
+        out[name] = "null" if value is None else value if isinstance(value, (int, float, str, bool)) else str(value)
     out["seed"] = container["seed"]
     return out
 

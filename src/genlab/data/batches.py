@@ -190,6 +190,6 @@ class FixedBatches:
         for i in range(len(self)):
             start = (i * self.world + self.rank) * self.batch_size
             if start >= len(self.x):  # nothing left for this rank: targets -1 count for nothing
-                yield self.x[:1], torch.full_like(self.y[:1, :1], -1).expand_as(self.y[:1]).clone()
+                yield self.x[:1], torch.full_like(self.y[:1], -1)
                 continue
             yield trim(self.x[start : start + self.batch_size], self.y[start : start + self.batch_size])

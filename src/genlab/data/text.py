@@ -196,10 +196,10 @@ class TextDataModule(L.LightningDataModule):
         if self.contiguous:
             return StreamBatches(tokens, self.seq_len, self.batch_size, self.batches_per_step,
                                  start=lambda: resume_position(self), replica=replica(self))
-        rank, world = replica(self)
-        per_epoch = max(1, len(tokens) // (world * self.batch_size * self.seq_len * self.batches_per_step))
+        shard = replica(self)
+        per_epoch = max(1, len(tokens) // (shard[1] * self.batch_size * self.seq_len * self.batches_per_step))
         return WindowBatches(tokens, self.seq_len, self.batch_size, per_epoch, self.batches_per_step, self.seed,
-                             start=lambda: resume_position(self), replica=(rank, world))
+                             start=lambda: resume_position(self), replica=shard)
 
     def _fixed_windows(self, split: str) -> FixedBatches:
         tokens = self.split_tokens(split)

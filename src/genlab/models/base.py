@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import hydra
 import torch
@@ -70,7 +69,6 @@ class LanguageModel(GenlabModule):
         self.updates_per_step = updates_per_step
         self._eval_totals = None
         self.tokens_seen = 0  # real target tokens trained on, for tokens/s
-        self._step_clock = None  # (time, tokens_seen) at the previous Lightning step
         self.training_words: list[str] | None = None  # set for names: sampling measures novelty
         self.step_losses: list[torch.Tensor] = []  # the losses of the last Lightning step's updates
 
@@ -143,14 +141,10 @@ class LanguageModel(GenlabModule):
 
     def log_throughput(self) -> None:
         """Tokens per second between Lightning steps; on a GPU also the model FLOPs utilisation."""
-        now = time.perf_counter()
-        if self._step_clock is not None and now > self._step_clock[0]:
-            tokens_per_second = (self.tokens_seen - self._step_clock[1]) / (now - self._step_clock[0])
-            self.log("perf/tokens_per_second", tokens_per_second)
-            peak = peak_flops(self.device)
-            if peak and hasattr(self, "flops_per_token"):
-                self.log("perf/mfu", self.flops_per_token() * tokens_per_second / peak)
-        self._step_clock = (now, self.tokens_seen)
+        tokens_per_second = self.log_rate("perf/tokens_per_second", self.tokens_seen)
+        peak = peak_flops(self.device)
+        if tokens_per_second is not None and peak and hasattr(self, "flops_per_token"):
+            self.log("perf/mfu", self.flops_per_token() * tokens_per_second / peak)
 
     def log_step(self) -> None:
         """Lightning's x-axis counts its own steps; a logged "step" makes it optimizer updates."""

@@ -14,7 +14,6 @@ TensorBoard; every ``grid_every`` steps a grid of the generator's images from on
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import hydra
@@ -89,11 +88,9 @@ class DCGAN(GenlabModule):
         self.register_buffer("fixed_noise", self.noise(grid_size, torch.Generator().manual_seed(seed)))
         self.history: list[tuple[int, float, float]] = []  # (step, Loss_D, Loss_G) for losses.png
         self.images_seen = 0
-        self._clock = None
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        device = self.fixed_noise.device if hasattr(self, "fixed_noise") else None
-        return torch.randn(n, self.hparams.nz, 1, 1, generator=generator, device=device)
+        return torch.randn(n, self.hparams.nz, 1, 1, generator=generator, device=self.device)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.generator(z)
@@ -143,16 +140,10 @@ class DCGAN(GenlabModule):
         self.log_dict(values)
         self.log_dict({"loss_d": values["gan/loss_d"], "loss_g": values["gan/loss_g"]}, prog_bar=True, logger=False)
         self.log("step", float(self.global_step))
-        self.log_throughput()
+        self.log_rate("perf/images_per_second", self.images_seen)
         self.history.append((self.global_step, loss_d.item(), loss_g.item()))
         if self.global_step % self.hparams.grid_every == 0 or self.global_step == 1:
             self.show_progress()
-
-    def log_throughput(self) -> None:
-        now = time.perf_counter()
-        if self._clock is not None and now > self._clock[0]:
-            self.log("perf/images_per_second", (self.images_seen - self._clock[1]) / (now - self._clock[0]))
-        self._clock = (now, self.images_seen)
 
     # --- pictures ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -4,12 +4,28 @@ name their model class and carry the random stream (for an exact resume)."""
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 
 
 class GenlabModule(L.LightningModule):
     kind = "text"  # the data kind this model consumes ("text" or "image")
+
+    def __init__(self):
+        super().__init__()
+        self._rate_clock = None  # (time, running total) at the previous log_rate
+
+    def log_rate(self, name: str, total: int) -> float | None:
+        """Log how fast the running ``total`` (tokens, images) grew since the previous call, per second."""
+        now = time.perf_counter()
+        previous, self._rate_clock = self._rate_clock, (now, total)
+        if previous is None or now <= previous[0]:
+            return None
+        rate = (total - previous[1]) / (now - previous[0])
+        self.log(name, rate)
+        return rate
 
     def compiled_modules(self) -> list[torch.nn.Module]:
         """The modules whose ``forward`` ``compile=True`` compiles."""
