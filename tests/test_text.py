@@ -53,9 +53,36 @@ def test_tokens_are_cached_and_reused(text_file, tmp_path, monkeypatch):
     first = TextDataModule(path=str(text_file), data_dir=tmp_path, block_size=16)
     cached = list((tmp_path / "tokens").glob("*.bin"))
     assert len(cached) == 1
-    monkeypatch.setattr(TextDataModule, "_read_source", lambda self: (_ for _ in ()).throw(AssertionError("re-read")))
+    monkeypatch.setattr(TextDataModule, "_tokenise", lambda *args: (_ for _ in ()).throw(AssertionError("re-read")))
     second = TextDataModule(path=str(text_file), data_dir=tmp_path, block_size=16)
     assert torch.equal(torch.from_numpy(first.tokens.astype("int64")), torch.from_numpy(second.tokens.astype("int64")))
+
+
+def test_a_cache_entry_belongs_to_one_source_and_tokenizer(tmp_path, mirror):
+    """A user's file called divina.txt, then the real Divina: the second run must not get the first's tokens."""
+    own = tmp_path / "mine" / "divina.txt"
+    own.parent.mkdir()
+    own.write_text("tanto gentile e tanto onesta pare la donna mia quand ella altrui saluta " * 20, encoding="utf-8")
+    cache = tmp_path / "cache"
+    users = TextDataModule(name="divina", path=str(own), data_dir=cache, block_size=16)
+    real = TextDataModule(name="divina", data_dir=cache, mirror=mirror, block_size=16)
+    assert len(users.tokens) == len(own.read_text()) and len(real.tokens) == 504_402
+    assert users.tokenizer.decode(users.tokens[:5].tolist()) == "tanto"
+    assert real.tokenizer.decode(real.tokens[:9].tolist()) == "nel mezzo"
+    bpe = TextDataModule(name="divina", data_dir=cache, mirror=mirror, block_size=16, tokenizer="gpt2")
+    assert len(bpe.tokens) < len(real.tokens)  # its own entry, not the characters'
+    own.write_text("amor ch a nullo amato amar perdona " * 20, encoding="utf-8")  # same name, new content
+    changed = TextDataModule(name="divina", path=str(own), data_dir=cache, block_size=16)
+    assert changed.tokenizer.decode(changed.tokens[:4].tolist()) == "amor"
+    assert len(list((cache / "tokens").glob("*.bin"))) == 4
+
+
+def test_a_cache_entry_cut_short_is_made_again(text_file, tmp_path):
+    first = TextDataModule(path=str(text_file), data_dir=tmp_path, block_size=16)
+    [entry] = (tmp_path / "tokens").glob("*.bin")
+    entry.write_bytes(entry.read_bytes()[:100])  # a copy interrupted halfway
+    again = TextDataModule(path=str(text_file), data_dir=tmp_path, block_size=16)
+    assert len(again.tokens) == len(first.tokens) == len(text_file.read_text())
 
 
 def test_validation_covers_every_target_once_in_order(text_file, tmp_path):

@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from genlab.errors import DataError
+from genlab.outputs import atomic_write_stream, check_writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +42,9 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dst.parent, delete=False, prefix=f".{dst.name}.") as tmp:
-        with open(src, "rb") as f:
-            shutil.copyfileobj(f, tmp)
-    os.replace(tmp.name, dst)
-
-
 def _download(url: str, dst: Path, timeout: float = 30.0) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dst.parent, delete=False, prefix=f".{dst.name}.") as tmp:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                shutil.copyfileobj(response, tmp)
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, dst)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        atomic_write_stream(dst, response)
 
 
 def fetch(remote: RemoteFile, cache_dir: str | Path, mirror: str | Path | None = None) -> Path:
@@ -78,6 +62,7 @@ def fetch(remote: RemoteFile, cache_dir: str | Path, mirror: str | Path | None =
         log.warning("%s: checksum mismatch, moved to %s and fetching again", target, corrupt)
         os.replace(target, corrupt)
 
+    check_writable_folder(target.parent, DataError, "set paths.data_dir to a folder you can write")
     tried = []
     if mirror:
         source = Path(mirror) / remote.name
@@ -89,7 +74,8 @@ def fetch(remote: RemoteFile, cache_dir: str | Path, mirror: str | Path | None =
                     "the mirror is damaged: restore it, or unset paths.data_mirror to download from "
                     f"{remote.url}"
                 )
-            atomic_copy(source, target)
+            with open(source, "rb") as f:
+                atomic_write_stream(target, f)
             log.info("copied %s from the mirror %s", remote.name, mirror)
             return target
         tried.append(f"mirror: {source} (not there)")

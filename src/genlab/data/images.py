@@ -40,15 +40,30 @@ def readable_images(root: Path) -> tuple[list[Path], int]:
 
 
 class ImageFiles(Dataset):
+    """The images, decoded on demand (in DataLoader workers). The folder check reads headers only,
+    so a file cut short is found here: it is skipped (the next image takes its place, so batches
+    stay full), named and counted in the log, and never ends the run."""
+
     def __init__(self, paths: list[Path], transform):
         self.paths, self.transform = paths, transform
+        self.unreadable: set[int] = set()  # per worker process: each warns about a bad file once
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image.convert("RGB"))
+        for offset in range(len(self.paths)):
+            i = (index + offset) % len(self.paths)
+            if i in self.unreadable:
+                continue
+            try:
+                with Image.open(self.paths[i]) as image:
+                    return self.transform(image.convert("RGB"))
+            except Exception as err:  # truncated or corrupt data: OSError, SyntaxError, ValueError, ...
+                self.unreadable.add(i)
+                log.warning("skipped %s: it cannot be decoded (%s); %d unreadable image(s) skipped so far",
+                            self.paths[i], err, len(self.unreadable))
+        raise DataError(f"none of the {len(self.paths)} images could be decoded; check the folder's files")
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -67,6 +82,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataError(f"no readable image (.jpg, .png, ...) in {self.root}; point data.root at a folder of images")
         if bad:
             log.warning("%s: skipped %d file(s) that could not be decoded as images", self.root, bad)
+        if len(self.paths) < batch_size:  # batches are whole (drop_last): fewer images would train 0 steps
+            raise DataError(f"{self.root} has {len(self.paths)} readable images, fewer than one batch of "
+                            f"data.batch_size={batch_size}; add images or lower data.batch_size")
         self.skipped = bad
         self.transform = transforms.Compose([
             transforms.Resize(image_size),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import unicodedata
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ class CleaningReport:
     raw: int
     repaired: int
     punctuation: int
+    too_long: int
     duplicates: int
     kept: int
 
@@ -43,7 +43,7 @@ class CleaningReport:
         return (
             f"names: {self.raw:,} entries -> {self.kept:,} names "
             f"(repaired mis-encoded accents in {self.repaired}, dropped {self.punctuation} with "
-            f"punctuation or digits and {self.duplicates} duplicates)"
+            f"punctuation or digits, {self.too_long} too long and {self.duplicates} duplicates)"
         )
 
 
@@ -51,22 +51,31 @@ def strip_accents(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
 
 
-def clean_names(text: str) -> tuple[list[str], CleaningReport]:
+def is_name(entry: str) -> bool:
+    """Letters a-z and '-' only, with at least one letter (a line of dashes is no name)."""
+    return any(c.isalpha() for c in entry) and all(c == "-" or (c.isalpha() and c.isascii()) for c in entry)
+
+
+def clean_names(text: str, has_header: bool = False, max_length: int = 50) -> tuple[list[str], CleaningReport]:
     """Clean a word list, one entry per line, into names over '-' and lower-case letters.
 
-    Rules (those of ``nomi_italiani.clean.txt`` in the data README): drop a leading header that ends
-    with a line of dashes; drop blank lines; join whitespace inside an entry with '-'; repair the
-    gist's mis-encoded accents, then strip accents; drop entries holding anything but letters and
-    '-'; drop duplicates, keeping the first."""
+    Rules (those of ``nomi_italiani.clean.txt`` in the data README): with ``has_header`` (the gist),
+    drop its disclaimer, which ends with a line of dashes; drop blank lines; join whitespace inside
+    an entry with '-'; repair the gist's mis-encoded accents, then strip accents; drop entries
+    holding anything but letters and '-'; drop entries longer than ``max_length`` characters
+    (every name is padded to the longest: one 20,000-letter line would make every batch that
+    wide); drop duplicates, keeping the first."""
     lines = text.splitlines()
-    header_end = next((i for i, line in enumerate(lines[:20]) if line.strip().startswith("----")), -1)
+    header_end = next((i for i, line in enumerate(lines[:20]) if line.strip().startswith("----")), -1) if has_header else -1
     entries = ["-".join(line.split()) for line in lines[header_end + 1 :] if line.strip()]
     repaired = sum(1 for e in entries if e != e.translate(MOJIBAKE))
     # repair before lower-casing: the mojibake characters are upper-case letters
     entries = [strip_accents(e.translate(MOJIBAKE).lower()) for e in entries]
-    letters = [e for e in entries if all(c == "-" or (c.isalpha() and c.isascii()) for c in e)]
-    unique = list(dict.fromkeys(letters))
-    report = CleaningReport(len(entries), repaired, len(entries) - len(letters), len(letters) - len(unique), len(unique))
+    letters = [e for e in entries if is_name(e)]
+    short = [e for e in letters if len(e) <= max_length]
+    unique = list(dict.fromkeys(short))
+    report = CleaningReport(len(entries), repaired, len(entries) - len(letters), len(letters) - len(short),
+                            len(short) - len(unique), len(unique))
     return unique, report
 
 
@@ -99,6 +108,7 @@ class NamesDataModule(L.LightningDataModule):
         split: tuple[float, float] = (0.8, 0.9),
         sampling: str = "names",
         window: int = 8,
+        max_name_length: int = 50,
     ):
         super().__init__()
         self.data_dir = data_dir
@@ -112,6 +122,7 @@ class NamesDataModule(L.LightningDataModule):
             raise ConfigError(f"data.sampling={sampling}: use names (batches of whole names) or windows "
                               "(batches of random context windows, as the notebook samples)")
         self.sampling, self.window = sampling, window
+        self.max_name_length = max_name_length
         self.batches_per_step = 1  # set by the trainer set-up from the model (see models.base)
         self._load()
 
@@ -123,13 +134,16 @@ class NamesDataModule(L.LightningDataModule):
         else:
             source = fetch(ITALIAN_NAMES, self.data_dir, self.mirror)
         try:
-            text = source.read_text(encoding="utf-8")
+            text = source.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first name
         except UnicodeDecodeError as err:
             raise DataError(f"{source} is not UTF-8 text ({err}); convert it with iconv -t utf-8.") from None
-        names, report = clean_names(text)
+        names, report = clean_names(text, has_header=not self.path, max_length=self.max_name_length)
         if not names:
             raise DataError(f"{source} holds no usable names ({report}); give a list with one name per line.")
         log.info("%s", report)
+        if report.too_long:
+            log.warning("%s: dropped %d entries longer than data.max_name_length=%d characters", source,
+                        report.too_long, self.max_name_length)
         self.report = report
         self.names = names
         self.tokenizer = CharTokenizer.from_text("".join(names), boundary=BOUNDARY)
@@ -143,6 +157,13 @@ class NamesDataModule(L.LightningDataModule):
             "val": [names[i] for i in order[n1:n2]],
             "test": [names[i] for i in order[n2:]],
         }
+        sizes = {split: len(part) for split, part in self.splits.items()}
+        batch_of_names = self.batch_size if self.sampling == "names" else 1  # windows: many per name
+        if 0 in sizes.values() or sizes["train"] < batch_of_names:
+            raise DataError(
+                f"{source} gives {len(names)} names, which the split leaves as {sizes['train']} for training, "
+                f"{sizes['val']} for validation and {sizes['test']} for test; each split needs a name and training "
+                f"a batch of data.batch_size={self.batch_size}: give a longer list or a smaller data.batch_size")
         self.tensors = {k: encode_names(v, self.tokenizer, self.seq_len) for k, v in self.splits.items()}
 
     @property
@@ -174,6 +195,3 @@ class NamesDataModule(L.LightningDataModule):
     def training_words(self) -> set[str]:
         """What sampling compares against to measure novelty."""
         return set(self.splits["train"])
-
-    def bigram_counts(self) -> Counter:
-        return Counter(pair for n in self.splits["train"] for pair in zip("." + n, n + "."))

@@ -1,8 +1,9 @@
 """Running text (``data=divina``, ``data=shakespeare``, or any UTF-8 file through ``data.path``),
 as characters or GPT-2 BPE tokens.
 
-The tokenised corpus is cached beside the download as a ``uint16`` file (``<name>.<tokenizer>.bin``
-plus a JSON with the vocabulary), so a second run starts at once. The split is by position: the
+The tokenised corpus is cached in ``<data_dir>/tokens/`` as a ``uint16`` file plus a JSON with the
+vocabulary, so a second run starts at once. An entry is named by a hash of what it was made from
+(the source file's bytes, its normalisation and the tokenizer), so no two sources share one. The split is by position: the
 first 90% trains, the rest validates (``test_fraction`` > 0 carves a test split off the end).
 Training batches are random windows of ``block_size + 1`` tokens (``sampling=sequential``: the
 text in order, for recurrent models that carry their state); validation reads the whole
@@ -11,11 +12,14 @@ validation split in consecutive windows, so its loss is exact and the same every
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import re
 import unicodedata
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -25,7 +29,7 @@ from genlab.data.batches import FixedBatches, StreamBatches, WindowBatches, repl
 from genlab.data.fetch import RemoteFile, fetch, sha256_of
 from genlab.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from genlab.errors import ConfigError, DataError
-from genlab.outputs import atomic_write_text
+from genlab.outputs import atomic_write_stream, atomic_write_text, check_writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +79,23 @@ def normalise_divina(text: str) -> str:
     return " ".join(text.split())
 
 
+# part of every cache entry's name: raise it when a normalisation or the cache layout changes
+CACHE_FORMAT = 2
+
 SOURCES = {
     "divina": (DIVINA, normalise_divina),
     "shakespeare": (SHAKESPEARE, lambda text: text),  # unchanged, to compare with nanoGPT
 }
+
+
+def cached_meta(bin_path: Path, meta_path: Path) -> dict | None:
+    """The description of a complete cache entry, or None (missing, unreadable or cut short)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        complete = bin_path.stat().st_size == 2 * meta["tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if complete else None
 
 
 class TextDataModule(L.LightningDataModule):
@@ -118,33 +135,27 @@ class TextDataModule(L.LightningDataModule):
         self.batches_per_step = 1
         self._load()
 
-    def _read_source(self) -> tuple[str, str]:
-        """(text, fingerprint of the source file)."""
+    def _source(self) -> tuple[Path, Callable[[str], str], str]:
+        """(the source file, how its text is normalised, that normalisation's name)."""
         if self.path:
             source = Path(self.path).expanduser()
-            if not source.exists():
+            if not source.is_file():
                 raise DataError(f"data.path={self.path}: no such file; give a UTF-8 text file.")
-            normalise = lambda text: text  # noqa: E731  (your own text is used as it is)
-        else:
-            remote, normalise = SOURCES[self.name]
-            source = fetch(remote, self.data_dir, self.mirror)
-        try:
-            text = source.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{source} is not UTF-8 text ({err}); convert it, e.g. iconv -f latin1 -t utf-8.") from None
-        text = normalise(text)
-        if len(text) < 100:
-            raise DataError(f"{source} holds only {len(text)} characters of text; give a longer file.")
-        return text, sha256_of(source)
+            return source, (lambda text: text), "as-is"  # your own text is used as it is
+        remote, normalise = SOURCES[self.name]
+        return fetch(remote, self.data_dir, self.mirror), normalise, self.name
 
     def _load(self) -> None:
-        folder = self.data_dir / "tokens"
-        stem = f"{self.name}.{self.tokenizer_name}"
-        bin_path, meta_path = folder / f"{stem}.bin", folder / f"{stem}.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() and bin_path.exists() else None
-        fingerprint = sha256_of(Path(self.path).expanduser()) if self.path else None
-        if meta is None or (fingerprint and meta["source_sha256"] != fingerprint):
-            meta = self._tokenise(bin_path, meta_path)
+        source, normalise, normalisation = self._source()
+        # the cache entry is named by what it is made from, never by a file name: the source's bytes,
+        # their normalisation and the tokenizer (two texts called divina.txt never share an entry)
+        source_sha256 = sha256_of(source)
+        made_from = f"{source_sha256}|{normalisation}|{self.tokenizer_name}|{CACHE_FORMAT}"
+        stem = f"{self.name}.{self.tokenizer_name}.{hashlib.sha256(made_from.encode()).hexdigest()[:16]}"
+        bin_path, meta_path = self.data_dir / "tokens" / f"{stem}.bin", self.data_dir / "tokens" / f"{stem}.json"
+        meta = cached_meta(bin_path, meta_path)
+        if meta is None:
+            meta = self._tokenise(source, normalise, source_sha256, bin_path, meta_path)
         else:
             log.info("%s: using the cached tokens %s", self.name, bin_path)
         self.tokenizer = (
@@ -159,8 +170,14 @@ class TextDataModule(L.LightningDataModule):
             raise DataError(f"the validation split has {n_val} tokens, not more than block_size={self.seq_len}; "
                             "use a longer text or a smaller data.block_size")
 
-    def _tokenise(self, bin_path: Path, meta_path: Path) -> dict:
-        text, fingerprint = self._read_source()
+    def _tokenise(self, source: Path, normalise, source_sha256: str, bin_path: Path, meta_path: Path) -> dict:
+        try:
+            text = source.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
+        except UnicodeDecodeError as err:
+            raise DataError(f"{source} is not UTF-8 text ({err}); convert it, e.g. iconv -f latin1 -t utf-8.") from None
+        text = normalise(text)
+        if len(text) < 100:
+            raise DataError(f"{source} holds only {len(text)} characters of text; give a longer file.")
         if self.tokenizer_name == "char":
             tokenizer = CharTokenizer.from_text(text)
             meta = {"chars": tokenizer.chars}
@@ -168,11 +185,9 @@ class TextDataModule(L.LightningDataModule):
             tokenizer = GPT2Tokenizer(self.mirror)
             meta = {}
         ids = np.array(tokenizer.encode(text), dtype=np.uint16)  # GPT-2's 50,257 ids fit in 16 bits
-        bin_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = bin_path.with_name(bin_path.name + ".tmp")
-        ids.tofile(tmp)
-        tmp.replace(bin_path)
-        meta.update(characters=len(text), tokens=len(ids), source_sha256=fingerprint)
+        check_writable_folder(bin_path.parent, DataError, "set paths.data_dir to a folder you can write")
+        atomic_write_stream(bin_path, io.BytesIO(ids.tobytes()))
+        meta.update(characters=len(text), tokens=len(ids), source=str(source), source_sha256=source_sha256)
         atomic_write_text(meta_path, json.dumps(meta))
         log.info("%s: %s characters -> %s %s tokens, cached in %s", self.name, f"{len(text):,}",
                  f"{len(ids):,}", self.tokenizer_name, bin_path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from genlab.errors import DataError
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -107,7 +109,15 @@ def load_gpt2_encoding(mirror: str | None = None):
             special_tokens={"<|endoftext|>": 50256},
             explicit_n_vocab=50257,
         )
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as err:  # offline: requests' ConnectionError, a timeout, a proxy's HTTP error, ...
+        raise DataError(
+            f"cannot load GPT-2's BPE files ({err.__class__.__name__}: {str(err)[:160]}). tiktoken downloads "
+            "them once into its cache (TIKTOKEN_CACHE_DIR), which needs the internet. Offline, point "
+            "paths.data_mirror=/path/to/mirror (or the GENLAB_DATA_MIRROR environment variable) at a folder "
+            "holding gpt2/vocab.bpe and gpt2/encoder.json (see README: Data, offline)."
+        ) from None
 
 
 def tokenizer_from_config(config: dict, mirror: str | None = None) -> Tokenizer:
