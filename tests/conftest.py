@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -62,3 +64,39 @@ def run_training(run_dir: Path, overrides: list[str]) -> dict:
     cfg = compose_config(overrides, run_dir)
     train(cfg)
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+class SendSignal(L.Callback):
+    """Fault injection: this process sends itself ``signum`` (as ``kill`` would) at the ``at``-th
+    batch of ``where``: "train", "validation" or "test". Added with
+    ``+callbacks.kill._target_=conftest.SendSignal +callbacks.kill.where=validation``."""
+
+    def __init__(self, where: str, signum: int = signal.SIGTERM, at: int = 1):
+        self.where, self.signum, self.at, self.seen = where, int(signum), at, 0
+
+    def _batch(self, where: str) -> None:
+        if where == self.where:
+            self.seen += 1
+            if self.seen == self.at:
+                signal.raise_signal(self.signum)
+
+    def on_train_batch_end(self, *args):
+        self._batch("train")
+
+    def on_validation_batch_end(self, *args):
+        self._batch("validation")
+
+    def on_test_batch_end(self, *args):
+        self._batch("test")
+
+
+class FailAt(L.Callback):
+    """Fault injection: an OSError (a full disk) at the first training batch."""
+
+    def on_train_batch_start(self, *args):
+        raise OSError(28, "No space left on device")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes: equal snapshots mean nothing changed on disk."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -102,6 +102,15 @@ def test_resume_continues_the_step_count_and_the_loss_history(faces, tmp_path):
     assert metrics["steps"] == 4
     history = read_checkpoint(run / "checkpoints" / "last.ckpt")["genlab"]["history"]
     assert [step for step, _, _ in history] == [1, 2, 3, 4]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # no last-v1.ckpt beside it
+
+
+def test_a_truncated_image_never_ends_a_run_with_loader_workers(faces, tmp_path):
+    cut = faces / "cut.jpg"  # a JPEG cut off halfway: its header passes the folder check, decoding fails
+    Image.open(faces / "005.png").save(cut, quality=95)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    metrics = run_training(tmp_path / "run", gan_overrides(faces, "data.num_workers=1"))
+    assert metrics["status"] == "completed" and metrics["steps"] == 4
 
 
 def test_sampling_a_grid_and_an_interpolation_from_a_checkpoint(faces, tmp_path):

@@ -1,6 +1,8 @@
-"""Resume exactly, stop cleanly on a signal, refuse bad checkpoints, repeat runs exactly."""
+"""Resume exactly, stop cleanly on a signal wherever it lands, refuse bad checkpoints, repeat runs
+exactly, and never mix two runs in one folder."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -9,8 +11,9 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, compose_config, run_training
-from genlab.errors import CheckpointError
+from conftest import REPO, compose_config, run_training, snapshot
+from genlab.errors import CheckpointError, ConfigError
+from genlab.runs import RunFolder
 from genlab.train import train
 
 MODELS = {
@@ -73,7 +76,8 @@ def test_same_seed_same_metrics_and_seed_zero_is_valid(names_file, tmp_path):
         assert first[key] == second[key]
 
 
-def test_sigint_saves_a_checkpoint_prints_the_resume_command_and_resumes(names_file, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_prints_the_resume_command_and_resumes(signum, names_file, tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, "train.py", f"data.path={names_file}", "model.updates_per_step=10",
             "trainer.max_steps=100000000", "val_every=100000", "num_samples=0", f"hydra.run.dir={run_dir}",
@@ -83,10 +87,11 @@ def test_sigint_saves_a_checkpoint_prints_the_resume_command_and_resumes(names_f
     while not list(run_dir.glob("tensorboard/events*")) and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(3)  # some training
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGINT, err[-2000:]
-    assert "stopped by SIGINT at step" in err and f"ckpt_path={run_dir}" in err
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum, err[-2000:]
+    assert f"stopped by {name} at step" in err and f"ckpt_path={run_dir}" in err
     assert not (run_dir / "metrics.json").exists()  # an interrupted run has no final metrics
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] > 0
@@ -97,3 +102,116 @@ def test_sigint_saves_a_checkpoint_prints_the_resume_command_and_resumes(names_f
     done = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == saved["global_step"] + 20
+
+
+# --- a signal wherever it lands -------------------------------------------------------------------
+STOPPABLE = ["model.updates_per_step=10", "trainer.max_steps=60", "val_every=20", "num_samples=3", "logger=csv"]
+
+
+@pytest.mark.parametrize("where, saved_step", [("train", 10), ("validation", 20), ("test", 60)])
+def test_sigterm_in_training_validation_or_test_saves_exits_143_and_the_run_resumes(where, saved_step, names_file,
+                                                                                    tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    common = [f"data.path={names_file}", *STOPPABLE]
+    cfg = compose_config(common + ["+callbacks.kill._target_=conftest.SendSignal", f"+callbacks.kill.where={where}"],
+                         run_dir)
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert f"stopped by SIGTERM at step {saved_step}; saved {run_dir / 'checkpoints' / 'last.ckpt'}" in err
+    assert f"ckpt_path={run_dir}" in err
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == saved_step
+    assert not (run_dir / "metrics.json").exists()  # an interrupted run has no final figures
+    metrics = run_training(run_dir, common + [f"ckpt_path={run_dir}"])  # the resume (same max_steps)
+    assert metrics["status"] == "completed" and metrics["steps"] == 60 and metrics["test_loss"] > 0
+    assert len((run_dir / "samples.txt").read_text().splitlines()) == 3
+
+
+def test_the_resume_command_printed_after_a_late_sigterm_finishes_the_run(names_file, tmp_path):
+    """SIGTERM during the final test: the printed command completes the run (it once ended in KeyError)."""
+    run_dir = tmp_path / "run"
+    kill = ["+callbacks.kill._target_=conftest.SendSignal", "+callbacks.kill.where=test"]
+    args = [f"data.path={names_file}", *STOPPABLE, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    stopped = subprocess.run([sys.executable, "train.py", *args, *kill], cwd=REPO, capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    command = stopped.stderr.split("Resume with:")[1].split()
+    resume = [a for a in command[2:] if not a.startswith("+callbacks.kill")]  # the test's fault injection only
+    done = subprocess.run([sys.executable, "train.py", *resume], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+
+
+# --- one run per folder ---------------------------------------------------------------------------
+SMALL = ["model.updates_per_step=10", "model.n_hidden=32", "trainer.max_steps=20", "val_every=20", "num_samples=0",
+         "logger=csv"]
+
+
+def test_a_second_run_in_a_folder_holding_a_run_is_refused_unless_it_overwrites(names_file, tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(run_dir, [f"data.path={names_file}", *SMALL])
+    before = snapshot(run_dir)
+    again = compose_config([f"data.path={names_file}", *SMALL, "optimizer.lr=0.05"], run_dir)
+    with pytest.raises(ConfigError, match=f"{run_dir} already holds a run.*ckpt_path={run_dir}.*overwrite=true"):
+        train(again)
+    assert snapshot(run_dir) == before  # nothing written, nothing mixed
+
+    (run_dir / "notes.txt").write_text("mine")  # something of the user's beside the run
+    run_training(run_dir, [f"data.path={names_file}", *SMALL, "optimizer.lr=0.05", "overwrite=true"])
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["hyper_parameters"]["optimizer"]["lr"] == 0.05
+    assert "lr: 0.05" in (run_dir / ".hydra" / "config.yaml").read_text()
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert not list((run_dir / "checkpoints").glob("*-v1.ckpt"))
+
+
+def test_two_processes_never_write_one_folder(names_file, tmp_path):
+    run_dir = tmp_path / "run"
+    with RunFolder(run_dir) as other:  # another run holds the folder
+        other.open(resuming_here=False, overwrite=False)
+        cfg = compose_config([f"data.path={names_file}", *SMALL, "overwrite=true"], run_dir)
+        with pytest.raises(ConfigError, match=f"another process \\(pid {os.getpid()}\\) is writing {run_dir}"):
+            train(cfg)
+        assert [p.name for p in run_dir.iterdir()] == [".lock"]  # the holder's lock, nothing of the refused run
+    assert not run_dir.exists()  # the holder wrote nothing either: its empty folder went with its lock
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["model=gpt", "model.n_embd=16", "model.n_head=2", "model.n_layer=1"], "holds a MLP model, but model=.* is a GPT"),
+    (["model.n_hidden=48"], "model.n_hidden=32 in the checkpoint but 48 now"),
+    (["model.n_embd=12"], "model.n_embd=10 in the checkpoint but 12 now"),
+    ([], "has finished: it trained 20 updates, and trainer.max_steps=20 asks for no more.*trainer.max_steps=40"),
+    (["trainer.max_steps=10"], "has finished: it trained 20 updates"),
+])
+def test_a_refused_resume_changes_nothing_on_disk(overrides, error, names_file, tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(run_dir, [f"data.path={names_file}", *SMALL])
+    before = snapshot(run_dir)
+    small = [o for o in SMALL if not (overrides and o.startswith("model.n_hidden") and "model=gpt" in overrides)]
+    cfg = compose_config([f"data.path={names_file}", *small, *overrides, f"ckpt_path={run_dir}"], run_dir)
+    with pytest.raises(CheckpointError, match=error):
+        train(cfg)
+    assert snapshot(run_dir) == before  # the finished run's record (.hydra, metrics.json) is as it was
+
+
+def test_a_resume_that_fails_leaves_no_metrics_of_the_old_run(names_file, tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(run_dir, [f"data.path={names_file}", *SMALL])
+    cfg = compose_config([f"data.path={names_file}", *SMALL, "trainer.max_steps=40", f"ckpt_path={run_dir}",
+                          "+callbacks.fail._target_=conftest.FailAt"], run_dir)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg)
+    assert not (run_dir / "metrics.json").exists()  # not "completed" at 20 updates for a run that went on
+
+
+def test_files_a_run_writes_are_readable_by_others(names_file, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        run_dir = tmp_path / "run"
+        run_training(run_dir, [f"data.path={names_file}", *SMALL, "num_samples=2"])
+    finally:
+        os.umask(previous)
+    for path in (run_dir / "metrics.json", run_dir / "samples.txt", run_dir / ".hydra" / "config.yaml"):
+        assert path.stat().st_mode & 0o777 == 0o644, path

@@ -24,11 +24,15 @@ TINY = ["data.batch_size=8", "trainer.max_steps=200", "val_every=100", "model.up
         "callbacks.insight=null", "threads=1"]
 
 
-def run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def run(args: list[str], tmp_path: Path, status: int = 0) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "train.py", *args, f"paths.data_dir={tmp_path / 'data'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == status, done.stderr[-3000:]
     return done
+
+
+def job_metrics(sweep: Path, jobs: int) -> list[dict]:
+    return [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(jobs)]
 
 
 def hparams_of(run_dir: Path) -> tuple[dict, dict]:
@@ -148,3 +152,34 @@ def test_two_runs_started_together_get_their_own_folders(names_file, tmp_path):
         assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
     runs = sorted((tmp_path / "outputs" / "runs" / "mlp-names").glob("*/*/metrics.json"))
     assert len(runs) == 2 and runs[0].parent != runs[1].parent
+
+
+# --- a failing job belongs to that job --------------------------------------------------------------
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]], ids=["basic", "parallel"])
+def test_a_failing_job_is_recorded_and_the_other_jobs_run_to_the_end(launcher, names_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = run(["-m", *launcher, "model=gpt", "model.n_layer=1", "model.n_embd=8", "model.n_head=2,3,4",
+                f"data.path={names_file}", f"hydra.sweep.dir={sweep}", *[a for a in TINY if a != "threads=1"]],
+               tmp_path, status=1)
+    jobs = job_metrics(sweep, 3)
+    assert [j["status"] for j in jobs] == ["completed", "failed", "completed"]
+    assert "n_embd=8 is not divisible by model.n_head=3" in jobs[1]["error"] and "model.n_head=3" in jobs[1]["overrides"]
+    assert (sweep / "2" / "checkpoints" / "last.ckpt").exists()  # the job after the failure ran whole
+    assert "sweep: 2 of 3 jobs completed" in done.stderr and "job 1 (" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_optuna_study_goes_on_past_a_failing_trial(names_file, tmp_path):
+    import optuna
+
+    sweep, storage = tmp_path / "study", f"sqlite:///{tmp_path / 'study.db'}"
+    done = run(["-m", "hparams_search=names_mlp_optuna", f"data.path={names_file}", "hydra/sweeper/sampler=grid",
+                "hydra.sweeper.params=null", "data.batch_size=choice(8,0)", "hydra.sweeper.n_trials=2",
+                f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep}", "scheduler.milestones=[1000]",
+                *[a for a in TINY if not a.startswith("data.batch_size")]], tmp_path, status=1)
+    jobs = job_metrics(sweep, 2)
+    assert sorted(j["status"] for j in jobs) == ["completed", "failed"]
+    assert "data.batch_size must be a whole number of at least 1, got 0" in done.stderr
+    assert (sweep / "optimization_results.yaml").exists()  # the study ended normally
+    values = sorted(t.value for t in optuna.load_study(study_name="names_mlp", storage=storage).trials)
+    assert len(values) == 2 and values[0] < 4 and values[1] == 1e4

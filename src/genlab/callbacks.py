@@ -24,8 +24,9 @@ class ValidateAtEnd(L.Callback):
 
 
 class CheckpointAtEnd(L.Callback):
-    """For models without validation (which is what saves a checkpoint at the end otherwise):
-    write ``last.ckpt`` when training ends, also when stopped by Ctrl-C or SIGTERM."""
+    """Write ``last.ckpt`` when training ends, however it ends: for models without validation (which
+    is what saves a checkpoint otherwise), and for a run stopped by Ctrl-C or SIGTERM, also before
+    its first validation."""
 
     def on_train_end(self, trainer, pl_module):
         checkpoint = trainer.checkpoint_callback

@@ -1,14 +1,17 @@
-"""Reading checkpoints with clear errors: not a checkpoint, truncated, or from another model."""
+"""Reading checkpoints with clear errors (not a checkpoint, truncated), and checking that a resume
+can continue one (the same model, vocabulary and sizes, updates left to make)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
 import torch
 
 from genlab.errors import CheckpointError
-from genlab.runs import checkpoint_file
+from genlab.runs import checkpoint_file, run_dir_of
+from genlab.runtime import choice
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -37,3 +40,46 @@ def load_model(path: str | Path, map_location="cpu"):
     cls = model_class(checkpoint)
     model = cls.load_from_checkpoint(checkpoint["path"], map_location=map_location, weights_only=False)
     return model, checkpoint
+
+
+# model settings a resumed run may change: how it trains, not what the network is
+TRAINING_SETTINGS = ("optimizer", "scheduler", "updates_per_step", "compile", "grad_clip")
+
+
+def check_resume(checkpoint: dict, model, max_steps: int) -> None:
+    """Refuse a checkpoint this command cannot continue: another model, vocabulary or size, or a
+    run that has already trained every update asked for. Names what differs and what to do."""
+    path = checkpoint["path"]
+    saved_class = checkpoint["genlab"]["class"]
+    wanted = f"{type(model).__module__}.{type(model).__qualname__}"
+    if saved_class != wanted:
+        raise CheckpointError(f"{path} holds a {saved_class.rsplit('.', 1)[-1]} model, but model={choice('model')} "
+                              f"is a {wanted.rsplit('.', 1)[-1]}; pass the model= the checkpoint was trained with")
+    saved = checkpoint.get("hyper_parameters", {})
+    if saved.get("tokenizer") is not None and saved["tokenizer"] != model.hparams.get("tokenizer"):
+        raise CheckpointError(f"{path} was trained on another vocabulary than data={choice('data')} gives; "
+                              "resume with the data the run was started with")
+    changed = [f"model.{key}={saved[key]!r} in the checkpoint but {model.hparams[key]!r} now"
+               for key in sorted(set(saved) & set(model.hparams))
+               if key not in (*TRAINING_SETTINGS, "tokenizer") and saved[key] != model.hparams[key]]
+    if changed:
+        raise CheckpointError(f"{path} was trained with other sizes than this command gives: {'; '.join(changed)}. "
+                              "Resume with the settings the run was started with (its .hydra/overrides.yaml "
+                              "lists them), or start a new run")
+    step, folder = checkpoint["global_step"], run_dir_of(Path(path))
+    if model.single_pass and finished_at(folder) == step:
+        raise CheckpointError(f"the run in {folder} is complete: a counting model makes one pass over the data, "
+                              "so there is nothing to continue; start a new run instead")
+    if max_steps > 0 and (step > max_steps or (step == max_steps and finished_at(folder) == step)):
+        raise CheckpointError(
+            f"the run in {folder} has finished: it trained {step:,} updates, and trainer.max_steps={max_steps} asks "
+            f"for no more. To train it further raise trainer.max_steps, e.g. trainer.max_steps={2 * step}")
+
+
+def finished_at(folder: Path) -> int | None:
+    """The update count at which the run in ``folder`` completed (its metrics.json), else None."""
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics.get("steps") if isinstance(metrics, dict) and metrics.get("status") == "completed" else None

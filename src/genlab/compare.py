@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +36,21 @@ class Run:
 
 
 def find_runs(root: Path) -> list[Run]:
+    """Every run under ``root`` with a readable metrics.json; an unreadable one is skipped and named."""
     runs = []
     for metrics_file in sorted(root.rglob("metrics.json")):
         folder = metrics_file.parent
-        config_file = folder / ".hydra" / "config.yaml"
-        config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False) if config_file.exists() else {}
-        runs.append(Run(folder, json.loads(metrics_file.read_text()), flatten(config)))
+        try:
+            metrics = json.loads(metrics_file.read_text())
+            if not isinstance(metrics, dict):
+                raise ValueError("not a JSON object")
+            config_file = folder / ".hydra" / "config.yaml"
+            config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False) if config_file.exists() else {}
+        except Exception as err:  # cut short, hand-edited, not JSON or YAML: the other runs still compare
+            print(f"skipped {folder}: its metrics.json or .hydra/config.yaml cannot be read "
+                  f"({err.__class__.__name__}: {str(err)[:100]})", file=sys.stderr)
+            continue
+        runs.append(Run(folder, metrics, flatten(config)))
     return runs
 
 

@@ -19,7 +19,11 @@ class CheckpointError(GenlabError):
 
 
 class TrainingDiverged(GenlabError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite at update ``step``."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 def instantiate(config, **kwargs):

@@ -1,23 +1,30 @@
-"""``python train.py [overrides]``: build the data, the model and the trainer from the Hydra config,
-train, test, sample, and write ``metrics.json``. Returns the final validation loss (for sweeps)."""
+"""``python train.py [overrides]``: the path of one run, top to bottom.
+
+1. check the config (values, model and data: ``genlab.checks``) and take the run folder, which
+   refuses a folder that holds another run or that another process is writing (``genlab.runs``);
+2. build the data and the model, check a resumed checkpoint against them, then claim the folder
+   (record the config, start ``train.log``); nothing is written into it before this point;
+3. fit; Ctrl-C or SIGTERM finish the step, save and exit with the resume command (``genlab.stopping``);
+4. the wrap-up: final validation and test losses, samples, ``metrics.json``.
+
+Returns the final validation loss, which a sweep minimises (a sweep job's failure is recorded in
+its folder and the sweep goes on: ``genlab.sweeps``)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 import lightning as L
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -25,56 +32,71 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
 from genlab.callbacks import CheckpointAtEnd, ValidateAtEnd
-from genlab.checkpoints import read_checkpoint
-from genlab.errors import CheckpointError, ConfigError, TrainingDiverged, exit_on_user_error, instantiate
-from genlab.figures import plt, save_figure
+from genlab.checkpoints import check_resume, read_checkpoint
+from genlab.checks import check_config
+from genlab.errors import ConfigError, TrainingDiverged, exit_on_user_error, instantiate
+from genlab.lr_finder import find_learning_rate
 from genlab.outputs import atomic_write_text, write_metrics
-from genlab.runs import checkpoint_file, flatten
+from genlab.runs import RunFolder, checkpoint_file, flatten, run_dir_of
+from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
+from genlab.sample import sample_names
+from genlab.stopping import GracefulStop, RunInterrupted
+from genlab.sweeps import run_sweep_job
 
 log = logging.getLogger("genlab")
 # Lightning warns that a checkpoint taken every N steps under manual optimization holds the weights
 # after that step's update: that is the state a resume continues from, as intended
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def choice(group: str) -> str:
-    """The option chosen for a config group (``model=mlp`` -> "mlp"), for messages."""
-    try:
-        return HydraConfig.get().runtime.choices.get(group) or "?"
-    except ValueError:  # not running under Hydra (tests that compose by hand)
-        return "?"
+def train(cfg: DictConfig) -> float | None:
+    run_dir = Path(cfg.paths.output_dir)
+    check_config(cfg)
+    ckpt_path = checkpoint_file(str(cfg.ckpt_path), choice("model"), choice("data")) if cfg.get("ckpt_path") else None
+    resuming_here = ckpt_path is not None and run_dir_of(ckpt_path).resolve() == run_dir.resolve()
+    with GracefulStop() as stop, RunFolder(run_dir, primary=is_first_process()) as folder:
+        folder.open(resuming_here, overwrite=cfg.overwrite)
+        try:
+            return run(cfg, run_dir, folder, stop, ckpt_path)
+        except RunInterrupted:
+            report_stop(stop, run_dir)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"{err} {last_good_state(run_dir)}", step=err.step) from None
 
 
-def check_compatible(cfg: DictConfig) -> None:
-    """A model and data that cannot work together fail at once, before any data is loaded."""
-    model_kind = hydra.utils.get_class(cfg.model._target_).kind
-    data_kind = hydra.utils.get_class(cfg.data._target_).kind
-    if model_kind != data_kind:
-        raise ConfigError(
-            f"model={choice('model')} works on {model_kind} data, but data={choice('data')} gives "
-            f"{data_kind} data; pick a {model_kind} data set or another model."
-        )
-    if in_sweep() and str(cfg.trainer.get("strategy", "")).startswith("ddp"):
-        launcher = str(HydraConfig.get().launcher.get("_target_", ""))
-        if "submitit" not in launcher:  # there SLURM starts every process of a job itself
-            raise ConfigError(
-                f"trainer={choice('trainer')} cannot run inside a Hydra multirun (-m) on this launcher: Lightning's "
-                "DDP launcher re-runs the command for each process, which a sweep cannot do (dropped in "
-                "Lightning 1.8). Sweep with hydra/launcher=slurm, or run each configuration as its own command")
-    if "optimizer" in cfg.model:  # the model builds its own optimizers: optimizer=... would be ignored
-        ignored = [o for o in task_overrides() if o.lstrip("+~").startswith(("optimizer", "scheduler"))]
-        if ignored:
-            raise ConfigError(f"model={choice('model')} sets its optimizers in model.optimizer, so {' '.join(ignored)} "
-                              "would have no effect; use model.optimizer.lr=... (and model.optimizer.betas=...)")
+def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, ckpt_path: Path | None) -> float | None:
+    set_threads(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg, datamodule)
+    if ckpt_path is not None:
+        check_resume(read_checkpoint(ckpt_path), model, cfg.trainer.max_steps)
+    folder.claim(cfg, overwrite=cfg.overwrite)
 
+    lr_figure = None
+    if cfg.get("tune_lr"):
+        lr, lr_figure = find_learning_rate(cfg, run_dir, datamodule, build_model(cfg, datamodule))
+        with open_dict(cfg):
+            cfg.optimizer.lr = lr
+        if not cfg.lr_finder.then_train:
+            write_metrics(run_dir / "metrics.json", {"status": "lr_search_only", "suggested_lr": lr})
+            return None
+        L.seed_everything(cfg.seed, workers=True)  # training starts as it would with lr= given
+        model = build_model(cfg, datamodule)
+    if hasattr(datamodule, "training_words"):
+        model.training_words = sorted(datamodule.training_words())
+    updates_per_step = getattr(model, "updates_per_step", 1)
+    datamodule.batches_per_step = updates_per_step
+    trainer = build_trainer(cfg, run_dir, updates_per_step, model.single_pass,
+                            validates=is_overridden("validation_step", model), stop=stop)
+    log_hyperparameters(cfg, trainer, model, lr_figure)
 
-def task_overrides() -> list[str]:
-    """The command line's overrides (empty when not running under Hydra)."""
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return []
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    train_seconds = time.perf_counter() - start
+    if stop.stop_requested:
+        report_stop(stop, run_dir)
+    return wrap_up(cfg, run_dir, trainer, model, datamodule, train_seconds)
 
 
 def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
@@ -99,7 +121,7 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, single_pass: bool = False,
-                  validates: bool = True) -> L.Trainer:
+                  validates: bool = True, stop: GracefulStop | None = None) -> L.Trainer:
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer={choice('trainer')} needs a CUDA GPU, and this machine shows none "
                           "(torch.cuda.is_available() is False); use trainer=cpu")
@@ -110,10 +132,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, sin
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]  # x=null: off
     if validates:
         callbacks.append(ValidateAtEnd())
-    else:  # nothing to validate (the GAN): keep last.ckpt every val_every steps and at the end
+    else:  # nothing to validate (the GAN): keep last.ckpt every val_every steps
         callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-        callbacks += [ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.val_every,
-                                      save_top_k=0, save_last=True), CheckpointAtEnd()]
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.val_every,
+                                         save_top_k=0, save_last=True, enable_version_counter=False))
+    callbacks.append(CheckpointAtEnd())  # last.ckpt also when a signal stops training early
+    if stop is not None:
+        callbacks.append(stop)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     return instantiate(
         cfg.trainer,
@@ -126,94 +151,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, sin
     )
 
 
-def sample_names(model, tokenizer, num_samples: int, seed: int, temperature=1.0, top_k=None) -> list[str]:
-    """Whole sequences from the start token to the end token (names)."""
-    start = torch.full((num_samples, 1), tokenizer.eos_id, dtype=torch.long, device=model.device)
-    out = model.generate(
-        start,
-        max_new_tokens=max(model.seq_len, 1) * 2,
-        temperature=temperature,
-        top_k=top_k,
-        eos_id=tokenizer.eos_id,
-        generator=torch.Generator(model.device).manual_seed(seed),
-    )
-    names = []
-    for row in out[:, 1:].tolist():
-        if tokenizer.eos_id in row:
-            row = row[: row.index(tokenizer.eos_id)]
-        names.append(tokenizer.decode(row))
-    return names
-
-
-def resume_checkpoint(cfg: DictConfig, model, datamodule) -> Path | None:
-    """The checkpoint to resume from, checked against the model and data of this config."""
-    if not cfg.get("ckpt_path"):
-        return None
-    path = checkpoint_file(str(cfg.ckpt_path), choice("model"), choice("data"))
-    checkpoint = read_checkpoint(path)
-    saved_class = checkpoint["genlab"]["class"]
-    wanted = f"{type(model).__module__}.{type(model).__qualname__}"
-    if saved_class != wanted:
-        raise CheckpointError(f"{path} holds a {saved_class.rsplit('.', 1)[-1]} model, but model={choice('model')} "
-                              f"is a {wanted.rsplit('.', 1)[-1]}; pass the model= the checkpoint was trained with")
-    saved_tokens = checkpoint.get("hyper_parameters", {}).get("tokenizer")
-    if saved_tokens is not None and saved_tokens != model.hparams.get("tokenizer"):
-        raise CheckpointError(f"{path} was trained on another vocabulary than data={choice('data')} gives; "
-                              "resume with the data the run was started with")
-    return path
-
-
-class GracefulStop:
-    """Ctrl-C or SIGTERM: finish the current step, validate and save ``last.ckpt``, then stop.
-    A second signal stops at once."""
-
-    def __init__(self, trainer: L.Trainer):
-        self.trainer, self.signal = trainer, None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        self.signal = signum
-        self.trainer.should_stop = True  # Lightning validates (and checkpoints) at a stop request
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def resume_command(run_dir: Path) -> str:
-    overrides = [o for o in task_overrides() if not o.startswith("ckpt_path=")]
-    return " ".join(["python train.py", *overrides, f"ckpt_path={run_dir}"])
-
-
-def train(cfg: DictConfig) -> float | None:
-    run_dir = Path(cfg.paths.output_dir)
-    check_compatible(cfg)
-    set_threads(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    lr_figure = None
-    if cfg.get("tune_lr"):
-        lr, lr_figure = find_learning_rate(cfg, run_dir, datamodule)
-        with open_dict(cfg):
-            cfg.optimizer.lr = lr
-        if not cfg.lr_finder.then_train:
-            write_metrics(run_dir / "metrics.json", {"status": "lr_search_only", "suggested_lr": lr})
-            return None
-        L.seed_everything(cfg.seed, workers=True)  # training starts as it would with lr= given
-    model = build_model(cfg, datamodule)
-    ckpt_path = resume_checkpoint(cfg, model, datamodule)
-    if hasattr(datamodule, "training_words"):
-        model.training_words = sorted(datamodule.training_words())
-    updates_per_step = getattr(model, "updates_per_step", 1)
-    datamodule.batches_per_step = updates_per_step
-    trainer = build_trainer(cfg, run_dir, updates_per_step, getattr(model, "single_pass", False),
-                            validates=is_overridden("validation_step", model))
-
+def log_hyperparameters(cfg: DictConfig, trainer: L.Trainer, model, lr_figure: Path | None) -> None:
     # under DDP every process trains on its own batch: the batch an update averages over is world_size times
     # larger (the learning rate is the same on every process, so it is the global one already)
     hparams = {**flat_hparams(cfg), "trainer.world_size": trainer.world_size,
@@ -226,24 +164,9 @@ def train(cfg: DictConfig) -> float | None:
         if lr_figure is not None and hasattr(logger.experiment, "add_image"):
             logger.experiment.add_image("lr_find", np.asarray(Image.open(lr_figure).convert("RGB")), 0, dataformats="HWC")
 
-    start = time.perf_counter()
-    try:
-        with GracefulStop(trainer) as stop:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    except TrainingDiverged as err:
-        if not in_sweep():
-            raise
-        # one bad trial must not end the sweep: report it with a large finite loss and go on
-        log.warning("this trial diverged (%s); reported to the sweep as failed with val_loss=%g", err, cfg.diverged_loss)
-        write_metrics(run_dir / "metrics.json", {"status": "diverged", "error": str(err), "val_loss": cfg.diverged_loss,
-                                                 "best_val_loss": cfg.diverged_loss, "steps": int(trainer.global_step)})
-        return float(cfg.diverged_loss)
-    train_seconds = time.perf_counter() - start
-    if stop.signal is not None:
-        print(f"\nstopped by {signal.Signals(stop.signal).name} at step {trainer.global_step}; saved "
-              f"{run_dir / 'checkpoints' / 'last.ckpt'}.\nResume with:\n  {resume_command(run_dir)}", file=sys.stderr)
-        sys.exit(128 + stop.signal)
 
+def wrap_up(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds: float) -> float | None:
+    """After training: the final figures, samples and ``metrics.json`` (the mark of a finished run)."""
     if model.kind == "image":
         metrics = {**model.summary(), "images_per_second": round(model.images_seen / train_seconds, 1)}
     else:
@@ -265,64 +188,10 @@ def train(cfg: DictConfig) -> float | None:
     return metrics.get("val_loss")
 
 
-def in_sweep() -> bool:
-    """True in a job of ``-m`` (a grid sweep or an Optuna study)."""
-    try:
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except ValueError:
-        return False
-
-
-def set_threads(cfg: DictConfig) -> None:
-    """``threads=N``, or under the parallel launcher an equal share of the cores for each job
-    (n_jobs processes each using every core would only fight over them)."""
-    threads = cfg.get("threads")
-    if threads is None and in_sweep():
-        launcher = HydraConfig.get().launcher
-        if "joblib" in str(launcher.get("_target_", "")).lower():
-            n_jobs = launcher.get("n_jobs") or 1
-            cores = os.cpu_count() or 1
-            threads = max(1, cores // (cores if n_jobs < 0 else n_jobs))
-    if threads:
-        torch.set_num_threads(int(threads))
-
-
-def find_learning_rate(cfg: DictConfig, run_dir: Path, datamodule) -> tuple[float, Path]:
-    """Lightning's LR finder on a fresh copy of the model (the notebook's search over 10^-3 .. 10^0):
-    the rate grows exponentially, one update per step, until the loss blows up. Writes
-    ``lr_find.png`` (loss against log10 of the rate) and returns the suggested rate."""
-    from lightning.pytorch.tuner import Tuner
-
-    model = build_model(cfg, datamodule)
-    if model.kind != "text" or not model.hparams.get("optimizer"):
-        raise ConfigError(f"tune_lr=true searches the learning rate of a language model's optimizer; "
-                          f"model={choice('model')} has none to search")
-    model.updates_per_step = datamodule.batches_per_step = 1  # the finder moves the rate once per step
-    search = cfg.lr_finder
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                          default_root_dir=str(run_dir))
-    finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=search.min_lr, max_lr=search.max_lr,
-                                    num_training=search.num_training, update_attr=False)
-    suggestion = finder.suggestion() if finder is not None else None
-    if suggestion is None:
-        raise ConfigError(f"the LR finder found no rate where the loss falls fast; widen lr_finder.min_lr/max_lr "
-                          f"or raise lr_finder.num_training (now {search.num_training})")
-    exponents = [math.log10(lr) for lr in finder.results["lr"]]
-    path = run_dir / "lr_find.png"
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(exponents, finder.results["loss"], lw=1)
-    ax.axvline(math.log10(suggestion), color="red", ls="--", label=f"suggested lr = {suggestion:.3g}")
-    ax.set(xlabel="log10(learning rate)", ylabel="training loss (smoothed)", title="Learning-rate search")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
-    print(f"LR finder: suggested learning rate {suggestion:.4g} (plot: {path})")
-    return float(suggestion), path
-
-
 def evaluate_language_model(trainer: L.Trainer, model, datamodule) -> dict:
     """Final and best validation loss, and the test loss where the data has a test split."""
+    if "val/loss" not in trainer.callback_metrics:  # a resumed run whose training had ended: validate now
+        trainer.validate(model, datamodule=datamodule, verbose=False)
     val = float(trainer.callback_metrics["val/loss"])  # ValidateAtEnd: measured after the last update
     test = None  # text data has a test split only when data.test_fraction > 0
     if getattr(datamodule, "has_test", True):
@@ -344,6 +213,49 @@ def write_name_samples(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, model
             logger.experiment.add_text("samples", "  \n".join(samples), trainer.global_step)
 
 
+# --- stopping ------------------------------------------------------------------------------------
+def report_stop(stop: GracefulStop, run_dir: Path) -> NoReturn:
+    """After a signal: what was saved and the command that continues, then exit 128 + signal."""
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    if checkpoint.exists():
+        step = torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+        print(f"\nstopped by {stop.name} at step {step}; saved {checkpoint}.\nResume with:\n  {resume_command(run_dir)}",
+              file=sys.stderr)
+    else:
+        command = " ".join(["python train.py", *task_overrides()])
+        print(f"\nstopped by {stop.name} before the first checkpoint; nothing to resume. Start again with:\n"
+              f"  {command}", file=sys.stderr)
+    sys.exit(stop.exit_status)
+
+
+def resume_command(run_dir: Path) -> str:
+    overrides = [o for o in task_overrides() if not o.startswith(("ckpt_path=", "overwrite="))]
+    return " ".join(["python train.py", *overrides, f"ckpt_path={run_dir}"])
+
+
+def last_good_state(run_dir: Path) -> str:
+    """Where a diverged run's last good state is, if it saved one."""
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    if checkpoint.exists():
+        return f"Its last validated state is {checkpoint}."
+    return "No checkpoint was saved before that (the first comes with the first validation, at update val_every)."
+
+
+# --- the machine ---------------------------------------------------------------------------------
+def set_threads(cfg: DictConfig) -> None:
+    """``threads=N``, or under the parallel launcher an equal share of the cores for each job
+    (n_jobs processes each using every core would only fight over them)."""
+    threads = cfg.get("threads")
+    if threads is None and in_sweep() and "joblib" in launcher_target().lower():
+        from hydra.core.hydra_config import HydraConfig
+
+        n_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
+        cores = os.cpu_count() or 1
+        threads = max(1, cores // (cores if n_jobs < 0 else n_jobs))
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
 def flat_hparams(cfg: DictConfig) -> dict:
     """The config as flat key/values for TensorBoard's HPARAMS tab (lists become strings)."""
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -356,6 +268,7 @@ def flat_hparams(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-@exit_on_user_error
-def main(cfg: DictConfig) -> float:
-    return train(cfg)
+def main(cfg: DictConfig) -> float | None:
+    if in_sweep():  # a job's failure is recorded in its folder and the sweep goes on
+        return run_sweep_job(train, cfg)
+    return exit_on_user_error(train)(cfg)

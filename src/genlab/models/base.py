@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Iterator
 
 import hydra
 import torch
@@ -45,7 +46,6 @@ class LanguageModel(GenlabModule):
     # True where the context is what the model can read at all (a GPT's position table), so a
     # longer prompt would be cut; False where a fixed window slides over any text (MLP, WaveNet)
     reads_whole_context = False
-    single_pass = False  # True: trained by one pass over the data (counting), not by updates
 
     def __init__(
         self,
@@ -125,8 +125,7 @@ class LanguageModel(GenlabModule):
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"the training loss became {loss.item()} at step {self.global_step}; lower the "
-                    "learning rate or clip gradients (model.grad_clip). The last checkpoint is the last good state."
-                )
+                    "learning rate or clip gradients (model.grad_clip).", step=self.global_step)
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/lr", optimizer.param_groups[0]["lr"])
             self.log_throughput()
@@ -186,18 +185,21 @@ class LanguageModel(GenlabModule):
             idx = idx[:, -self.context_length :]
         return self(idx)[:, -1], None
 
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Extend ``idx`` (B, T) by sampling ``max_new_tokens`` tokens; stops early once every row has
+        produced ``eos_id``."""
+        for idx in self.generate_stream(idx, max_new_tokens, temperature, top_k, eos_id, generator):
+            pass
+        return idx
+
     @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        eos_id: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Extend ``idx`` (B, T) by sampling; stops early once every row has produced ``eos_id``.
-        Runs in eval mode (BatchNorm uses its running statistics, dropout is off)."""
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, eos_id: int | None = None,
+                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """``generate`` one token at a time: yields ``idx`` extended by each new token, so a caller
+        keeps what was made when it stops early (Ctrl-C). Runs in eval mode (BatchNorm uses its
+        running statistics, dropout is off)."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         was_training = self.training
@@ -213,6 +215,7 @@ class LanguageModel(GenlabModule):
                 probs = torch.softmax(logits, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)
                 idx = torch.cat([idx, nxt], dim=1)
+                yield idx
                 if eos_id is not None:
                     done |= nxt[:, 0] == eos_id
                     if done.all():
@@ -221,7 +224,6 @@ class LanguageModel(GenlabModule):
                     logits, state = self.next_token_logits(idx, state)
         finally:
             self.train(was_training)
-        return idx
 
     # --- checkpoints ---------------------------------------------------------------------------
     def checkpoint_extras(self) -> dict:

@@ -131,7 +131,7 @@ class DCGAN(GenlabModule):
 
         if not (torch.isfinite(loss_d) and torch.isfinite(loss_g)):
             raise TrainingDiverged(f"the GAN's losses became {loss_d.item()} / {loss_g.item()} at step "
-                                   f"{self.global_step}; lower the learning rate (model.optimizer.lr)")
+                                   f"{self.global_step}; lower the learning rate (model.optimizer.lr)", step=self.global_step)
         self.images_seen += real.shape[0]
         values = {"gan/loss_d": loss_d, "gan/loss_g": loss_g,
                   "gan/d_x": torch.sigmoid(real_logits.detach()).mean(),

@@ -12,6 +12,7 @@ import torch
 
 class GenlabModule(L.LightningModule):
     kind = "text"  # the data kind this model consumes ("text" or "image")
+    single_pass = False  # True: trained by one pass over the data (counting), not by updates
 
     def __init__(self):
         super().__init__()

@@ -1,0 +1,74 @@
+"""Checks of a training config that cost nothing and run before anything is loaded or written:
+values that cannot work (a batch of 0, a NaN learning rate, ``max_steps=abc``) and a model and
+data that cannot work together. Each failure is one ``ConfigError`` naming the setting and the fix."""
+
+from __future__ import annotations
+
+import math
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from genlab.errors import ConfigError
+from genlab.runtime import choice, in_sweep, launcher_target, task_overrides
+
+
+def is_whole_number(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive_whole(name: str, value, allowed: tuple = ()) -> None:
+    if value in allowed and is_whole_number(value):
+        return
+    if not is_whole_number(value) or value < 1:
+        extra = f" (or {', '.join(map(str, allowed))})" if allowed else ""
+        raise ConfigError(f"{name} must be a whole number of at least 1{extra}, got {value!r}")
+
+
+def check_learning_rate(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive finite number (e.g. 1e-3), got {value!r}")
+
+
+def check_values(cfg: DictConfig) -> None:
+    check_positive_whole("val_every", cfg.val_every)
+    check_positive_whole("trainer.max_steps", cfg.trainer.max_steps, allowed=(-1,))
+    if cfg.trainer.max_steps == -1 and not (is_whole_number(cfg.trainer.get("max_epochs")) and cfg.trainer.max_epochs > 0):
+        raise ConfigError("trainer.max_steps=-1 trains without a step limit, so trainer.max_epochs must be set "
+                          f"(a whole number of at least 1), got {cfg.trainer.get('max_epochs')!r}")
+    for key in ("batch_size", "eval_batch_size", "block_size", "image_size"):
+        if cfg.data.get(key) is not None:
+            check_positive_whole(f"data.{key}", cfg.data[key])
+    if not is_whole_number(cfg.num_samples) or cfg.num_samples < 0:
+        raise ConfigError(f"num_samples must be a whole number (0: none), got {cfg.num_samples!r}")
+    where = "model.optimizer" if "optimizer" in cfg.model else "optimizer"
+    lr = OmegaConf.select(cfg, f"{where}.lr")
+    if lr is not None:
+        check_learning_rate(f"{where}.lr", lr)
+
+
+def check_compatible(cfg: DictConfig) -> None:
+    """A model and data that cannot work together fail at once, before any data is loaded."""
+    model_kind = hydra.utils.get_class(cfg.model._target_).kind
+    data_kind = hydra.utils.get_class(cfg.data._target_).kind
+    if model_kind != data_kind:
+        raise ConfigError(
+            f"model={choice('model')} works on {model_kind} data, but data={choice('data')} gives "
+            f"{data_kind} data; pick a {model_kind} data set or another model."
+        )
+    if in_sweep() and str(cfg.trainer.get("strategy", "")).startswith("ddp"):
+        if "submitit" not in launcher_target():  # there SLURM starts every process of a job itself
+            raise ConfigError(
+                f"trainer={choice('trainer')} cannot run inside a Hydra multirun (-m) on this launcher: Lightning's "
+                "DDP launcher re-runs the command for each process, which a sweep cannot do (dropped in "
+                "Lightning 1.8). Sweep with hydra/launcher=slurm, or run each configuration as its own command")
+    if "optimizer" in cfg.model:  # the model builds its own optimizers: optimizer=... would be ignored
+        ignored = [o for o in task_overrides() if o.lstrip("+~").startswith(("optimizer", "scheduler"))]
+        if ignored:
+            raise ConfigError(f"model={choice('model')} sets its optimizers in model.optimizer, so {' '.join(ignored)} "
+                              "would have no effect; use model.optimizer.lr=... (and model.optimizer.betas=...)")
+
+
+def check_config(cfg: DictConfig) -> None:
+    check_values(cfg)
+    check_compatible(cfg)

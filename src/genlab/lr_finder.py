@@ -1,0 +1,45 @@
+"""``tune_lr=true``: the notebook's learning-rate search before training, with Lightning's LR finder."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from genlab.errors import ConfigError, instantiate
+from genlab.figures import plt, save_figure
+from genlab.runtime import choice
+
+
+def find_learning_rate(cfg: DictConfig, run_dir: Path, datamodule, model) -> tuple[float, Path]:
+    """Lightning's LR finder on ``model``, a fresh copy of the one to train (the notebook's search over 10^-3 .. 10^0):
+    the rate grows exponentially, one update per step, until the loss blows up. Writes
+    ``lr_find.png`` (loss against log10 of the rate) and returns the suggested rate."""
+    from lightning.pytorch.tuner import Tuner
+
+    if model.kind != "text" or not model.hparams.get("optimizer"):
+        raise ConfigError(f"tune_lr=true searches the learning rate of a language model's optimizer; "
+                          f"model={choice('model')} has none to search")
+    model.updates_per_step = datamodule.batches_per_step = 1  # the finder moves the rate once per step
+    search = cfg.lr_finder
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                          default_root_dir=str(run_dir))
+    finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=search.min_lr, max_lr=search.max_lr,
+                                    num_training=search.num_training, update_attr=False)
+    suggestion = finder.suggestion() if finder is not None else None
+    if suggestion is None:
+        raise ConfigError(f"the LR finder found no rate where the loss falls fast; widen lr_finder.min_lr/max_lr "
+                          f"or raise lr_finder.num_training (now {search.num_training})")
+    exponents = [math.log10(lr) for lr in finder.results["lr"]]
+    path = run_dir / "lr_find.png"
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(exponents, finder.results["loss"], lw=1)
+    ax.axvline(math.log10(suggestion), color="red", ls="--", label=f"suggested lr = {suggestion:.3g}")
+    ax.set(xlabel="log10(learning rate)", ylabel="training loss (smoothed)", title="Learning-rate search")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+    print(f"LR finder: suggested learning rate {suggestion:.4g} (plot: {path})")
+    return float(suggestion), path

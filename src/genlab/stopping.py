@@ -1,0 +1,95 @@
+"""Every way to stop a run takes one path: Ctrl-C (SIGINT), ``kill`` or a cluster's pre-emption
+(SIGTERM). The run ends with exit status 128 + the signal's number and prints the command that
+resumes it.
+
+- During training (validation inside it included): the current Lightning step finishes, the run
+  validates and ``last.ckpt`` is saved (``CheckpointAtEnd``), then training stops.
+- Before training or during the wrap-up (final evaluation, samples, ``metrics.json``): the work
+  stops at once. ``last.ckpt`` already holds the finished training, and resuming does the wrap-up.
+- A second signal stops at once, wherever it lands.
+- Under DDP the ranks agree after every step whether any of them was asked to stop, so all of them
+  stop after the same step."""
+
+from __future__ import annotations
+
+import signal
+
+import lightning as L
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunInterrupted(BaseException):
+    """Abandons the work in progress at once (a BaseException, so that no ``except Exception``
+    on the way swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class GracefulStop(L.Callback):
+    def __init__(self):
+        self.signum: int | None = None  # the signal received by this process
+        self.stop_requested = False  # training was asked to stop (on every rank under DDP)
+        self.trainer: L.Trainer | None = None  # set while trainer.fit runs (see setup)
+        self._previous = {}
+
+    # --- installing the handler ------------------------------------------------------------------
+    def __enter__(self):
+        self._previous = {s: signal.getsignal(s) for s in SIGNALS}
+        self._install()
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _install(self) -> None:
+        for s in SIGNALS:
+            signal.signal(s, self.handle)
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit":  # from here on a signal asks training to stop
+            self.trainer = trainer
+
+    # Lightning puts its own SIGTERM handler in place when a stage starts; it would end the run
+    # with exit status 0 and no checkpoint. Each stage's first hook puts this one back.
+    def on_train_start(self, trainer, pl_module):
+        self._install()
+
+    def on_validation_start(self, trainer, pl_module):
+        self._install()
+
+    def on_test_start(self, trainer, pl_module):
+        self._install()
+
+    # --- the signal ------------------------------------------------------------------------------
+    def handle(self, signum, frame) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if not first or self.trainer is None:
+            raise RunInterrupted(signum)
+        self.stop_requested = True
+        if self.trainer.world_size == 1:  # under DDP on_train_batch_end stops every rank together
+            self.trainer.should_stop = True  # Lightning validates (and checkpoints) at a stop request
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.world_size > 1:
+            self.stop_requested = trainer.strategy.reduce_boolean_decision(self.stop_requested, all=False)
+            if self.stop_requested:
+                trainer.should_stop = True
+
+    def on_fit_end(self, trainer, pl_module):
+        self.trainer = None  # from here on (the wrap-up) a signal stops at once
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.trainer = None
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)  # a rank that only followed the others: SIGTERM's
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGTERM).name
