@@ -101,7 +101,7 @@ def test_resume_continues_the_step_count_and_the_loss_history(faces, tmp_path):
     metrics = run_training(run, gan_overrides(faces, "trainer.max_steps=4", f"ckpt_path={run}"))
     assert metrics["steps"] == 4
     history = read_checkpoint(run / "checkpoints" / "last.ckpt")["genlab"]["history"]
-    assert [step for step, _, _ in history] == [1, 2, 3, 4]
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and set(history[0]) == {"step", "loss_d", "loss_g"}
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # no last-v1.ckpt beside it
 
 

@@ -16,7 +16,6 @@ import itertools
 import math
 from typing import Iterator
 
-import hydra
 import torch
 import torch.nn.functional as F
 
@@ -86,19 +85,6 @@ class LanguageModel(GenlabModule):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
 
     # --- training ------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        if not self.hparams.optimizer:
-            return None
-        optimizer = hydra.utils.instantiate(self.hparams.optimizer)(params=self.parameter_groups())
-        if not self.hparams.scheduler:
-            return optimizer
-        scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def parameter_groups(self):
-        """What the optimizer gets; a model may return groups (e.g. no weight decay on norms)."""
-        return self.parameters()
-
     @staticmethod
     def unpack(batch):
         """A training item -> its batches (x, y), each trimmed to its own width."""

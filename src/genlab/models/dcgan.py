@@ -7,23 +7,20 @@ batch), then one generator update. ``trainer.max_steps`` and checkpoint interval
 steps (batches), not the two optimizer updates inside each.
 
 What a run shows: Loss_D, Loss_G, D(x), and D(G(z)) before and after the generator update in
-TensorBoard; every ``grid_every`` steps a grid of the generator's images from one fixed noise batch
-(TensorBoard and ``grids/step_XXXXXXX.png``); a grid of real images at the start; at the end
-``progress.gif`` (the grids in order) and ``losses.png``."""
+TensorBoard, and the pictures every image model shows (``genlab.models.image``): real images, grids
+from one fixed noise batch every ``grid_every`` steps, ``progress.gif`` and ``losses.png``."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import hydra
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlab.errors import ConfigError, TrainingDiverged
-from genlab.figures import image_grid, plot_curves, save_gif, save_png
-from genlab.models.module import GenlabModule
+from genlab.errors import ConfigError
+from genlab.models.image import ImageModel
 
 
 def n_levels(image_size: int) -> int:
@@ -72,27 +69,20 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-class DCGAN(GenlabModule):
-    kind = "image"
-
+class DCGAN(ImageModel):
     def __init__(self, image_size: int = 64, nz: int = 100, ngf: int = 64, ndf: int = 64,
                  optimizer: dict | None = None, grid_every: int = 500, grid_size: int = 64,
                  seed: int = 0, compile: bool = False):
-        super().__init__()
+        super().__init__(image_size, grid_every, grid_size, seed)
         self.save_hyperparameters()
         self.automatic_optimization = False
+        self.latent_shape = (nz, 1, 1)
         self.generator = Generator(image_size, nz, ngf)
         self.discriminator = Discriminator(image_size, ndf)
         self.apply(init_weights)
-        # one noise batch, fixed for the whole run (and kept in checkpoints), to watch progress on
-        self.register_buffer("fixed_noise", self.noise(grid_size, torch.Generator().manual_seed(seed)))
-        self.history: list[tuple[int, float, float]] = []  # (step, Loss_D, Loss_G) for losses.png
-        self.images_seen = 0
+        self.fix_noise()
 
-    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randn(n, self.hparams.nz, 1, 1, generator=generator, device=self.device)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.generator(z)
 
     def compiled_modules(self):
@@ -108,11 +98,8 @@ class DCGAN(GenlabModule):
             raise ConfigError("model=dcgan trains in 32-true or bf16-mixed precision, not 16-mixed (its two "
                               "optimizers would each need a gradient scaler); set trainer.precision=bf16-mixed")
 
-    # --- training ------------------------------------------------------------------------------
     def training_step(self, real: torch.Tensor, batch_idx: int):
         d_optimizer, g_optimizer = self.optimizers()
-        if self.global_step == 0 and batch_idx == 0:
-            self.show("real_images", image_grid(real[:64]), Path("real_images.png"))
         ones = torch.ones(real.shape[0], device=self.device)
         fake = self.generator(self.noise(real.shape[0]))
 
@@ -127,74 +114,9 @@ class DCGAN(GenlabModule):
         fake_logits_after = self.discriminator(fake)
         loss_g = F.binary_cross_entropy_with_logits(fake_logits_after, ones)
         self.update(g_optimizer, loss_g)  # counts the step: one batch
-        loss_d, loss_g = loss_d.detach(), loss_g.detach()
 
-        if not (torch.isfinite(loss_d) and torch.isfinite(loss_g)):
-            raise TrainingDiverged(f"the GAN's losses became {loss_d.item()} / {loss_g.item()} at step "
-                                   f"{self.global_step}; lower the learning rate (model.optimizer.lr)", step=self.global_step)
-        self.images_seen += real.shape[0]
-        values = {"gan/loss_d": loss_d, "gan/loss_g": loss_g,
-                  "gan/d_x": torch.sigmoid(real_logits.detach()).mean(),
-                  "gan/d_g_z_before": torch.sigmoid(fake_logits.detach()).mean(),
-                  "gan/d_g_z_after": torch.sigmoid(fake_logits_after.detach()).mean()}
-        self.log_dict(values)
-        self.log_dict({"loss_d": values["gan/loss_d"], "loss_g": values["gan/loss_g"]}, prog_bar=True, logger=False)
-        self.log("step", float(self.global_step))
-        self.log_rate("perf/images_per_second", self.images_seen)
-        self.history.append((self.global_step, loss_d.item(), loss_g.item()))
-        if self.global_step % self.hparams.grid_every == 0 or self.global_step == 1:
-            self.show_progress()
-
-    # --- pictures ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, z: torch.Tensor) -> torch.Tensor:
-        """Images for noise ``z`` in eval mode (BatchNorm's running statistics), as sampling does."""
-        was_training = self.generator.training
-        self.generator.eval()
-        try:
-            return self.generator(z)
-        finally:
-            self.generator.train(was_training)
-
-    def run_dir(self) -> Path:
-        return Path(self.trainer.default_root_dir)
-
-    def show(self, tag: str, grid: torch.Tensor, relative_path: Path) -> None:
-        """A grid to TensorBoard and to a PNG in the run folder (rank 0 only)."""
-        if not self.trainer.is_global_zero:
-            return
-        save_png(grid, self.run_dir() / relative_path)
-        for logger in self.loggers:
-            if hasattr(logger.experiment, "add_image"):
-                logger.experiment.add_image(tag, grid, self.global_step)
-
-    def show_progress(self) -> None:
-        grid = image_grid(self.generate(self.fixed_noise))
-        self.show("fixed_noise", grid, Path("grids") / f"step_{self.global_step:07d}.png")
-
-    def on_train_end(self) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        frame = self.run_dir() / "grids" / f"step_{self.global_step:07d}.png"
-        if not frame.exists():
-            self.show_progress()
-        frames = sorted((self.run_dir() / "grids").glob("step_*.png"))
-        save_gif(frames, self.run_dir() / "progress.gif")
-        if self.history:
-            steps, loss_d, loss_g = zip(*self.history)
-            plot_curves({"Loss_D": (steps, loss_d), "Loss_G": (steps, loss_g)}, self.run_dir() / "losses.png",
-                        title="Generator and discriminator loss during training")
-
-    def summary(self) -> dict:
-        """The last 50 steps' mean losses, for metrics.json."""
-        recent = self.history[-50:]
-        if not recent:
-            return {}
-        return {"loss_d": sum(h[1] for h in recent) / len(recent), "loss_g": sum(h[2] for h in recent) / len(recent)}
-
-    def checkpoint_extras(self) -> dict:
-        return {"history": self.history}
-
-    def on_load_checkpoint(self, checkpoint) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.history = list(checkpoint.get("genlab", {}).get("history") or [])
+        self.record(real.shape[0], loss_d=loss_d.detach(), loss_g=loss_g.detach())
+        self.log_dict({"gan/loss_d": loss_d.detach(), "gan/loss_g": loss_g.detach(),
+                       "gan/d_x": torch.sigmoid(real_logits.detach()).mean(),
+                       "gan/d_g_z_before": torch.sigmoid(fake_logits.detach()).mean(),
+                       "gan/d_g_z_after": torch.sigmoid(fake_logits_after.detach()).mean()})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import hydra
 import lightning as L
 import torch
 
@@ -27,6 +28,22 @@ class GenlabModule(L.LightningModule):
         rate = (total - previous[1]) / (now - previous[0])
         self.log(name, rate)
         return rate
+
+    # --- optimizers from the config (optimizer=, scheduler=: Hydra partials in the hyper-parameters) --
+    def configure_optimizers(self):
+        if not self.hparams.get("optimizer"):
+            return None
+        optimizer = hydra.utils.instantiate(self.hparams.optimizer)(params=self.parameter_groups())
+        if not self.hparams.get("scheduler"):
+            return optimizer
+        scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        # stepped every update: by Lightning under automatic optimization, by the model's own
+        # training_step under manual optimization (the language models)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self):
+        """What the optimizer gets; a model may return groups (e.g. no weight decay on norms)."""
+        return self.parameters()
 
     def compiled_modules(self) -> list[torch.nn.Module]:
         """The modules whose ``forward`` ``compile=True`` compiles."""
