@@ -80,6 +80,10 @@ class LanguageModel(GenlabModule):
         """The table of token vectors, if the model has one."""
         return getattr(self, "embedding", None)
 
+    def count_table(self) -> torch.Tensor | None:
+        """A square (V, V) table of counts of (this token, next token), if the model is one."""
+        return None
+
     # --- the loss ------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)

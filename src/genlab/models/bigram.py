@@ -31,6 +31,10 @@ class Bigram(LanguageModel):
             nn.init.zeros_(self.logit_table.weight)  # uniform at start, loss = ln V
         self.register_buffer("place", self.vocab_size ** torch.arange(context - 1, -1, -1))
 
+    def count_table(self) -> torch.Tensor | None:
+        # the bigram's table is square and drawn; an n-gram's has V^n rows
+        return self.counts if self.hparams.counting and self.context_length == 1 else None
+
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T): the table row of each position's context (base-V number)."""
         return (context_windows(idx, self.context_length) * self.place).sum(-1)
