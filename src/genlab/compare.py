@@ -105,7 +105,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[Run], params: list[str], rows: list[dict], path: Path) -> None:
+def plot(runs: list[Run], params: list[str], path: Path) -> None:
     finished = [r for r in runs if r.metrics.get("status", "completed") == "completed" and r.val_loss < math.inf]
     panels = len(params) + 1
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
@@ -146,7 +146,7 @@ def compare(root: str | Path, out: str | Path | None = None) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot(runs, params, rows, out / "comparison.png")
+    plot(runs, params, out / "comparison.png")
     print(format_table(rows))
     print(f"\n{len(rows)} runs; swept: {', '.join(params) or 'nothing'}; wrote {out / 'comparison.csv'} and "
           f"{out / 'comparison.png'}")

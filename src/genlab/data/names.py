@@ -102,7 +102,7 @@ class NamesDataModule(L.LightningDataModule):
         data_dir: str = "data",
         mirror: str | None = None,
         path: str | None = None,
-        batch_size: int = 4,
+        batch_size: int = 32,
         eval_batch_size: int = 1024,
         seed: int = 42,
         split: tuple[float, float] = (0.8, 0.9),

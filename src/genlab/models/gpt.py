@@ -53,10 +53,10 @@ class GPT(LanguageModel):
 
     def __init__(
         self,
-        n_layer: int = 6,
-        n_head: int = 6,
-        n_embd: int = 384,
-        dropout: float = 0.2,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 128,
+        dropout: float = 0.1,
         bias: bool = True,
         tie_weights: bool = False,
         block_size: int | None = None,
