@@ -88,9 +88,13 @@ class FixedTrainRealValidation(FixedTrainData):
     def __init__(self, items, real):
         super().__init__(items)
         self.real = real
+        self.tokenizer = real.tokenizer  # what the samples after each validation are decoded with
 
     def val_dataloader(self):
         return self.real.val_dataloader()
+
+    def split_tokens(self, split):
+        return self.real.split_tokens(split)
 
 
 def framework_speed(cfg, model, datamodule, batches, run_dir):

@@ -174,3 +174,17 @@ def test_compiled_model_checkpoints_without_compiler_prefixes(names_file, tmp_pa
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("sample", overrides=[f"ckpt_path={run_dir}", "num_samples=4"])
     assert len(sample(cfg)) == 4
+
+
+def test_a_text_run_writes_continuations_of_the_validation_text_at_every_validation(text_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    run_training(run_dir, ["model=gpt", "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "data=divina",
+                           f"data.path={text_file}", "data.block_size=16", "data.batch_size=4",
+                           "trainer.max_steps=30", "val_every=10", "callbacks.samples.new_tokens=20"])
+    samples = (run_dir / "samples.txt").read_text().split("\n\n---\n\n")
+    validation_start = text_file.read_text()[int(len(text_file.read_text()) * 0.9):][:16]  # the prompt: 16 tokens
+    assert len(samples) == 3 and all(s.startswith(validation_start) and len(s.rstrip("\n")) == 16 + 20 for s in samples)
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    assert [e.step for e in events.Tensors("samples/text_summary")] == [10, 20, 30]

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import lightning as L
 
+from genlab.models.base import LanguageModel
+from genlab.outputs import atomic_write_text
+from genlab.sample import continue_text, sample_names
+
 
 class ValidateAtEnd(L.Callback):
     """Validate (and so checkpoint) after the very last update too, not only every ``val_every``:
@@ -32,3 +36,37 @@ class CheckpointAtEnd(L.Callback):
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.dirpath:
             trainer.save_checkpoint(Path(checkpoint.dirpath) / "last.ckpt")
+
+
+class Samples(L.Callback):
+    """What a language model makes, after every validation (the last one follows the last update):
+    ``num_samples`` whole names for names data; for running text, ``text_samples`` continuations of
+    the first ``prompt_tokens`` tokens of the validation text by ``new_tokens`` tokens. Written to
+    ``samples.txt`` (the latest) and TensorBoard's TEXT tab (each validation at its step). The noise
+    is the same every time (``seed``), so the samples change only as the model does."""
+
+    def __init__(self, num_samples: int = 20, text_samples: int = 3, prompt_tokens: int = 32,
+                 new_tokens: int = 200, seed: int = 42):
+        self.num_samples, self.text_samples = num_samples, text_samples
+        self.prompt_tokens, self.new_tokens, self.seed = prompt_tokens, new_tokens, seed
+        self.latest: list[str] = []
+
+    def make(self, datamodule, model: LanguageModel) -> list[str]:
+        tokenizer = datamodule.tokenizer
+        if tokenizer.eos_id is not None:
+            return sample_names(model, tokenizer, self.num_samples, self.seed)
+        prompt = datamodule.split_tokens("val")[: min(self.prompt_tokens, model.context_length or self.prompt_tokens)]
+        return continue_text(model, tokenizer, prompt.tolist(), self.text_samples, self.new_tokens, self.seed)
+
+    def on_validation_end(self, trainer, pl_module):
+        if (trainer.sanity_checking or not trainer.is_global_zero or self.num_samples <= 0
+                or not isinstance(pl_module, LanguageModel)):
+            return
+        self.latest = self.make(trainer.datamodule, pl_module)
+        names = trainer.datamodule.tokenizer.eos_id is not None
+        atomic_write_text(Path(trainer.default_root_dir) / "samples.txt",
+                          ("\n" if names else "\n\n---\n\n").join(self.latest) + "\n")
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_text"):  # TensorBoard's markdown: two spaces end a line
+                shown = "  \n".join(self.latest) if names else "\n\n---\n\n".join(self.latest)
+                logger.experiment.add_text("samples", shown, trainer.global_step)

@@ -118,6 +118,13 @@ def sample_text(model, tokenizer, cfg: DictConfig, prompt: str) -> list[str]:
     return [prompt + tokenizer.decode(row[start:]) for row in out.tolist()]
 
 
+def continue_text(model, tokenizer, ids: list[int], num_samples: int, max_new_tokens: int, seed: int) -> list[str]:
+    """``num_samples`` continuations of the token ids ``ids`` (prompt included), as training shows them."""
+    start = torch.tensor([ids] * num_samples, dtype=torch.long, device=model.device)
+    out = model.generate(start, max_new_tokens, generator=torch.Generator(model.device).manual_seed(seed))
+    return [tokenizer.decode(row) for row in out.tolist()]
+
+
 def sample_images(model, checkpoint: dict, cfg: DictConfig) -> Path:
     """A grid of ``num_samples`` generated images, or with ``interpolate=true`` a row of
     ``num_samples`` images on the straight line between two noise vectors; written as PNG."""

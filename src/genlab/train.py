@@ -5,7 +5,7 @@
 2. build the data and the model, check a resumed checkpoint against them, then claim the folder
    (record the config, start ``train.log``); nothing is written into it before this point;
 3. fit; Ctrl-C or SIGTERM finish the step, save and exit with the resume command (``genlab.stopping``);
-4. the wrap-up: final validation and test losses, samples, ``metrics.json``.
+4. the wrap-up: final validation and test losses, ``metrics.json`` (samples come after every validation).
 
 Returns the final validation loss, which a sweep minimises (a sweep job's failure is recorded in
 its folder and the sweep goes on: ``genlab.sweeps``)."""
@@ -31,15 +31,14 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
-from genlab.callbacks import CheckpointAtEnd, ValidateAtEnd
+from genlab.callbacks import CheckpointAtEnd, Samples, ValidateAtEnd
 from genlab.checkpoints import check_resume, read_checkpoint
 from genlab.checks import check_config
 from genlab.errors import ConfigError, TrainingDiverged, exit_on_user_error, instantiate
 from genlab.lr_finder import find_learning_rate
-from genlab.outputs import atomic_write_text, write_metrics
+from genlab.outputs import write_metrics
 from genlab.runs import RunFolder, checkpoint_file, flatten, run_dir_of
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
-from genlab.sample import sample_names
 from genlab.stopping import GracefulStop, RunInterrupted
 from genlab.sweeps import run_sweep_job
 
@@ -96,7 +95,7 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     train_seconds = time.perf_counter() - start
     if stop.stop_requested:
         report_stop(stop, run_dir)
-    return wrap_up(cfg, run_dir, trainer, model, datamodule, train_seconds)
+    return wrap_up(run_dir, trainer, model, datamodule, train_seconds)
 
 
 def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
@@ -165,7 +164,7 @@ def log_hyperparameters(cfg: DictConfig, trainer: L.Trainer, model, lr_figure: P
             logger.experiment.add_image("lr_find", np.asarray(Image.open(lr_figure).convert("RGB")), 0, dataformats="HWC")
 
 
-def wrap_up(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds: float) -> float | None:
+def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds: float) -> float | None:
     """After training: the final figures, samples and ``metrics.json`` (the mark of a finished run)."""
     if model.kind == "image":
         metrics = {**model.summary(), "images_per_second": round(model.images_seen / train_seconds, 1)}
@@ -175,8 +174,7 @@ def wrap_up(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, model, datamodul
     metrics.update(status="completed", steps=int(trainer.global_step), train_seconds=round(train_seconds, 3),
                    threads=torch.get_num_threads(), world_size=trainer.world_size)
     if trainer.is_global_zero:
-        if model.kind == "text":
-            write_name_samples(cfg, run_dir, trainer, model, datamodule.tokenizer)
+        print_samples(trainer)
         for logger in trainer.loggers:
             if "val_loss" in metrics:
                 logger.log_metrics({"hp/val_loss": metrics["val_loss"], "hp/best_val_loss": metrics["best_val_loss"]},
@@ -201,16 +199,11 @@ def evaluate_language_model(trainer: L.Trainer, model, datamodule) -> dict:
     return {"val_loss": val, "best_val_loss": min(best, val), "test_loss": test}
 
 
-def write_name_samples(cfg: DictConfig, run_dir: Path, trainer: L.Trainer, model, tokenizer) -> None:
-    """Names data: ``num_samples`` sampled names to samples.txt, the console and TensorBoard."""
-    if tokenizer.eos_id is None or cfg.num_samples <= 0:
-        return
-    samples = sample_names(model, tokenizer, cfg.num_samples, cfg.seed)
-    atomic_write_text(run_dir / "samples.txt", "\n".join(samples) + "\n")
-    print("\n".join(samples))
-    for logger in trainer.loggers:
-        if hasattr(logger.experiment, "add_text"):
-            logger.experiment.add_text("samples", "  \n".join(samples), trainer.global_step)
+def print_samples(trainer: L.Trainer) -> None:
+    """The run's last samples (genlab.callbacks.Samples wrote them to samples.txt and TensorBoard)."""
+    samples = next((c.latest for c in trainer.callbacks if isinstance(c, Samples)), [])
+    if samples:
+        print("\n".join(samples))
 
 
 # --- stopping ------------------------------------------------------------------------------------
