@@ -164,3 +164,8 @@ def test_epochs_count_whole_passes_over_the_images(faces, tmp_path):
     metrics = run_training(run, gan_overrides(faces, "trainer.max_steps=-1", "trainer.max_epochs=2"))
     assert metrics["steps"] == 6
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+
+
+def test_a_run_shorter_than_its_checkpoint_interval_leaves_one_last_checkpoint(faces, tmp_path):
+    run_training(tmp_path / "run", gan_overrides(faces, "val_every=5", "trainer.max_steps=3"))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last.ckpt"]  # no last-v1.ckpt

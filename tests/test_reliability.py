@@ -215,3 +215,19 @@ def test_files_a_run_writes_are_readable_by_others(names_file, tmp_path):
         os.umask(previous)
     for path in (run_dir / "metrics.json", run_dir / "samples.txt", run_dir / ".hydra" / "config.yaml"):
         assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_a_refused_resume_on_the_command_line_leaves_the_runs_record_as_it_was(names_file, tmp_path):
+    """Hydra once rewrote .hydra/*.yaml of the finished run before the resume was refused, so
+    compare.py then reported the refused command's parameters for that run."""
+    run_dir = tmp_path / "run"
+    common = [f"data.path={names_file}", *SMALL, "trainer.enable_progress_bar=false"]
+    first = subprocess.run([sys.executable, "train.py", *common, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = snapshot(run_dir)
+    refused = subprocess.run([sys.executable, "train.py", *common, "model.n_hidden=64", f"ckpt_path={run_dir}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "model.n_hidden=32 in the checkpoint but 64 now" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert snapshot(run_dir) == before

@@ -31,8 +31,14 @@ def run(args: list[str], tmp_path: Path, status: int = 0) -> subprocess.Complete
     return done
 
 
+def job_dir(sweep: Path, number: int) -> Path:
+    """A sweep job's folder: its number, then what the sweep varies (3-lr=0.1,n_embd=30)."""
+    [folder] = [p for p in sweep.iterdir() if p.name == str(number) or p.name.startswith(f"{number}-")]
+    return folder
+
+
 def job_metrics(sweep: Path, jobs: int) -> list[dict]:
-    return [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(jobs)]
+    return [json.loads((job_dir(sweep, i) / "metrics.json").read_text()) for i in range(jobs)]
 
 
 def hparams_of(run_dir: Path) -> tuple[dict, dict]:
@@ -51,16 +57,18 @@ def hparams_of(run_dir: Path) -> tuple[dict, dict]:
 def test_a_2x2_grid_sweep_and_its_comparison(names_file, tmp_path):
     sweep = tmp_path / "sweep"
     run(["-m", "model=mlp", f"data.path={names_file}", "optimizer.lr=0.01,0.1", "model.n_embd=4,8",
-         f"hydra.sweep.dir={sweep}", *TINY], tmp_path)
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
-    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
+         f"hydra.sweep.dir={sweep}", "name=grid", "tags=[mlp,lr]", *TINY], tmp_path)
+    jobs = [job_dir(sweep, i) for i in range(4)]
+    assert [j.name for j in jobs] == ["0-lr=0.01,n_embd=4", "1-lr=0.01,n_embd=8", "2-lr=0.1,n_embd=4", "3-lr=0.1,n_embd=8"]
     seen = set()
     for job in jobs:
         metrics = json.loads((job / "metrics.json").read_text())
         assert metrics["status"] == "completed" and metrics["steps"] == 200
+        assert metrics["name"] == "grid" and metrics["tags"] == ["mlp", "lr"]
         assert (job / "checkpoints" / "last.ckpt").exists()
         hparams, hp_metrics = hparams_of(job)
         seen.add((hparams["optimizer.lr"], hparams["model.n_embd"]))
+        assert hparams["name"] == "grid" and hparams["tags"] == "mlp,lr"
         assert hp_metrics["hp/val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
         assert hp_metrics["hp/best_val_loss"] == pytest.approx(metrics["best_val_loss"], rel=1e-6)
     assert seen == {(0.01, 4), (0.01, 8), (0.1, 4), (0.1, 8)}
@@ -82,7 +90,7 @@ def test_an_optuna_study_survives_a_diverging_trial_and_continues_from_its_stora
             "hydra.sweeper.params=null", "optimizer.lr=choice(0.05,0.1,1e37)", f"hydra.sweeper.storage={storage}",
             "scheduler.milestones=[1000]", *TINY]
     run([*args, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"], tmp_path)
-    statuses = {json.loads((sweep / str(i) / "metrics.json").read_text())["status"] for i in range(3)}
+    statuses = {m["status"] for m in job_metrics(sweep, 3)}
     assert statuses == {"completed", "diverged"}
     results = (sweep / "optimization_results.yaml").read_text()
     assert "best_value" in results
@@ -112,7 +120,7 @@ def test_parallel_jobs_share_the_cores(names_file, tmp_path):
     sweep = tmp_path / "sweep"
     run(["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "model=mlp", f"data.path={names_file}",
          "optimizer.lr=0.01,0.1", f"hydra.sweep.dir={sweep}", *[a for a in TINY if a != "threads=1"]], tmp_path)
-    metrics = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(2)]
+    metrics = job_metrics(sweep, 2)
     assert all(m["status"] == "completed" for m in metrics)
     cores = __import__("os").cpu_count()
     assert [m["threads"] for m in metrics] == [max(1, cores // 2)] * 2
@@ -164,8 +172,8 @@ def test_a_failing_job_is_recorded_and_the_other_jobs_run_to_the_end(launcher, n
     jobs = job_metrics(sweep, 3)
     assert [j["status"] for j in jobs] == ["completed", "failed", "completed"]
     assert "n_embd=8 is not divisible by model.n_head=3" in jobs[1]["error"] and "model.n_head=3" in jobs[1]["overrides"]
-    assert (sweep / "2" / "checkpoints" / "last.ckpt").exists()  # the job after the failure ran whole
-    assert "sweep: 2 of 3 jobs completed" in done.stderr and "job 1 (" in done.stderr
+    assert (job_dir(sweep, 2) / "checkpoints" / "last.ckpt").exists()  # the job after the failure ran whole
+    assert "sweep: 2 of 3 jobs completed" in done.stderr and "1-n_head=3 failed: " in done.stderr
     assert "Traceback" not in done.stderr
 
 

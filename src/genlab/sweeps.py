@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from genlab.errors import GenlabError, TrainingDiverged
 from genlab.outputs import write_metrics
@@ -23,6 +27,45 @@ from genlab.runtime import task_overrides
 
 log = logging.getLogger("genlab")
 NOT_COMPLETED = ("failed", "diverged")
+SWEPT_KEYS = "GENLAB_SWEPT_KEYS"  # set by SweepReport when a sweep starts; its jobs inherit it
+
+
+# --- job folders named by what differs ------------------------------------------------------------
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a sweep varies: sweep overrides on the command line (``lr=0.01,0.1``, ``choice(...)``)
+    and the sweeper's own search space (``hydra.sweeper.params``, Optuna's)."""
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
+    keys += list(config.hydra.sweeper.get("params") or {})
+    return list(dict.fromkeys(keys))
+
+
+def short_value(value: str) -> str:
+    """0.06184186727700784 -> 0.0618; whole numbers and words as they are."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() or not math.isfinite(number) else f"{number:.3g}"
+
+
+def job_dir_name(num: int, overrides) -> str:
+    """A sweep job's folder: its number, then the swept values (``3-lr=0.1,n_embd=30``): short
+    (last key part where unambiguous, 3 significant digits), filesystem-safe and unique (the number)."""
+    swept = [k for k in os.environ.get(SWEPT_KEYS, "").split(",") if k]
+    values = {}
+    for override in overrides:
+        key, _, value = str(override).partition("=")
+        if key.lstrip("+~") in swept:
+            values[key.lstrip("+~")] = short_value(value)
+    last_parts = [k.rsplit(".", 1)[-1] for k in values]
+    names = [short if last_parts.count(short) == 1 else key for key, short in zip(values, last_parts)]
+    label = ",".join(f"{name}={value}" for name, value in zip(names, values.values()))
+    label = re.sub(r"[^\w.,=+-]", "_", label)[:120]
+    return f"{num}-{label}" if label else str(num)
+
+
+OmegaConf.register_new_resolver("genlab_job_dir", job_dir_name, replace=True)
 
 
 def run_sweep_job(train: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
@@ -44,10 +87,15 @@ def run_sweep_job(train: Callable[[DictConfig], float | None], cfg: DictConfig) 
     return float(cfg.failed_loss)
 
 
+def job_number(folder: Path) -> int | None:
+    head = folder.name.split("-", 1)[0]
+    return int(head) if folder.is_dir() and head.isdigit() else None
+
+
 def job_results(sweep_dir: Path) -> dict[str, dict | None]:
-    """Each job folder of a sweep (named by its number) -> its metrics.json (None: none written)."""
+    """Each job folder's name (its number first) -> its metrics.json (None: none written)."""
     results = {}
-    for job in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+    for job in sorted((p for p in sweep_dir.iterdir() if job_number(p) is not None), key=job_number):
         try:
             results[job.name] = json.loads((job / "metrics.json").read_text())
         except (OSError, ValueError):
@@ -64,16 +112,19 @@ def summary(sweep_dir: Path) -> tuple[str, bool]:
     lines = [f"sweep: {len(results) - len(bad)} of {len(results)} jobs completed; these did not ({sweep_dir}):"]
     for job, metrics in bad.items():
         if metrics is None:
-            lines.append(f"  job {job}: no metrics.json (stopped or killed before it ended)")
+            lines.append(f"  {job}: no metrics.json (stopped or killed before it ended)")
         else:
-            lines.append(f"  job {job} ({' '.join(metrics.get('overrides') or [])}) {metrics['status']}: {metrics['error']}")
+            lines.append(f"  {job} {metrics['status']}: {metrics['error']}")
     failed = any(m is None or m.get("status") == "failed" for m in bad.values())
     return "\n".join(lines), failed
 
 
 class SweepReport(Callback):
-    """Hydra callback (``conf/hydra/default.yaml``): after a sweep, the summary, and exit status 1
-    when a job failed."""
+    """Hydra callback (``conf/hydra/default.yaml``): when a sweep starts, which keys it varies (for
+    the job folders' names); after it, the summary, and exit status 1 when a job failed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        os.environ[SWEPT_KEYS] = ",".join(swept_keys(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

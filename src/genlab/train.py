@@ -95,7 +95,7 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     train_seconds = time.perf_counter() - start
     if stop.stop_requested:
         report_stop(stop, run_dir)
-    return wrap_up(run_dir, trainer, model, datamodule, train_seconds)
+    return wrap_up(run_dir, trainer, model, datamodule, train_seconds, label={"name": cfg.get("name"), "tags": list(cfg.get("tags") or [])})
 
 
 def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
@@ -164,7 +164,7 @@ def log_hyperparameters(cfg: DictConfig, trainer: L.Trainer, model, lr_figure: P
             logger.experiment.add_image("lr_find", np.asarray(Image.open(lr_figure).convert("RGB")), 0, dataformats="HWC")
 
 
-def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds: float) -> float | None:
+def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds: float, label: dict) -> float | None:
     """After training: the final figures, samples and ``metrics.json`` (the mark of a finished run)."""
     if model.kind == "image":
         metrics = {**model.summary(), "images_per_second": round(model.images_seen / train_seconds, 1)}
@@ -172,7 +172,7 @@ def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds:
         metrics = evaluate_language_model(trainer, model, datamodule)
         metrics["tokens_per_second"] = round(model.tokens_seen / train_seconds, 1)
     metrics.update(status="completed", steps=int(trainer.global_step), train_seconds=round(train_seconds, 3),
-                   threads=torch.get_num_threads(), world_size=trainer.world_size)
+                   threads=torch.get_num_threads(), world_size=trainer.world_size, **label)
     if trainer.is_global_zero:
         print_samples(trainer)
         for logger in trainer.loggers:
@@ -257,6 +257,8 @@ def flat_hparams(cfg: DictConfig) -> dict:
     for name, value in flatten(groups).items():
         out[name] = "null" if value is None else value if isinstance(value, (int, float, str, bool)) else str(value)
     out["seed"] = container["seed"]
+    out["name"] = container.get("name") or "null"
+    out["tags"] = ",".join(map(str, container.get("tags") or [])) or "null"
     return out
 
 
