@@ -225,6 +225,8 @@ def test_a_refused_resume_on_the_command_line_leaves_the_runs_record_as_it_was(n
     first = subprocess.run([sys.executable, "train.py", *common, f"hydra.run.dir={run_dir}"], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
+    log = (run_dir / "train.log").read_text().splitlines()  # what was logged before the claim too, once
+    assert any("names: 300 entries" in line for line in log) and len(log) == len(set(log))
     before = snapshot(run_dir)
     refused = subprocess.run([sys.executable, "train.py", *common, "model.n_hidden=64", f"ckpt_path={run_dir}"],
                              cwd=REPO, capture_output=True, text=True, timeout=300)

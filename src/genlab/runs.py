@@ -156,9 +156,12 @@ class RunFolder:
         self._file_log = logging.FileHandler(self.path / "train.log", encoding="utf-8")
         self._file_log.setFormatter(logging.Formatter(LOG_FORMAT))
         logging.getLogger().addHandler(self._file_log)
-        if self._early_log is not None:
+        if self._early_log is not None:  # what was logged before the claim, then the buffer goes
             self._early_log.setTarget(self._file_log)
             self._early_log.flush()
+            logging.getLogger().removeHandler(self._early_log)
+            self._early_log.close()
+            self._early_log = None
         self.claimed = True
 
     def close(self) -> None:
