@@ -189,6 +189,7 @@ def test_a_language_model_on_image_data_names_both_options(tmp_path):
     (["optimizer.lr=-0.1"], "optimizer.lr must be a positive finite number"),
     (["optimizer.lr=nan"], "optimizer.lr must be a positive finite number"),
     (["num_samples=-2"], "num_samples must be a whole number"),
+    (["model.updates_per_step=7", "val_every=20"], "val_every=20 must be a multiple of model.updates_per_step=7"),
 ])
 def test_values_that_cannot_work(overrides, pattern, names_file, tmp_path):
     expect_error(tmp_path, [f"data.path={names_file}", *overrides], ConfigError, pattern)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.errors import ConfigError
@@ -47,6 +48,12 @@ def check_values(cfg: DictConfig) -> None:
         check_learning_rate(f"{where}.lr", lr)
 
 
+def check_updates_per_step(cfg: DictConfig, updates_per_step: int) -> None:
+    """``val_every`` counts optimizer updates, and validation falls between Lightning steps."""
+    if cfg.val_every % updates_per_step:
+        raise ConfigError(f"val_every={cfg.val_every} must be a multiple of model.updates_per_step={updates_per_step}")
+
+
 def check_compatible(cfg: DictConfig) -> None:
     """A model and data that cannot work together fail at once, before any data is loaded."""
     model_kind = hydra.utils.get_class(cfg.model._target_).kind
@@ -62,6 +69,9 @@ def check_compatible(cfg: DictConfig) -> None:
                 f"trainer={choice('trainer')} cannot run inside a Hydra multirun (-m) on this launcher: Lightning's "
                 "DDP launcher re-runs the command for each process, which a sweep cannot do (dropped in "
                 "Lightning 1.8). Sweep with hydra/launcher=slurm, or run each configuration as its own command")
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer={choice('trainer')} needs a CUDA GPU, and this machine shows none "
+                          "(torch.cuda.is_available() is False); use trainer=cpu")
     if "optimizer" in cfg.model:  # the model builds its own optimizers: optimizer=... would be ignored
         ignored = [o for o in task_overrides() if o.lstrip("+~").startswith(("optimizer", "scheduler"))]
         if ignored:

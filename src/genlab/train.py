@@ -33,8 +33,8 @@ from PIL import Image
 
 from genlab.callbacks import CheckpointAtEnd, Samples, ValidateAtEnd
 from genlab.checkpoints import check_resume, read_checkpoint
-from genlab.checks import check_config
-from genlab.errors import ConfigError, TrainingDiverged, exit_on_user_error, instantiate
+from genlab.checks import check_config, check_updates_per_step
+from genlab.errors import TrainingDiverged, exit_on_user_error, instantiate
 from genlab.lr_finder import find_learning_rate
 from genlab.outputs import write_metrics
 from genlab.runs import RunFolder, checkpoint_file, flatten, run_dir_of
@@ -68,6 +68,7 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
+    check_updates_per_step(cfg, getattr(model, "updates_per_step", 1))
     if ckpt_path is not None:
         check_resume(read_checkpoint(ckpt_path), model, cfg.trainer.max_steps)
     folder.claim(cfg, overwrite=cfg.overwrite)
@@ -121,13 +122,7 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
 
 def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, single_pass: bool = False,
                   validates: bool = True, stop: GracefulStop | None = None) -> L.Trainer:
-    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer={choice('trainer')} needs a CUDA GPU, and this machine shows none "
-                          "(torch.cuda.is_available() is False); use trainer=cpu")
-    if cfg.val_every % updates_per_step:
-        raise ConfigError(
-            f"val_every={cfg.val_every} must be a multiple of model.updates_per_step={updates_per_step}"
-        )
+    check_updates_per_step(cfg, updates_per_step)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]  # x=null: off
     if validates:
         callbacks.append(ValidateAtEnd())
