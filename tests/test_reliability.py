@@ -233,3 +233,16 @@ def test_a_refused_resume_on_the_command_line_leaves_the_runs_record_as_it_was(n
     assert refused.returncode == 1 and "model.n_hidden=32 in the checkpoint but 64 now" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert snapshot(run_dir) == before
+
+
+def test_a_resumed_run_keeps_its_csv_log(names_file, tmp_path):
+    import csv
+
+    run_dir = tmp_path / "run"
+    common = [f"data.path={names_file}", *[o for o in SMALL if not o.startswith(("trainer.max_steps", "val_every"))],
+              "val_every=10"]
+    run_training(run_dir, [*common, "trainer.max_steps=20"])
+    run_training(run_dir, [*common, "trainer.max_steps=40", f"ckpt_path={run_dir}"])
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        validated = sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("val/loss")})
+    assert validated == [10, 20, 30, 40]  # Lightning's writer deleted the rows before the resume
