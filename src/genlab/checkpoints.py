@@ -67,10 +67,11 @@ def check_resume(checkpoint: dict, model, max_steps: int) -> None:
                               "Resume with the settings the run was started with (its .hydra/overrides.yaml "
                               "lists them), or start a new run")
     step, folder = checkpoint["global_step"], run_dir_of(Path(path))
-    if model.single_pass and finished_at(folder) == step:
+    completed = finished_at(folder) == step
+    if model.single_pass and completed:
         raise CheckpointError(f"the run in {folder} is complete: a counting model makes one pass over the data, "
                               "so there is nothing to continue; start a new run instead")
-    if max_steps > 0 and (step > max_steps or (step == max_steps and finished_at(folder) == step)):
+    if max_steps > 0 and (step > max_steps or (step == max_steps and completed)):
         raise CheckpointError(
             f"the run in {folder} has finished: it trained {step:,} updates, and trainer.max_steps={max_steps} asks "
             f"for no more. To train it further raise trainer.max_steps, e.g. trainer.max_steps={2 * step}")
