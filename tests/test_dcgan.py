@@ -90,9 +90,9 @@ def test_a_run_trains_both_networks_counts_batches_and_writes_its_pictures(faces
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard")).Reload()
-    assert {"real_images", "fixed_noise"} <= set(events.Tags()["images"])
-    assert {"gan/loss_d", "gan/loss_g", "gan/d_x", "gan/d_g_z_before", "gan/d_g_z_after"} <= set(events.Tags()["scalars"])
-    assert [e.step for e in events.Images("fixed_noise")] == [1, 2, 4]
+    assert {"samples/real_images", "samples/fixed_noise"} <= set(events.Tags()["images"])
+    assert {"loss/discriminator", "loss/generator", "probability/real", "probability/fake_before", "probability/fake_after"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Images("samples/fixed_noise")] == [1, 2, 4]
 
 
 def test_resume_continues_the_step_count_and_the_loss_history(faces, tmp_path):

@@ -40,15 +40,15 @@ def test_a_names_run_writes_the_pictures_of_its_tanh_layers(model, names_file, t
     layers = set(trained.tanh_layers())
     assert layers == {"mlp": {"hidden"}, "wavenet": {"level1", "level2", "level3"}, "rnn": {"rnn.layer1"}}[model]
     tags = events(run).Tags()
-    saturated = {t.rsplit("/", 1)[1] for t in tags["scalars"] if t.startswith("insight/saturated/")}
+    saturated = {t.rsplit("/", 1)[1] for t in tags["scalars"] if t.startswith("network/saturated/")}
     assert saturated == layers
-    assert {f"insight/activation/{name}" for name in layers} <= set(tags["histograms"])
+    assert {f"network/activation/{name}" for name in layers} <= set(tags["histograms"])
     matrices = {n for n, p in trained.named_parameters() if p.dim() >= 2}
-    ratios = {t.split("/", 2)[2] for t in tags["scalars"] if t.startswith("insight/update_ratio_log10/")}
+    ratios = {t.split("/", 2)[2] for t in tags["scalars"] if t.startswith("network/update_ratio_log10/")}
     assert ratios == matrices
-    steps = [e.step for e in events(run).Scalars(f"insight/update_ratio_log10/{sorted(matrices)[0]}")]
+    steps = [e.step for e in events(run).Scalars(f"network/update_ratio_log10/{sorted(matrices)[0]}")]
     assert steps == [200, 400]
-    assert {"insight/loss_curves", "insight/embedding", "insight/activations"} <= set(tags["images"])
+    assert {"network/loss_curves", "network/embedding", "network/activations"} <= set(tags["images"])
 
     # the projector: one label per character of the vocabulary, in token order
     labels = next((run / "tensorboard").rglob("metadata.tsv")).read_text().split("\n")[:-1]
@@ -69,7 +69,7 @@ def test_the_bigram_table_is_drawn_with_counts_and_probabilities(names_file, tmp
     run_training(run, ["model=bigram", f"data.path={names_file}"])
     written = {p.name for p in (run / "insight").iterdir()}
     assert {"bigram_counts.png", "bigram_probs.png"} <= written
-    assert {"insight/bigram_counts", "insight/bigram_probs"} <= set(events(run).Tags()["images"])
+    assert {"network/bigram_counts", "network/bigram_probs"} <= set(events(run).Tags()["images"])
 
 
 def test_insight_can_be_turned_off(names_file, tmp_path):

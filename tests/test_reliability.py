@@ -244,5 +244,5 @@ def test_a_resumed_run_keeps_its_csv_log(names_file, tmp_path):
     run_training(run_dir, [*common, "trainer.max_steps=20"])
     run_training(run_dir, [*common, "trainer.max_steps=40", f"ckpt_path={run_dir}"])
     with open(run_dir / "csv" / "metrics.csv", newline="") as f:
-        validated = sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("val/loss")})
+        validated = sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("loss/val")})
     assert validated == [10, 20, 30, 40]  # Lightning's writer deleted the rows before the resume

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from tensorboard import context
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.plugins import base_plugin
+from tensorboard.plugins.hparams import api_pb2, backend_context, get_experiment, list_session_groups, plugin_data_pb2
 
 from genlab.compare import compare
 
@@ -42,7 +45,7 @@ def job_metrics(sweep: Path, jobs: int) -> list[dict]:
 
 
 def hparams_of(run_dir: Path) -> tuple[dict, dict]:
-    """What TensorBoard's HPARAMS tab shows for a run: its hyper-parameters and the hp/ metrics."""
+    """What TensorBoard's HPARAMS tab shows for a run: its hyper-parameters and the loss/ metrics."""
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0},
                               purge_orphaned_data=False).Reload()
     content = events.PluginTagToContent("hparams")
@@ -50,12 +53,34 @@ def hparams_of(run_dir: Path) -> tuple[dict, dict]:
     hparams = {k: (v.number_value if v.HasField("number_value") else v.string_value) for k, v in start.hparams.items()}
     # the value logged at the last step (event files of a run are not read in the order written)
     metrics = {tag: max(events.Scalars(tag), key=lambda e: (e.step, e.wall_time)).value
-               for tag in events.Tags()["scalars"] if tag.startswith("hp/")}
+               for tag in events.Tags()["scalars"] if tag.startswith("loss/")}
     return hparams, metrics
 
 
-def test_a_2x2_grid_sweep_and_its_comparison(names_file, tmp_path):
-    sweep = tmp_path / "sweep"
+def tensorboard_hparams(logdir: Path) -> tuple[list, list, dict]:
+    """What TensorBoard's HPARAMS tab reads from a folder, through TensorBoard's own code: the hparam
+    columns (in its order, each with ``differs``), the metric columns, and each run's metric values."""
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(logdir))
+    backend = backend_context.Context(base_plugin.TBContext(logdir=str(logdir), multiplexer=mux, data_provider=provider))
+    ctx = context.RequestContext()
+    experiment = get_experiment.Handler(ctx, backend, "", api_pb2.GetExperimentRequest()).run()
+    request = api_pb2.ListSessionGroupsRequest(
+        start_index=0, slice_size=100, allowed_statuses=[api_pb2.STATUS_UNKNOWN, api_pb2.STATUS_SUCCESS],
+        col_params=[api_pb2.ColParams(metric=m.name) for m in experiment.metric_infos])
+    groups = list_session_groups.Handler(ctx, backend, "", request).run().session_groups
+    values = {g.name.removesuffix("/tensorboard"): {m.name.tag: m.value for m in g.metric_values} for g in groups}
+    return list(experiment.hparam_infos), [m.name.tag for m in experiment.metric_infos], values
+
+
+# TensorBoard's HPARAMS tab shows the first five hparam and metric columns, the rest behind checkboxes
+SHOWN_COLUMNS = 5
+
+
+def test_a_2x2_grid_sweep_and_its_comparison(names_file, text_file, tmp_path):
+    sweep = tmp_path / "outputs" / "sweep"
     run(["-m", "model=mlp", f"data.path={names_file}", "optimizer.lr=0.01,0.1", "model.n_embd=4,8",
          f"hydra.sweep.dir={sweep}", "name=grid", "tags=[mlp,lr]", *TINY], tmp_path)
     jobs = [job_dir(sweep, i) for i in range(4)]
@@ -69,9 +94,34 @@ def test_a_2x2_grid_sweep_and_its_comparison(names_file, tmp_path):
         hparams, hp_metrics = hparams_of(job)
         seen.add((hparams["optimizer.lr"], hparams["model.n_embd"]))
         assert hparams["name"] == "grid" and hparams["tags"] == "mlp,lr"
-        assert hp_metrics["hp/val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
-        assert hp_metrics["hp/best_val_loss"] == pytest.approx(metrics["best_val_loss"], rel=1e-6)
+        assert hp_metrics["loss/val"] == pytest.approx(metrics["val_loss"], rel=1e-6)
+        assert hp_metrics["loss/best_val"] == pytest.approx(metrics["best_val_loss"], rel=1e-6)
+        assert hp_metrics["loss/test"] == pytest.approx(metrics["test_loss"], rel=1e-6)
     assert seen == {(0.01, 4), (0.01, 8), (0.1, 4), (0.1, 8)}
+
+    # HPARAMS as TensorBoard reads it: the swept parameters are the first columns, the losses the metrics
+    hparams, metric_columns, values = tensorboard_hparams(sweep)
+    assert [h.name for h in hparams if h.differs] == ["model.n_embd", "optimizer.lr"]
+    assert [h.name for h in hparams[:2]] == ["model.n_embd", "optimizer.lr"]
+    assert {"loss/best_val", "loss/test", "loss/train", "loss/val"} <= set(metric_columns[:SHOWN_COLUMNS])
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert values[job.name]["loss/val"] == pytest.approx(metrics["val_loss"], rel=1e-6)
+        assert values[job.name]["loss/test"] == pytest.approx(metrics["test_loss"], rel=1e-6)
+
+    # beside a GPT run: every parameter of every run has a column, internal keys none
+    gpt = sweep.parent / "gpt"
+    run(["model=gpt", "data=divina", f"data.path={text_file}", "model.n_layer=1", "model.n_head=2", "model.n_embd=8",
+         "data.block_size=8", f"hydra.run.dir={gpt}", *TINY[:2], "val_every=100", *TINY[4:]], tmp_path)
+    hparams, metric_columns, values = tensorboard_hparams(sweep.parent)
+    names = {h.name for h in hparams}
+    assert {"model.n_layer", "model.n_head", "model.dropout", "data.tokenizer", "model.n_embd", "optimizer.lr"} <= names
+    assert not [n for n in names if n.rsplit(".", 1)[-1] in ("_target_", "_partial_", "data_dir", "mirror")]
+    differing = [h.name for h in hparams if h.differs]
+    assert {"model", "data", "optimizer.lr", "model.n_embd"} <= set(differing)
+    assert [h.name for h in hparams[:len(differing)]] == differing  # the differing ones come first
+    assert {"loss/best_val", "loss/test", "loss/val"} <= set(metric_columns[:SHOWN_COLUMNS])
+    assert values["gpt"]["loss/val"] == pytest.approx(json.loads((gpt / "metrics.json").read_text())["val_loss"])
 
     rows = compare(sweep)
     assert [k for k in rows[0] if "." in k] == ["model.n_embd", "optimizer.lr"]

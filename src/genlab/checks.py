@@ -32,7 +32,8 @@ def check_learning_rate(name: str, value) -> None:
 
 
 def check_values(cfg: DictConfig) -> None:
-    check_positive_whole("val_every", cfg.val_every)
+    if cfg.val_every is not None:
+        check_positive_whole("val_every", cfg.val_every)
     check_positive_whole("trainer.max_steps", cfg.trainer.max_steps, allowed=(-1,))
     if cfg.trainer.max_steps == -1 and not (is_whole_number(cfg.trainer.get("max_epochs")) and cfg.trainer.max_epochs > 0):
         raise ConfigError("trainer.max_steps=-1 trains without a step limit, so trainer.max_epochs must be set "
@@ -48,10 +49,18 @@ def check_values(cfg: DictConfig) -> None:
         check_learning_rate(f"{where}.lr", lr)
 
 
-def check_updates_per_step(cfg: DictConfig, updates_per_step: int) -> None:
-    """``val_every`` counts optimizer updates, and validation falls between Lightning steps."""
+VALIDATIONS_PER_RUN = 20  # val_every=null: about this many validation points on every curve
+
+
+def validation_interval(cfg: DictConfig, updates_per_step: int) -> int:
+    """``val_every``, or where it is null a twentieth of ``trainer.max_steps``; a multiple of
+    ``updates_per_step``, since validation falls between Lightning steps (each that many updates)."""
+    if cfg.val_every is None:
+        max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else 20_000
+        return max(1, max_steps // VALIDATIONS_PER_RUN // updates_per_step) * updates_per_step
     if cfg.val_every % updates_per_step:
         raise ConfigError(f"val_every={cfg.val_every} must be a multiple of model.updates_per_step={updates_per_step}")
+    return cfg.val_every
 
 
 def check_compatible(cfg: DictConfig) -> None:

@@ -61,15 +61,15 @@ def swept_parameters(runs: list[Run]) -> list[str]:
 
 
 def val_curve(folder: Path) -> tuple[list[int], list[float]]:
-    """The run's logged ``val/loss`` against optimizer updates, from its TensorBoard events."""
+    """The run's logged ``loss/val`` against optimizer updates, from its TensorBoard events."""
     logs = folder / "tensorboard"
     if not logs.exists():
         return [], []
     # a run's event files are read in name order, not the order written: keep every event, sort
     events = EventAccumulator(str(logs), size_guidance={"scalars": 0}, purge_orphaned_data=False).Reload()
-    if "val/loss" not in events.Tags()["scalars"]:
+    if "loss/val" not in events.Tags()["scalars"]:
         return [], []
-    ordered = sorted(events.Scalars("val/loss"), key=lambda e: e.wall_time)
+    ordered = sorted(events.Scalars("loss/val"), key=lambda e: e.wall_time)
     points = {e.step: e.value for e in ordered}  # a step validated twice (a resumed run): the later value
     return sorted(points), [points[s] for s in sorted(points)]
 

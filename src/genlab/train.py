@@ -13,42 +13,37 @@ its folder and the sweep goes on: ``genlab.sweeps``)."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import NoReturn
 
 import hydra
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
-from PIL import Image
 
 from genlab.callbacks import CheckpointAtEnd, Samples, ValidateAtEnd
 from genlab.checkpoints import check_resume, read_checkpoint
-from genlab.checks import check_config, check_updates_per_step
+from genlab.checks import check_config, validation_interval
+from genlab.console import UpdateProgress, result_summary, route_library_logs, run_summary
 from genlab.errors import TrainingDiverged, exit_on_user_error, instantiate
+from genlab.hparams import log_hparams, run_hparams
 from genlab.lr_finder import find_learning_rate
 from genlab.outputs import write_metrics
-from genlab.runs import RunFolder, checkpoint_file, flatten, run_dir_of
+from genlab.runs import RunFolder, checkpoint_file, run_dir_of
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
 from genlab.stopping import GracefulStop, RunInterrupted
 from genlab.sweeps import run_sweep_job
 
 log = logging.getLogger("genlab")
-# Lightning warns that a checkpoint taken every N steps under manual optimization holds the weights
-# after that step's update: that is the state a resume continues from, as intended
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def train(cfg: DictConfig) -> float | None:
+    route_library_logs()
     run_dir = Path(cfg.paths.output_dir)
     check_config(cfg)
     ckpt_path = checkpoint_file(str(cfg.ckpt_path), choice("model"), choice("data")) if cfg.get("ckpt_path") else None
@@ -68,7 +63,8 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
-    check_updates_per_step(cfg, getattr(model, "updates_per_step", 1))
+    with open_dict(cfg):  # recorded with the run's config: the interval it really used
+        cfg.val_every = validation_interval(cfg, getattr(model, "updates_per_step", 1))
     if ckpt_path is not None:
         check_resume(read_checkpoint(ckpt_path), model, cfg.trainer.max_steps)
     folder.claim(cfg, overwrite=cfg.overwrite)
@@ -89,7 +85,8 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     datamodule.batches_per_step = updates_per_step
     trainer = build_trainer(cfg, run_dir, updates_per_step, model.single_pass,
                             validates=is_overridden("validation_step", model), stop=stop)
-    log_hyperparameters(cfg, trainer, model, lr_figure)
+    log_hparams(trainer.loggers, run_hparams(cfg, trainer.world_size), lr_figure)
+    log.info(run_summary({group: choice(group) for group in ("model", "data", "trainer")}, model, trainer, run_dir))
 
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -122,41 +119,29 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
 
 def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, single_pass: bool = False,
                   validates: bool = True, stop: GracefulStop | None = None) -> L.Trainer:
-    check_updates_per_step(cfg, updates_per_step)
+    val_every = validation_interval(cfg, updates_per_step)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]  # x=null: off
     if validates:
         callbacks.append(ValidateAtEnd())
     else:  # nothing to validate (the GAN): keep last.ckpt every val_every steps
         callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.val_every,
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=val_every,
                                          save_top_k=0, save_last=True, enable_version_counter=False))
     callbacks.append(CheckpointAtEnd())  # last.ckpt also when a signal stops training early
     if stop is not None:
         callbacks.append(stop)
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(UpdateProgress())
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),
-        val_check_interval=cfg.val_every // updates_per_step,  # Lightning counts its own steps
+        val_check_interval=val_every // updates_per_step,  # Lightning counts its own steps
         check_val_every_n_epoch=None,
         **({"max_epochs": 1, "max_steps": -1} if single_pass else {}),
     )
-
-
-def log_hyperparameters(cfg: DictConfig, trainer: L.Trainer, model, lr_figure: Path | None) -> None:
-    # under DDP every process trains on its own batch: the batch an update averages over is world_size times
-    # larger (the learning rate is the same on every process, so it is the global one already)
-    hparams = {**flat_hparams(cfg), "trainer.world_size": trainer.world_size,
-               "data.global_batch_size": cfg.data.batch_size * trainer.world_size}
-    for logger in trainer.loggers:  # TensorBoard's HPARAMS tab shows these metrics beside the config
-        if isinstance(logger, TensorBoardLogger) and model.kind == "text":
-            logger.log_hyperparams(hparams, metrics={"hp/val_loss": math.nan, "hp/best_val_loss": math.nan})
-        else:
-            logger.log_hyperparams(hparams)
-        if lr_figure is not None and hasattr(logger.experiment, "add_image"):
-            logger.experiment.add_image("lr_find", np.asarray(Image.open(lr_figure).convert("RGB")), 0, dataformats="HWC")
 
 
 def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds: float, label: dict) -> float | None:
@@ -171,27 +156,21 @@ def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds:
     if trainer.is_global_zero:
         print_samples(trainer)
         for logger in trainer.loggers:
-            if "val_loss" in metrics:
-                logger.log_metrics({"hp/val_loss": metrics["val_loss"], "hp/best_val_loss": metrics["best_val_loss"]},
-                                   trainer.global_step)
             logger.finalize("success")
         write_metrics(run_dir / "metrics.json", metrics)
-        log.info("metrics: %s", metrics)
-        log.info("run folder: %s", run_dir)
+        log.info(result_summary(metrics, run_dir))
     return metrics.get("val_loss")
 
 
 def evaluate_language_model(trainer: L.Trainer, model, datamodule) -> dict:
     """Final and best validation loss, and the test loss where the data has a test split."""
-    if "val/loss" not in trainer.callback_metrics:  # a resumed run whose training had ended: validate now
+    if "loss/val" not in trainer.callback_metrics:  # a resumed run whose training had ended: validate now
         trainer.validate(model, datamodule=datamodule, verbose=False)
-    val = float(trainer.callback_metrics["val/loss"])  # ValidateAtEnd: measured after the last update
+    val = float(trainer.callback_metrics["loss/val"])  # ValidateAtEnd: measured after the last update
     test = None  # text data has a test split only when data.test_fraction > 0
     if getattr(datamodule, "has_test", True):
-        test = float(trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/loss"])
-    checkpoint_cb = trainer.checkpoint_callback
-    best = float(checkpoint_cb.best_model_score) if checkpoint_cb and checkpoint_cb.best_model_score is not None else val
-    return {"val_loss": val, "best_val_loss": min(best, val), "test_loss": test}
+        test = float(trainer.test(model, datamodule=datamodule, verbose=False)[0]["loss/test"])
+    return {"val_loss": val, "best_val_loss": min(model.best_val_loss, val), "test_loss": test}
 
 
 def print_samples(trainer: L.Trainer) -> None:
@@ -243,18 +222,6 @@ def set_threads(cfg: DictConfig) -> None:
     if threads:
         torch.set_num_threads(int(threads))
 
-
-def flat_hparams(cfg: DictConfig) -> dict:
-    """The config as flat key/values for TensorBoard's HPARAMS tab (lists become strings)."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    groups = {group: container.get(group) or {} for group in ("data", "model", "optimizer", "scheduler", "trainer")}
-    out = {}
-    for name, value in flatten(groups).items():
-        out[name] = "null" if value is None else value if isinstance(value, (int, float, str, bool)) else str(value)
-    out["seed"] = container["seed"]
-    out["name"] = container.get("name") or "null"
-    out["tags"] = ",".join(map(str, container.get("tags") or [])) or "null"
-    return out
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

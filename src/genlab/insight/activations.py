@@ -58,10 +58,10 @@ def saturation(activations: torch.Tensor) -> float:
 
 def log_activations(layers: dict, model, tb, step: int, histograms: bool) -> None:
     for name, (pre, post) in layers.items():
-        model.log(f"insight/saturated/{name}", saturation(post))
+        model.log(f"network/saturated/{name}", saturation(post))
         if tb is not None and histograms:
-            add_histogram(tb, f"insight/preactivation/{name}", pre, step)
-            add_histogram(tb, f"insight/activation/{name}", post, step)
+            add_histogram(tb, f"network/preactivation/{name}", pre, step)
+            add_histogram(tb, f"network/activation/{name}", post, step)
 
 
 def activation_figure(layers: dict, out: Path) -> Path:

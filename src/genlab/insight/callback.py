@@ -64,8 +64,8 @@ class Insight(L.Callback):
                 log_activations(self.probe.measure(pl_module), pl_module, tb, after, self.histograms)
 
     def on_validation_end(self, trainer, pl_module):
-        if "val/loss" in trainer.callback_metrics and not trainer.sanity_checking:
-            self.val_losses.append((trainer.global_step, float(trainer.callback_metrics["val/loss"])))
+        if "loss/val" in trainer.callback_metrics and not trainer.sanity_checking:
+            self.val_losses.append((trainer.global_step, float(trainer.callback_metrics["loss/val"])))
 
     # --- the figures at the end ----------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module):
@@ -80,4 +80,4 @@ class Insight(L.Callback):
         if tb is not None:
             for path in filter(None, figures):
                 pixels = np.asarray(Image.open(path).convert("RGB"))
-                tb.add_image(f"insight/{path.stem}", pixels, step, dataformats="HWC")
+                tb.add_image(f"network/{path.stem}", pixels, step, dataformats="HWC")

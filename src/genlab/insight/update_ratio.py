@@ -57,7 +57,7 @@ class UpdateRatios:
                     value = math.log10(ratio) if ratio > 0 else -10.0
                     self.points.setdefault(name, []).append((step, value))
                     if tb is not None:
-                        tb.add_scalar(f"insight/update_ratio_log10/{name}", value, step)
+                        tb.add_scalar(f"network/update_ratio_log10/{name}", value, step)
                 before.clear()
 
         self._hooks += [optimizer.register_step_pre_hook(snapshot), optimizer.register_step_post_hook(compare)]

@@ -70,6 +70,7 @@ class LanguageModel(GenlabModule):
         self.tokens_seen = 0  # real target tokens trained on, for tokens/s
         self.training_words: list[str] | None = None  # set for names: sampling measures novelty
         self.step_losses: list[torch.Tensor] = []  # the losses of the last Lightning step's updates
+        self.best_val_loss = math.inf  # the lowest validation loss so far (kept in checkpoints)
 
     # --- what the insight callback looks at (genlab.insight) ------------------------------------
     def tanh_layers(self) -> dict[str, torch.nn.Module]:
@@ -116,8 +117,8 @@ class LanguageModel(GenlabModule):
                 raise TrainingDiverged(
                     f"the training loss became {loss.item()} at step {self.global_step}; lower the "
                     "learning rate or clip gradients (model.grad_clip).", step=self.global_step)
-            self.log("train/loss", loss, prog_bar=True)
-            self.log("train/lr", optimizer.param_groups[0]["lr"])
+            self.log("loss/train", loss, prog_bar=True)
+            self.log("optimizer/lr", optimizer.param_groups[0]["lr"])
             self.log_throughput()
             self.log_step()
             return loss  # Lightning's LR finder reads the loss from here
@@ -152,7 +153,12 @@ class LanguageModel(GenlabModule):
             return
         totals = self.trainer.strategy.reduce(self._eval_totals, reduce_op="sum")
         self._eval_totals = None
-        self.log(f"{stage}/loss", (totals[0] / totals[1]).float(), sync_dist=False)
+        loss = (totals[0] / totals[1]).float()
+        self.log(f"loss/{stage}", loss, sync_dist=False)
+        if stage == "val" and not self.trainer.sanity_checking:
+            # the best so far, so that TensorBoard's HPARAMS (which shows a curve's last value) has it
+            self.best_val_loss = min(self.best_val_loss, loss.item())
+            self.log("loss/best_val", self.best_val_loss, sync_dist=False)
         self.log_step()
 
     def validation_step(self, batch, batch_idx):
@@ -217,4 +223,8 @@ class LanguageModel(GenlabModule):
 
     # --- checkpoints ---------------------------------------------------------------------------
     def checkpoint_extras(self) -> dict:
-        return {"training_words": self.training_words}
+        return {"training_words": self.training_words, "best_val_loss": self.best_val_loss}
+
+    def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
+        self.best_val_loss = checkpoint.get("genlab", {}).get("best_val_loss", math.inf)

@@ -116,7 +116,8 @@ class DCGAN(ImageModel):
         self.update(g_optimizer, loss_g)  # counts the step: one batch
 
         self.record(real.shape[0], loss_d=loss_d.detach(), loss_g=loss_g.detach())
-        self.log_dict({"gan/loss_d": loss_d.detach(), "gan/loss_g": loss_g.detach(),
-                       "gan/d_x": torch.sigmoid(real_logits.detach()).mean(),
-                       "gan/d_g_z_before": torch.sigmoid(fake_logits.detach()).mean(),
-                       "gan/d_g_z_after": torch.sigmoid(fake_logits_after.detach()).mean()})
+        self.log_dict({"loss/discriminator": loss_d.detach(), "loss/generator": loss_g.detach(),
+                       # the discriminator's mean probability "real" for real, fake (before and after its update)
+                       "probability/real": torch.sigmoid(real_logits.detach()).mean(),
+                       "probability/fake_before": torch.sigmoid(fake_logits.detach()).mean(),
+                       "probability/fake_after": torch.sigmoid(fake_logits_after.detach()).mean()})

@@ -97,11 +97,11 @@ class ImageModel(GenlabModule):
 
     def show_progress(self) -> None:
         grid = image_grid(self.generate(self.fixed_noise))
-        self.show("fixed_noise", grid, Path("grids") / f"step_{self.global_step:07d}.png")
+        self.show("samples/fixed_noise", grid, Path("grids") / f"step_{self.global_step:07d}.png")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self.global_step == 0 and batch_idx == 0:
-            self.show("real_images", image_grid(batch[:64]), Path("real_images.png"))
+            self.show("samples/real_images", image_grid(batch[:64]), Path("real_images.png"))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.global_step % self.grid_every == 0 or self.global_step == 1:

@@ -1,0 +1,154 @@
+"""What a run prints: one summary line before training, a progress bar counted in optimizer updates
+(or, without a terminal, a log line every few percent), and nothing a user cannot act on.
+
+Lightning's own information lines (GPU/TPU availability, "Seed set to", a tip for another package,
+checkpoint restoring) still reach ``train.log``: ``QuietConsole`` keeps them off the console only."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+import warnings
+from datetime import timedelta
+
+import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
+from tqdm import tqdm
+
+log = logging.getLogger("genlab")
+
+# Library warnings a user cannot act on, each silenced on purpose:
+# - Lightning calls a torch pytree API that torch deprecates; the fix is Lightning's to make
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# - a checkpoint taken every N steps under manual optimization holds the weights after that step's
+#   update: that is the state a resume continues from, as intended
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# - genlab's data modules prepare their batches in the main process on purpose (the batches are
+#   slices of tensors already in memory: workers would only add copies)
+warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
+
+
+def route_library_logs() -> None:
+    """Lightning gives its loggers a console handler of their own when it is imported before logging
+    is configured (always, here): send their lines through the root's handlers instead, so that the
+    console's filter and train.log both see them."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        library_log = logging.getLogger(name)
+        for handler in list(library_log.handlers):
+            library_log.removeHandler(handler)
+        library_log.propagate = True
+
+
+class QuietConsole(logging.Filter):
+    """The console's filter (conf/hydra/job_logging/console.yaml): genlab's and Hydra's information,
+    and every library's warnings and errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.split(".")[0] in ("genlab", "hydra", "__main__")
+
+
+def count(n: int) -> str:
+    """12100 -> "12.1K"."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def run_summary(choices: dict, model: L.LightningModule, trainer: L.Trainer, run_dir) -> str:
+    """One line: what trains on what, how big, where, how long, and where the run writes."""
+    parameters = sum(p.numel() for p in model.parameters())
+    device = f"{trainer.num_devices}x {choices['trainer']} ({trainer.precision})"
+    length = f"{trainer.max_steps:,} updates" if trainer.max_steps > 0 else f"{trainer.max_epochs} epochs"
+    return f"{choices['model']} on {choices['data']}: {count(parameters)} parameters, {device}, {length} -> {run_dir}"
+
+
+def result_summary(metrics: dict, run_dir) -> str:
+    """One line at the end: the losses (or the GAN's), how long, how fast, where."""
+    if "val_loss" in metrics:
+        shown = f"val {metrics['val_loss']:.4f} (best {metrics['best_val_loss']:.4f})"
+        if metrics.get("test_loss") is not None:
+            shown += f", test {metrics['test_loss']:.4f}"
+        speed = f"{metrics['tokens_per_second']:,.0f} tokens/s"
+    else:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
+        speed = f"{metrics['images_per_second']:,.0f} images/s"
+    return (f"{shown} after {metrics['steps']:,} updates in {timedelta(seconds=round(metrics['train_seconds']))} "
+            f"({speed}); {run_dir}/metrics.json")
+
+
+class UpdateProgress(ProgressBar):
+    """Progress in optimizer updates (``trainer.global_step``), whatever a Lightning step holds: the
+    true total and ETA, continued on resume. On a terminal a bar; otherwise (a log file, a sweep
+    under a launcher) a line every ``percent_per_line`` percent."""
+
+    def __init__(self, percent_per_line: int = 5):
+        super().__init__()
+        self.percent_per_line = percent_per_line
+        self._enabled = True
+        self._bar: tqdm | None = None
+        self._start = (0.0, 0)  # (time, update) when training started
+        self._next_line = 0  # the update at which the next log line is due
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @staticmethod
+    def total(trainer: L.Trainer) -> int:
+        if trainer.max_steps > 0:
+            return trainer.max_steps
+        per_epoch = trainer.num_training_batches * getattr(trainer.lightning_module, "updates_per_step", 1)
+        return int(per_epoch * trainer.max_epochs)
+
+    def on_train_start(self, trainer, pl_module):
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        done = trainer.global_step
+        self._start = (time.perf_counter(), done)
+        if sys.stderr.isatty() and shutil.get_terminal_size((0, 0)).columns > 0:  # a terminal with a width
+            self._bar = tqdm(total=self.total(trainer), initial=done, unit="update", dynamic_ncols=True,
+                             file=sys.stderr, smoothing=0.1)
+        else:
+            self._next_line = done + 1
+
+    def losses(self, trainer) -> dict[str, float]:
+        shown = {}
+        for key, name in (("loss/train", "loss"), ("loss/val", "val")):
+            if key in trainer.callback_metrics:
+                shown[name] = round(float(trainer.callback_metrics[key]), 3)
+        return shown
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        done, total = trainer.global_step, self.total(trainer)
+        if self._bar is not None:
+            self._bar.update(done - self._bar.n)
+            self._bar.set_postfix(self.losses(trainer), refresh=False)
+        elif done >= self._next_line or done >= total:
+            self.log_line(done, total, trainer)
+            step = max(1, total * self.percent_per_line // 100)
+            self._next_line = (done // step + 1) * step
+
+    def log_line(self, done: int, total: int, trainer) -> None:
+        started, first = self._start
+        elapsed = time.perf_counter() - started
+        rate = (done - first) / elapsed if elapsed > 0 else 0.0
+        eta = timedelta(seconds=round((total - done) / rate)) if rate > 0 else "?"
+        losses = " ".join(f"{k} {v}" for k, v in self.losses(trainer).items())
+        log.info("update %s/%s (%d%%) %s | %s elapsed, ETA %s", f"{done:,}", f"{total:,}", 100 * done // max(total, 1),
+                 losses, timedelta(seconds=round(elapsed)), eta)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._bar is not None and not trainer.sanity_checking:
+            self._bar.set_postfix(self.losses(trainer))
+
+    def on_train_end(self, trainer, pl_module):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
