@@ -25,6 +25,8 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 # - a checkpoint taken every N steps under manual optimization holds the weights after that step's
 #   update: that is the state a resume continues from, as intended
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# - a resumed run writes its checkpoints into the folder that already holds them, by design
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 # - genlab's data modules prepare their batches in the main process on purpose (the batches are
 #   slices of tensors already in memory: workers would only add copies)
 warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
@@ -61,11 +63,12 @@ def run_summary(choices: dict, model: L.LightningModule, trainer: L.Trainer, run
     """One line: what trains on what, how big, where, how long, and where the run writes."""
     parameters = sum(p.numel() for p in model.parameters())
     device = f"{trainer.num_devices}x {choices['trainer']} ({trainer.precision})"
-    length = f"{trainer.max_steps:,} updates" if trainer.max_steps > 0 else f"{trainer.max_epochs} epochs"
+    unit = UpdateProgress.unit(model)
+    length = f"{trainer.max_steps:,} {unit}s" if trainer.max_steps > 0 else f"{trainer.max_epochs} epochs"
     return f"{choices['model']} on {choices['data']}: {count(parameters)} parameters, {device}, {length} -> {run_dir}"
 
 
-def result_summary(metrics: dict, run_dir) -> str:
+def result_summary(metrics: dict, run_dir, unit: str = "update") -> str:
     """One line at the end: the losses (or the GAN's), how long, how fast, where."""
     if "val_loss" in metrics:
         shown = f"val {metrics['val_loss']:.4f} (best {metrics['best_val_loss']:.4f})"
@@ -75,7 +78,7 @@ def result_summary(metrics: dict, run_dir) -> str:
     else:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
         speed = f"{metrics['images_per_second']:,.0f} images/s"
-    return (f"{shown} after {metrics['steps']:,} updates in {timedelta(seconds=round(metrics['train_seconds']))} "
+    return (f"{shown} after {metrics['steps']:,} {unit}s in {timedelta(seconds=round(metrics['train_seconds']))} "
             f"({speed}); {run_dir}/metrics.json")
 
 
@@ -111,17 +114,19 @@ class UpdateProgress(ProgressBar):
         done = trainer.global_step
         self._start = (time.perf_counter(), done)
         if sys.stderr.isatty() and shutil.get_terminal_size((0, 0)).columns > 0:  # a terminal with a width
-            self._bar = tqdm(total=self.total(trainer), initial=done, unit="update", dynamic_ncols=True,
+            self._bar = tqdm(total=self.total(trainer), initial=done, unit=self.unit(pl_module), dynamic_ncols=True,
                              file=sys.stderr, smoothing=0.1)
         else:
             self._next_line = done + 1
 
-    def losses(self, trainer) -> dict[str, float]:
-        shown = {}
-        for key, name in (("loss/train", "loss"), ("loss/val", "val")):
-            if key in trainer.callback_metrics:
-                shown[name] = round(float(trainer.callback_metrics[key]), 3)
-        return shown
+    @staticmethod
+    def losses(trainer) -> dict[str, float]:
+        """What the model shows in the progress bar (its training loss, the GAN's two), and the last
+        validation loss."""
+        shown = {"loss" if key == "loss/train" else key: value for key, value in trainer.progress_bar_metrics.items()}
+        if "loss/val" in trainer.callback_metrics:
+            shown["val"] = trainer.callback_metrics["loss/val"]
+        return {key: round(float(value), 3) for key, value in shown.items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not (self._enabled and trainer.is_global_zero):
@@ -135,14 +140,19 @@ class UpdateProgress(ProgressBar):
             step = max(1, total * self.percent_per_line // 100)
             self._next_line = (done // step + 1) * step
 
+    @staticmethod
+    def unit(model) -> str:
+        """An optimizer update; for the GAN a step (one batch: an update of each network)."""
+        return "update" if getattr(model, "kind", "text") == "text" else "step"
+
     def log_line(self, done: int, total: int, trainer) -> None:
         started, first = self._start
         elapsed = time.perf_counter() - started
         rate = (done - first) / elapsed if elapsed > 0 else 0.0
         eta = timedelta(seconds=round((total - done) / rate)) if rate > 0 else "?"
         losses = " ".join(f"{k} {v}" for k, v in self.losses(trainer).items())
-        log.info("update %s/%s (%d%%) %s | %s elapsed, ETA %s", f"{done:,}", f"{total:,}", 100 * done // max(total, 1),
-                 losses, timedelta(seconds=round(elapsed)), eta)
+        log.info("%s %s/%s (%d%%) %s | %s elapsed, ETA %s", self.unit(trainer.lightning_module), f"{done:,}",
+                 f"{total:,}", 100 * done // max(total, 1), losses, timedelta(seconds=round(elapsed)), eta)
 
     def on_validation_end(self, trainer, pl_module):
         if self._bar is not None and not trainer.sanity_checking:

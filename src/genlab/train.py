@@ -158,7 +158,7 @@ def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds:
         for logger in trainer.loggers:
             logger.finalize("success")
         write_metrics(run_dir / "metrics.json", metrics)
-        log.info(result_summary(metrics, run_dir))
+        log.info(result_summary(metrics, run_dir, UpdateProgress.unit(model)))
     return metrics.get("val_loss")
 
 

@@ -1,0 +1,44 @@
+"""What a run prints: a summary line and little else before training, progress in optimizer
+updates with the true total (continued on resume), and no library noise."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+
+from conftest import REPO, run_training
+
+QUIET = ["trainer.max_steps=200", "model.updates_per_step=50", "num_samples=2", "callbacks.insight=null", "threads=1"]
+
+
+def test_the_console_shows_a_summary_progress_in_updates_and_no_library_noise(names_file, tmp_path):
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "train.py", f"data.path={names_file}", *QUIET, f"hydra.run.dir={run_dir}",
+                           f"paths.data_dir={tmp_path / 'data'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    first_update = next(i for i, line in enumerate(lines) if re.search(r"\] update \d", line))
+    assert first_update <= 5, lines[:first_update]
+    summary = re.compile(rf"mlp on names: [\d.]+K parameters, 1x cpu \(32-true\), 200 updates -> {re.escape(str(run_dir))}$")
+    assert any(summary.search(line) for line in lines[:first_update]), lines[:first_update]
+    progress = [line for line in lines if "] update " in line]
+    assert all("/200 (" in line for line in progress) and "update 200/200 (100%)" in progress[-1]
+    assert "val_loss" not in done.stdout and f"{run_dir}/metrics.json" in lines[-1]
+    everything = done.stdout + done.stderr
+    for noise in ("GPU available", "TPU available", "Tip:", "FLOPs", "Warning", "it/s", "Epoch"):
+        assert noise not in everything, noise
+    assert "GPU available" in (run_dir / "train.log").read_text()  # Lightning's lines are kept in the log file
+
+
+def test_progress_continues_from_the_resumed_update(names_file, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    common = [f"data.path={names_file}", "model.updates_per_step=20", "num_samples=0", "logger=none",
+              "callbacks.insight=null", "trainer.enable_progress_bar=true", "val_every=20"]
+    run_training(run_dir, [*common, "trainer.max_steps=100"])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="genlab"):
+        run_training(run_dir, [*common, "trainer.max_steps=200", f"ckpt_path={run_dir}"])
+    done = [int(m.group(1)) for m in re.finditer(r"update (\d+)/200 ", caplog.text)]
+    assert done and done[0] > 100 and done[-1] == 200 and done == sorted(done)
