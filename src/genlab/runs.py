@@ -31,8 +31,9 @@ RUNS = Path("outputs/runs")
 # overwrite=true removes these (and nothing else a user may have put there)
 RUN_MARKERS = ("checkpoints", "metrics.json", "tensorboard", "csv", ".hydra")
 RUN_FILES = (*RUN_MARKERS, "insight", "grids", "samples.txt", "train.log", "lr_find.png", "real_images.png",
-             "progress.gif", "losses.png", "samples.png", "interpolation.png")
-LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as on the console (conf/hydra/job_logging)
+             "progress.gif", "losses.png", "samples.png", "interpolation.png", "eval.json", "fit-profile.txt",
+             "test-profile.txt")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # train.log's lines
 
 
 def checkpoint_file(ckpt_path: str, model: str = "?", data: str = "?") -> Path:

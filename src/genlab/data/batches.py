@@ -55,6 +55,12 @@ def resume_position(datamodule) -> int:
     return trainer.global_step if trainer is not None else 0
 
 
+def overfitting(datamodule) -> bool:
+    """``debug=overfit`` (Lightning's ``trainer.overfit_batches``): every update takes the first batch."""
+    trainer = datamodule.trainer
+    return trainer is not None and trainer.overfit_batches > 0
+
+
 class BatchStream:
     """A stream of training batches: batch p depends only on p (and a seed), never on what came
     before, and each Lightning step takes the next K = ``batches_per_step`` of them as one item.
@@ -69,6 +75,7 @@ class BatchStream:
     batches_per_step = 1
     start = staticmethod(lambda: 0)
     rank, world = 0, 1
+    one_batch = False  # True: every update trains on the first batch (debug=overfit)
 
     def batch(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -79,7 +86,7 @@ class BatchStream:
     def __iter__(self):
         position = self.start()
         for _ in range(len(self)):
-            steps = range(position, position + self.batches_per_step)
+            steps = [0] * self.batches_per_step if self.one_batch else range(position, position + self.batches_per_step)
             xs, ys = zip(*(self.batch(self.global_index(p)) for p in steps))
             position += self.batches_per_step
             yield group(torch.stack(xs), torch.stack(ys))

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from genlab.data.batches import FixedBatches, SequenceBatches, context_windows, replica, resume_position
+from genlab.data.batches import FixedBatches, SequenceBatches, context_windows, overfitting, replica, resume_position
 from genlab.data.fetch import RemoteFile, fetch
 from genlab.errors import ConfigError, DataError
 from genlab.data.tokenizer import CharTokenizer
@@ -172,8 +172,10 @@ class NamesDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         x, y = self.tensors["train"] if self.sampling == "names" else self.training_windows()
-        return SequenceBatches(x, y, self.batch_size, self.batches_per_step, self.seed,
-                               start=lambda: resume_position(self), replica=replica(self))
+        stream = SequenceBatches(x, y, self.batch_size, self.batches_per_step, self.seed,
+                                 start=lambda: resume_position(self), replica=replica(self))
+        stream.one_batch = overfitting(self)
+        return stream
 
     def training_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every (context, next character) pair of the training names, as the notebook builds its

@@ -25,7 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from genlab.data.batches import FixedBatches, StreamBatches, WindowBatches, replica, resume_position
+from genlab.data.batches import FixedBatches, StreamBatches, WindowBatches, overfitting, replica, resume_position
 from genlab.data.fetch import RemoteFile, fetch, sha256_of
 from genlab.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from genlab.errors import ConfigError, DataError
@@ -209,12 +209,15 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self):
         tokens = self.split_tokens("train")
         if self.contiguous:
-            return StreamBatches(tokens, self.seq_len, self.batch_size, self.batches_per_step,
-                                 start=lambda: resume_position(self), replica=replica(self))
-        shard = replica(self)
-        per_epoch = max(1, len(tokens) // (shard[1] * self.batch_size * self.seq_len * self.batches_per_step))
-        return WindowBatches(tokens, self.seq_len, self.batch_size, per_epoch, self.batches_per_step, self.seed,
-                             start=lambda: resume_position(self), replica=shard)
+            stream = StreamBatches(tokens, self.seq_len, self.batch_size, self.batches_per_step,
+                                   start=lambda: resume_position(self), replica=replica(self))
+        else:
+            shard = replica(self)
+            per_epoch = max(1, len(tokens) // (shard[1] * self.batch_size * self.seq_len * self.batches_per_step))
+            stream = WindowBatches(tokens, self.seq_len, self.batch_size, per_epoch, self.batches_per_step, self.seed,
+                                   start=lambda: resume_position(self), replica=shard)
+        stream.one_batch = overfitting(self)
+        return stream
 
     def _fixed_windows(self, split: str) -> FixedBatches:
         tokens = self.split_tokens(split)
