@@ -1,7 +1,10 @@
 """Compare finished runs: every folder under a root that holds a ``metrics.json`` (a multirun
 sweep, an Optuna study, single runs, or a mix). The swept parameters are the config values that
-differ between the runs. Prints a table sorted by validation loss and writes ``comparison.csv``
-and ``comparison.png`` (val loss against each swept parameter, and every run's val-loss curve)."""
+really differ between the runs: the chosen model and data, and a model's or data's own setting only
+between runs of that same model or data (a GPT's n_layer is not "swept" against an MLP). Prints a
+table sorted by validation loss and writes ``comparison.csv`` (every swept key) and
+``comparison.png`` (val loss against each of the first swept parameters, and every run's val-loss
+curve); the printed table and the figure stay a readable size however many runs and keys."""
 
 from __future__ import annotations
 
@@ -17,10 +20,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from genlab.errors import DataError
 from genlab.figures import plt, save_figure
+from genlab.hparams import GROUPS, INTERNAL_KEYS
 from genlab.runs import flatten
 
 # run-specific values that differ between any two runs without being a choice anyone made
-NOT_PARAMETERS = ("paths.", "hydra.", "ckpt_path")
+NOT_PARAMETERS = ("paths.", "hydra.", "ckpt_path", "overwrite")
+SHOWN_PARAMETERS = 4  # columns of the printed table and panels of the figure (comparison.csv has all)
+SHOWN_CURVES = 12  # runs named in the curves' legend
 
 
 @dataclass
@@ -46,18 +52,53 @@ def find_runs(root: Path) -> list[Run]:
                 raise ValueError("not a JSON object")
             config_file = folder / ".hydra" / "config.yaml"
             config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False) if config_file.exists() else {}
+            config = {**flatten(config), **choices(folder)}
         except Exception as err:  # cut short, hand-edited, not JSON or YAML: the other runs still compare
             print(f"skipped {folder}: its metrics.json or .hydra/config.yaml cannot be read "
                   f"({err.__class__.__name__}: {str(err)[:100]})", file=sys.stderr)
             continue
-        runs.append(Run(folder, metrics, flatten(config)))
+        runs.append(Run(folder, metrics, config))
     return runs
 
 
+def choices(folder: Path) -> dict:
+    """The options the run chose for its config groups (model: gpt), from Hydra's record of it."""
+    record = folder / ".hydra" / "hydra.yaml"
+    if not record.exists():
+        return {}
+    chosen = OmegaConf.load(record).hydra.runtime.choices
+    return {group: chosen[group] for group in GROUPS if chosen.get(group)}
+
+
 def swept_parameters(runs: list[Run]) -> list[str]:
-    """Config keys whose values are not the same in every run."""
-    keys = sorted({k for run in runs for k in run.config if not k.startswith(NOT_PARAMETERS)})
-    return [k for k in keys if len({json.dumps(run.config.get(k), sort_keys=True, default=str) for run in runs}) > 1]
+    """Config keys whose values really differ: a group's choice (model, data, ...) across all runs;
+    a key inside a group (model.n_embd) only between runs that chose the same option of that group."""
+    def differs(key: str, among: list[Run]) -> bool:
+        return len({json.dumps(run.config.get(key), sort_keys=True, default=str) for run in among}) > 1
+
+    keys = sorted({k for run in runs for k in run.config
+                   if not k.startswith(NOT_PARAMETERS) and k.rsplit(".", 1)[-1] not in INTERNAL_KEYS})
+    swept = []
+    for key in keys:
+        group = key.split(".", 1)[0]
+        if "." not in key or group not in GROUPS:
+            same_choice = [runs]
+        else:
+            by_choice = {}
+            for run in runs:
+                if key in run.config:
+                    by_choice.setdefault(run.config.get(group), []).append(run)
+            same_choice = list(by_choice.values())
+        if any(differs(key, among) for among in same_choice):
+            swept.append(key)
+    # the groups' choices first, then their settings, then the run-wide ones (seed, val_every, ...)
+    return sorted(swept, key=lambda k: (k not in GROUPS, "." not in k, k))
+
+
+def short(value, width: int = 24) -> str:
+    """A parameter value as shown: floats to 3 significant digits, long text cut."""
+    text = f"{value:.3g}" if isinstance(value, float) else "-" if value is None else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def val_curve(folder: Path) -> tuple[list[int], list[float]]:
@@ -91,21 +132,27 @@ def table_rows(runs: list[Run], params: list[str], root: Path) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}" if abs(value) < 1000 else f"{value:.3g}"
-        return "-" if value is None else str(value)
+LOSSES = ("val_loss", "best_val_loss", "test_loss")
 
-    columns = list(rows[0])
-    cells = [[cell(row[c]) for c in columns] for row in rows]
+
+def format_table(rows: list[dict], params: list[str]) -> str:
+    """The first SHOWN_PARAMETERS swept columns; losses to 4 decimals, the rest via ``short``."""
+    def cell(column: str, value) -> str:
+        if column in LOSSES and isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 1000 else f"{value:.3g}"
+        return short(value, width=40 if column == "run" else 24)
+
+    hidden = set(params[SHOWN_PARAMETERS:])
+    columns = [c for c in rows[0] if c not in hidden]
+    cells = [[cell(c, row[c]) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
 
 
-def plot(runs: list[Run], params: list[str], path: Path) -> None:
+def plot(runs: list[Run], params: list[str], path: Path):
+    params = params[:SHOWN_PARAMETERS]
     finished = [r for r in runs if r.metrics.get("status", "completed") == "completed" and r.val_loss < math.inf]
     panels = len(params) + 1
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
@@ -114,7 +161,7 @@ def plot(runs: list[Run], params: list[str], path: Path) -> None:
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         xs = values if numeric else [str(v) for v in values]
         ax.scatter(xs, [r.val_loss for r in finished])
-        if numeric and values and min(values) > 0 and max(values) / min(values) >= 100:
+        if numeric and values and min(values) > 0 and max(values) / min(values) >= 10:  # spread over decades
             ax.set_xscale("log")
         ax.set(xlabel=param, ylabel="final val loss", title=f"val loss against {param}")
         ax.grid(alpha=0.3)
@@ -122,13 +169,14 @@ def plot(runs: list[Run], params: list[str], path: Path) -> None:
     for run in runs:
         steps, losses = val_curve(run.folder)
         if steps:
-            label = ", ".join(f"{p.split('.')[-1]}={run.config.get(p)}" for p in params) or run.folder.name
+            label = ", ".join(f"{p.split('.')[-1]}={short(run.config.get(p), 12)}" for p in params) or run.folder.name
             curves.plot(steps, losses, marker=".", label=label)
     curves.set(xlabel="update", ylabel="val loss", title="validation loss of every run")
-    if len(runs) <= 12:
+    if 0 < len(curves.lines) <= SHOWN_CURVES:
         curves.legend(fontsize=7)
     curves.grid(alpha=0.3)
     save_figure(fig, path)
+    return axes[0]
 
 
 def compare(root: str | Path, out: str | Path | None = None) -> list[dict]:
@@ -147,7 +195,8 @@ def compare(root: str | Path, out: str | Path | None = None) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     plot(runs, params, out / "comparison.png")
-    print(format_table(rows))
-    print(f"\n{len(rows)} runs; swept: {', '.join(params) or 'nothing'}; wrote {out / 'comparison.csv'} and "
+    print(format_table(rows, params))
+    more = f" (the table shows the first {SHOWN_PARAMETERS})" if len(params) > SHOWN_PARAMETERS else ""
+    print(f"\n{len(rows)} runs; swept: {', '.join(params) or 'nothing'}{more}; wrote {out / 'comparison.csv'} and "
           f"{out / 'comparison.png'}")
     return rows
