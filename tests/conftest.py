@@ -12,6 +12,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from genlab.train import CONF_DIR, train
 
@@ -100,3 +102,15 @@ class FailAt(L.Callback):
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` with its bytes: equal snapshots mean nothing changed on disk."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+def hparams_of(run_dir: Path) -> tuple[dict, dict]:
+    """What TensorBoard's HPARAMS tab shows for a run: its hyper-parameters and the loss/ metrics."""
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0},
+                              purge_orphaned_data=False).Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    hparams = {k: (v.number_value if v.HasField("number_value") else v.string_value) for k, v in start.hparams.items()}
+    # the value logged at the last step (event files of a run are not read in the order written)
+    metrics = {tag: max(events.Scalars(tag), key=lambda e: (e.step, e.wall_time)).value
+               for tag in events.Tags()["scalars"] if tag.startswith("loss/")}
+    return hparams, metrics

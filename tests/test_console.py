@@ -3,12 +3,17 @@ updates with the true total (continued on resume), and no library noise."""
 
 from __future__ import annotations
 
+import io
 import logging
 import re
+import shutil
 import subprocess
 import sys
 
-from conftest import REPO, run_training
+import pytest
+from conftest import REPO, compose_config, run_training
+
+from genlab.checks import validation_interval
 
 QUIET = ["trainer.max_steps=200", "model.updates_per_step=50", "num_samples=2", "callbacks.insight=null", "threads=1"]
 
@@ -42,3 +47,27 @@ def test_progress_continues_from_the_resumed_update(names_file, tmp_path, caplog
         run_training(run_dir, [*common, "trainer.max_steps=200", f"ckpt_path={run_dir}"])
     done = [int(m.group(1)) for m in re.finditer(r"update (\d+)/200 ", caplog.text)]
     assert done and done[0] > 100 and done[-1] == 200 and done == sorted(done)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_a_bar_counts_updates_to_the_true_total(names_file, tmp_path, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=None: __import__("os").terminal_size((120, 40)))
+    run_training(tmp_path / "run", [f"data.path={names_file}", "model.updates_per_step=50", "trainer.max_steps=200",
+                                    "num_samples=0", "logger=none", "callbacks.insight=null",
+                                    "trainer.enable_progress_bar=true"])
+    shown = terminal.getvalue().replace("\r", "\n")
+    assert "200/200" in shown and "update/s" in shown and "it/s" not in shown
+
+
+@pytest.mark.parametrize("max_steps, updates_per_step, val_every, expected", [
+    (2000, 1, None, 100), (20000, 200, None, 1000), (300, 200, None, 200), (5000, 1, 300, 300)])
+def test_val_every_defaults_to_twenty_validations(tmp_path, max_steps, updates_per_step, val_every, expected):
+    cfg = compose_config([f"trainer.max_steps={max_steps}", f"val_every={'null' if val_every is None else val_every}"],
+                         tmp_path)
+    assert validation_interval(cfg, updates_per_step) == expected

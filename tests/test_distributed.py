@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, hparams_of
 
 from genlab.data.batches import FixedBatches, SequenceBatches, StreamBatches, WindowBatches
 
@@ -80,8 +80,8 @@ def test_ddp_cpu_and_a_simulated_two_node_run_train_to_the_same_loss(names_file,
     assert ddp["world_size"] == 2 and ddp["steps"] == 200 and ddp["status"] == "completed"
     assert len((ddp_dir / "samples.txt").read_text().split()) == 3  # written once, by rank 0
     assert not [p for p in tmp_path.iterdir() if p.name not in ("ddp", "data", "names.txt")]  # no stray run folders
-    logged = (ddp_dir / "tensorboard" / "hparams.yaml").read_text()
-    assert "data.global_batch_size: 16" in logged and "trainer.world_size: 2" in logged
+    logged, _ = hparams_of(ddp_dir)  # what TensorBoard's HPARAMS tab shows
+    assert logged["data.global_batch_size"] == 16 and logged["trainer.world_size"] == 2
 
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     port = str(free_port())

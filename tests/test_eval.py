@@ -73,3 +73,11 @@ def test_help_lists_only_the_commands_own_options(script, own, foreign):
     done = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and own in done.stdout and f"python {script} ckpt_path=" in done.stdout
     assert foreign not in done.stdout and "Configuration groups" not in done.stdout
+
+
+def test_debug_profile_writes_where_the_time_went(names_file, tmp_path):
+    run = tmp_path / "run"
+    run_training(run, [f"data.path={names_file}", "debug=profile", "trainer.max_steps=40", "model.updates_per_step=20",
+                       "num_samples=0", "logger=none", "callbacks.insight=null"])
+    profile = (run / "fit-profile.txt").read_text()
+    assert "run_training_batch" in profile

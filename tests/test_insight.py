@@ -49,6 +49,12 @@ def test_a_names_run_writes_the_pictures_of_its_tanh_layers(model, names_file, t
     steps = [e.step for e in events(run).Scalars(f"network/update_ratio_log10/{sorted(matrices)[0]}")]
     assert steps == [200, 400]
     assert {"network/loss_curves", "network/embedding", "network/activations"} <= set(tags["images"])
+    # TensorBoard's Time Series groups cards by the part of the tag before "/", in name order, and
+    # opens the first groups: the losses come first, all the insight cards in one group of their own
+    every_tag = [t for kind in ("scalars", "images", "histograms") for t in tags[kind]]
+    groups = sorted({t.split("/", 1)[0] for t in every_tag})
+    assert groups[0] == "loss" and {"loss/train", "loss/val", "loss/best_val", "loss/test"} <= set(tags["scalars"])
+    assert "network" in groups and not any(g.startswith(("insight", "hp")) for g in groups)
 
     # the projector: one label per character of the vocabulary, in token order
     labels = next((run / "tensorboard").rglob("metadata.tsv")).read_text().split("\n")[:-1]

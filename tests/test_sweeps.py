@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, hparams_of
 from tensorboard import context
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins import base_plugin
-from tensorboard.plugins.hparams import api_pb2, backend_context, get_experiment, list_session_groups, plugin_data_pb2
+from tensorboard.plugins.hparams import api_pb2, backend_context, get_experiment, list_session_groups
 
 from genlab.compare import compare
 
@@ -44,17 +44,6 @@ def job_metrics(sweep: Path, jobs: int) -> list[dict]:
     return [json.loads((job_dir(sweep, i) / "metrics.json").read_text()) for i in range(jobs)]
 
 
-def hparams_of(run_dir: Path) -> tuple[dict, dict]:
-    """What TensorBoard's HPARAMS tab shows for a run: its hyper-parameters and the loss/ metrics."""
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0},
-                              purge_orphaned_data=False).Reload()
-    content = events.PluginTagToContent("hparams")
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    hparams = {k: (v.number_value if v.HasField("number_value") else v.string_value) for k, v in start.hparams.items()}
-    # the value logged at the last step (event files of a run are not read in the order written)
-    metrics = {tag: max(events.Scalars(tag), key=lambda e: (e.step, e.wall_time)).value
-               for tag in events.Tags()["scalars"] if tag.startswith("loss/")}
-    return hparams, metrics
 
 
 def tensorboard_hparams(logdir: Path) -> tuple[list, list, dict]:

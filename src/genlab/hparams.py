@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
@@ -41,6 +42,7 @@ def run_hparams(cfg: DictConfig, world_size: int = 1) -> dict:
     return out
 
 
+@rank_zero_only  # the other processes of a distributed run have no writer
 def log_hparams(loggers, hparams: dict, lr_figure=None) -> None:
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
