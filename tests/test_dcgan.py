@@ -148,16 +148,6 @@ def test_a_gan_config_without_hydra_runs_through_train(faces, tmp_path):
     assert train(cfg) is None
 
 
-def test_16_bit_precision_is_refused_with_the_fix():
-    """(On a CPU Lightning turns 16-mixed into bf16-mixed itself, so this asks the model directly.)"""
-    from types import SimpleNamespace
-
-    model = DCGAN(image_size=16, ngf=4, ndf=4)
-    model.trainer = SimpleNamespace(precision="16-mixed")
-    with pytest.raises(ConfigError, match="trainer.precision=bf16-mixed"):
-        model.setup("fit")
-
-
 def test_epochs_count_whole_passes_over_the_images(faces, tmp_path):
     """notebook_dcgan trains by epochs (max_steps=-1): 24 images in batches of 8 are 3 steps an epoch."""
     run = tmp_path / "run"

@@ -36,6 +36,7 @@ from genlab.lr_finder import find_learning_rate
 from genlab.outputs import write_metrics
 from genlab.runs import RunFolder, checkpoint_file, run_dir_of
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
+from genlab.steps import lightning_steps
 from genlab.stopping import GracefulStop, RunInterrupted
 from genlab.sweeps import run_sweep_job
 
@@ -138,7 +139,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, sin
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),
-        val_check_interval=val_every // updates_per_step,  # Lightning counts its own steps
+        val_check_interval=lightning_steps(val_every, updates_per_step),
+        log_every_n_steps=1,  # every Lightning step: the mean of its updates' losses (genlab.steps)
         check_val_every_n_epoch=None,
         **({"max_epochs": 1, "max_steps": -1} if single_pass else {}),
     )

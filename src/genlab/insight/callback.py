@@ -19,6 +19,7 @@ from genlab.insight.embedding import embedding_figure
 from genlab.insight.losses import loss_figure
 from genlab.insight.update_ratio import UpdateRatios
 from genlab.models.base import LanguageModel
+from genlab.steps import due_update
 
 
 class Insight(L.Callback):
@@ -59,7 +60,7 @@ class Insight(L.Callback):
             if losses:
                 self.train_losses += zip(range(before + 1, after + 1), torch.stack(losses).float().tolist())
                 pl_module.step_losses = []
-            if self.probe is not None and after // self.every_n_steps > before // self.every_n_steps:
+            if self.probe is not None and due_update(before + 1, after - before, self.every_n_steps) is not None:
                 tb = tensorboard(trainer) if trainer.is_global_zero else None
                 log_activations(self.probe.measure(pl_module), pl_module, tb, after, self.histograms)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from genlab.errors import TrainingDiverged
 from genlab.models.module import GenlabModule
+from genlab.steps import updates_left
 
 
 # dense bf16 peak FLOP/s of common accelerators (vendor data sheets), for MFU
@@ -100,8 +101,7 @@ class LanguageModel(GenlabModule):
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else math.inf
-        updates = max(0, min(len(batch[0]), max_steps - self.global_step))  # the last item may overshoot
+        updates = min(len(batch[0]), updates_left(self.trainer))  # the last item may hold more than is left
         losses = []
         for x, y in itertools.islice(self.unpack(batch), updates):
             loss = self.loss(self.training_forward(x, y), y)

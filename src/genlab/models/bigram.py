@@ -14,6 +14,7 @@ from torch import nn
 
 from genlab.data.batches import context_windows
 from genlab.models.base import LanguageModel
+from genlab.steps import count_update
 
 
 class Bigram(LanguageModel):
@@ -52,5 +53,5 @@ class Bigram(LanguageModel):
             real = y >= 0
             self.counts.index_put_((self.rows(x)[real], y[real]), torch.ones(()), accumulate=True)
             self.tokens_seen += int(real.sum())
-            self.advance_step_counter()  # a step of the counting model: one batch counted
+            count_update(self.trainer)  # a step of the counting model: one batch counted
         return None

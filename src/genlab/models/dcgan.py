@@ -93,11 +93,6 @@ class DCGAN(ImageModel):
                                                                   "lr": 2e-4, "betas": [0.5, 0.999]})
         return make(params=self.discriminator.parameters()), make(params=self.generator.parameters())
 
-    def setup(self, stage: str) -> None:
-        if self.trainer.precision == "16-mixed":
-            raise ConfigError("model=dcgan trains in 32-true or bf16-mixed precision, not 16-mixed (its two "
-                              "optimizers would each need a gradient scaler); set trainer.precision=bf16-mixed")
-
     def training_step(self, real: torch.Tensor, batch_idx: int):
         d_optimizer, g_optimizer = self.optimizers()
         ones = torch.ones(real.shape[0], device=self.device)

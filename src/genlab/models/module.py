@@ -1,6 +1,6 @@
-"""What every genlab model shares, language model or GAN: plain optimizer updates that still count
-in Lightning's step counter, ``torch.compile`` without renaming parameters, and checkpoints that
-name their model class and carry the random stream (for an exact resume)."""
+"""What every genlab model shares, language model or GAN: plain optimizer updates, each counted as
+a step (genlab.steps), ``torch.compile`` without renaming parameters, and checkpoints that name
+their model class and carry the random stream (for an exact resume)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import time
 import hydra
 import lightning as L
 import torch
+
+from genlab.steps import count_update
 
 
 class GenlabModule(L.LightningModule):
@@ -60,37 +62,34 @@ class GenlabModule(L.LightningModule):
                 module.forward = torch.compile(module.forward)
 
     def update(self, optimizer, loss: torch.Tensor, clip: float | None = None, count: bool = True) -> None:
-        """One optimizer update, counted in ``trainer.global_step`` when ``count``. Lightning's own path
-        (``manual_backward``, ``optimizer.step()``) calls callback hooks and precision plugins around
-        every update, which costs a tiny model about a third of its speed; where no gradient scaler
-        is needed (every precision but 16-mixed) this does what a plain loop does and advances
-        Lightning's counter itself. Under 16-mixed Lightning's path is taken, and it counts.
-        Under DDP the backward goes through Lightning, which prepares DDP's gradient reduction for
-        each backward: several updates (or the GAN's two networks) per step stay in sync."""
-        if self._needs_scaler:
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if clip:
-                self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-            optimizer.step()
-            return
+        """One optimizer update as a plain loop makes it, counted as a step when ``count`` (the GAN
+        counts one step for its two updates). Lightning's own path (``manual_backward``,
+        ``optimizer.step()``) calls hooks and plugins around every update, which costs a tiny model
+        about a third of its speed. Under 16-mixed the loss is scaled with Lightning's gradient
+        scaler (its state is saved in checkpoints); the scaler skips an update whose gradients
+        overflowed. Under DDP the backward goes through Lightning, which prepares DDP's gradient
+        reduction for each backward: several updates (or the GAN's two networks) per step stay in sync."""
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer -> torch's
         torch_optimizer.zero_grad(set_to_none=True)
+        scaler = self._scaler
         if self._distributed:
-            self.manual_backward(loss)  # DDP: readies the gradient all-reduce for this very backward
+            self.manual_backward(loss)  # DDP: readies the gradient all-reduce; scales the loss under 16-mixed
+        elif scaler is not None:
+            scaler.scale(loss).backward()
         else:
             loss.backward()
+        if scaler is not None:
+            scaler.unscale_(torch_optimizer)  # clipping and the step see the true gradients
         if clip:
             params = [p for group in torch_optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, clip)
-        torch_optimizer.step()
+        if scaler is not None:
+            scaler.step(torch_optimizer)
+            scaler.update()
+        else:
+            torch_optimizer.step()
         if count:
-            self.advance_step_counter()
-
-    def advance_step_counter(self) -> None:
-        """Count one step in ``trainer.global_step`` (what Lightning's ``optimizer.step()`` does), so
-        ``max_steps``, ``val_every`` and checkpoint intervals count what the model calls a step."""
-        self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_completed()
+            count_update(self.trainer)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def checkpoint_extras(self) -> dict:
@@ -109,7 +108,7 @@ class GenlabModule(L.LightningModule):
 
     def on_train_start(self):
         # looked up once per run: at thousands of updates a second every attribute chain counts
-        self._needs_scaler = self.trainer.precision == "16-mixed"
+        self._scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed only
         self._distributed = self.trainer.world_size > 1
         if getattr(self, "_rng_to_restore", None) is not None:  # resuming: continue the random stream
             torch.set_rng_state(self._rng_to_restore)
