@@ -80,7 +80,7 @@ def gpt_run(tmp_path_factory):
     text = tmp / "text.txt"
     text.write_text("nel mezzo del cammin di nostra vita " * 60)
     run_training(tmp / "run", ["model=gpt", "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "data=divina",
-                               f"data.path={text}", "data.block_size=16", "data.batch_size=4",
+                               f"data.path={text}", "data.seq_len=16", "data.batch_size=4",
                                "trainer.max_steps=4", "val_every=4", "logger=none"])
     return tmp / "run"
 
@@ -196,9 +196,9 @@ def test_values_that_cannot_work(overrides, pattern, names_file, tmp_path):
     assert not (tmp_path / "run").exists()  # a refused command leaves no folder behind
 
 
-def test_a_block_size_of_zero(text_file, tmp_path):
-    expect_error(tmp_path, ["data=divina", f"data.path={text_file}", "data.block_size=0"], ConfigError,
-                 "data.block_size must be a whole number of at least 1, got 0")
+def test_a_seq_len_of_zero(text_file, tmp_path):
+    expect_error(tmp_path, ["data=divina", f"data.path={text_file}", "data.seq_len=0"], ConfigError,
+                 "data.seq_len must be a whole number of at least 1, got 0")
 
 
 def test_a_word_list_too_small_to_split(tmp_path):
@@ -248,7 +248,7 @@ def test_gpt2_bpe_offline_without_a_mirror_says_what_to_do(tmp_path, monkeypatch
         tokenizer_from_config({"type": "gpt2"})  # what sample.py does with a BPE checkpoint
     text = tmp_path / "text.txt"
     text.write_text("nel mezzo del cammin di nostra vita " * 10)
-    expect_error(tmp_path, ["data=divina", f"data.path={text}", "data.tokenizer=gpt2", "data.block_size=8"],
+    expect_error(tmp_path, ["data=divina", f"data.path={text}", "data.tokenizer=gpt2", "data.seq_len=8"],
                  DataError, "cannot load GPT-2's BPE files")
 
 

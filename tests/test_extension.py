@@ -27,7 +27,7 @@ class TinyLM(LanguageModel):
 
     def __init__(self, n_embd: int = 8, **base):
         super().__init__(**base)
-        self.context_length = 1
+        self.block_size = 1
         self.embedding = nn.Embedding(self.vocab_size, n_embd)
         self.head = nn.Linear(n_embd, self.vocab_size)
 

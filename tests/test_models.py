@@ -24,7 +24,7 @@ def make(cls, **kwargs):
 
 LANGUAGE_MODELS = {
     "bigram": lambda: make(Bigram, counting=False),
-    "trigram": lambda: make(Bigram, counting=False, context=2),
+    "trigram": lambda: make(Bigram, counting=False, block_size=2),
     "mlp": lambda: make(MLP, block_size=3, n_embd=8, n_hidden=32),
     "wavenet": lambda: make(WaveNet, block_size=8, n_embd=8, n_hidden=16),
     "rnn": lambda: make(Recurrent, cell="rnn", n_embd=8, n_hidden=16),
@@ -95,7 +95,7 @@ def test_counting_bigram_matches_a_direct_count(names_file, tmp_path):
 
 
 def test_trigram_table_has_v_squared_rows():
-    model = make(Bigram, counting=True, context=2)
+    model = make(Bigram, counting=True, block_size=2)
     assert model.counts.shape == (28 * 28, 28)
 
 
@@ -186,7 +186,7 @@ def test_recurrent_generation_carries_state_instead_of_rereading():
 
 
 def test_recurrent_state_carries_across_training_chunks():
-    model = Recurrent(tokenizer=TOKENIZER, seq_len=8, cell="lstm", n_embd=8, n_hidden=16, contiguous=True)
+    model = Recurrent(tokenizer=TOKENIZER, seq_len=8, cell="lstm", n_embd=8, n_hidden=16, sequential=True)
     text = torch.randint(0, 28, (2, 17))
     whole, _ = model.run(text[:, :16])
     first = model.training_forward(text[:, :8], text[:, 1:9])

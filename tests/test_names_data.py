@@ -59,7 +59,7 @@ def test_batches_are_start_token_shifted_and_padded_with_minus_one(names_file, t
 
 
 def test_window_sampling_gives_every_training_character_once_with_its_context(names_file, tmp_path):
-    dm = NamesDataModule(data_dir=str(tmp_path), path=str(names_file), sampling="windows", window=8)
+    dm = NamesDataModule(data_dir=str(tmp_path), path=str(names_file), sampling="windows", block_size=8)
     x, y = dm.training_windows()
     names = dm.splits["train"]
     assert len(x) == sum(len(n) + 1 for n in names)  # each character and the end of each name

@@ -17,7 +17,7 @@ PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 
 # per network, the overrides that make it tiny (sizes only: what the preset sets up otherwise stays)
 TINY = {
-    "GPT": ["model.n_layer=1", "model.n_embd=16", "model.n_head=2", "data.block_size=16"],
+    "GPT": ["model.n_layer=1", "model.n_embd=16", "model.n_head=2", "data.seq_len=16"],
     "Recurrent": ["model.n_hidden=16"],
     "MLP": ["model.n_hidden=16"],
     "WaveNet": ["model.n_hidden=16"],

@@ -19,9 +19,9 @@ from genlab.train import train
 MODELS = {
     "mlp": ["model=mlp", "model.n_hidden=32", "model.updates_per_step=10"],
     "lstm": ["model=lstm", "model.n_hidden=32", "model.dropout=0.2", "model.updates_per_step=10", "data=divina", "data.sampling=sequential",
-             "data.block_size=16", "data.batch_size=4"],
+             "data.seq_len=16", "data.batch_size=4"],
     "gpt": ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.dropout=0.2",
-            "data=divina", "data.block_size=16", "data.batch_size=4"],
+            "data=divina", "data.seq_len=16", "data.batch_size=4"],
 }
 
 

@@ -101,7 +101,7 @@ def test_a_2x2_grid_sweep_and_its_comparison(names_file, text_file, tmp_path):
     # beside a GPT run: every parameter of every run has a column, internal keys none
     gpt = sweep.parent / "gpt"
     run(["model=gpt", "data=divina", f"data.path={text_file}", "model.n_layer=1", "model.n_head=2", "model.n_embd=8",
-         "data.block_size=8", f"hydra.run.dir={gpt}", *TINY[:2], "val_every=100", *TINY[4:]], tmp_path)
+         "data.seq_len=8", f"hydra.run.dir={gpt}", *TINY[:2], "val_every=100", *TINY[4:]], tmp_path)
     hparams, metric_columns, values = tensorboard_hparams(sweep.parent)
     names = {h.name for h in hparams}
     assert {"model.n_layer", "model.n_head", "model.dropout", "data.tokenizer", "model.n_embd", "optimizer.lr"} <= names

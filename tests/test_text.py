@@ -50,11 +50,11 @@ def test_gpt2_encoding_from_the_local_bpe_files(mirror):
 
 
 def test_tokens_are_cached_and_reused(text_file, tmp_path, monkeypatch):
-    first = TextDataModule(path=str(text_file), data_dir=tmp_path, block_size=16)
+    first = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16)
     cached = list((tmp_path / "tokens").glob("*.bin"))
     assert len(cached) == 1
     monkeypatch.setattr(TextDataModule, "_tokenise", lambda *args: (_ for _ in ()).throw(AssertionError("re-read")))
-    second = TextDataModule(path=str(text_file), data_dir=tmp_path, block_size=16)
+    second = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16)
     assert torch.equal(torch.from_numpy(first.tokens.astype("int64")), torch.from_numpy(second.tokens.astype("int64")))
 
 
@@ -64,29 +64,29 @@ def test_a_cache_entry_belongs_to_one_source_and_tokenizer(tmp_path, mirror):
     own.parent.mkdir()
     own.write_text("tanto gentile e tanto onesta pare la donna mia quand ella altrui saluta " * 20, encoding="utf-8")
     cache = tmp_path / "cache"
-    users = TextDataModule(name="divina", path=str(own), data_dir=cache, block_size=16)
-    real = TextDataModule(name="divina", data_dir=cache, mirror=mirror, block_size=16)
+    users = TextDataModule(name="divina", path=str(own), data_dir=cache, seq_len=16)
+    real = TextDataModule(name="divina", data_dir=cache, mirror=mirror, seq_len=16)
     assert len(users.tokens) == len(own.read_text()) and len(real.tokens) == 504_402
     assert users.tokenizer.decode(users.tokens[:5].tolist()) == "tanto"
     assert real.tokenizer.decode(real.tokens[:9].tolist()) == "nel mezzo"
-    bpe = TextDataModule(name="divina", data_dir=cache, mirror=mirror, block_size=16, tokenizer="gpt2")
+    bpe = TextDataModule(name="divina", data_dir=cache, mirror=mirror, seq_len=16, tokenizer="gpt2")
     assert len(bpe.tokens) < len(real.tokens)  # its own entry, not the characters'
     own.write_text("amor ch a nullo amato amar perdona " * 20, encoding="utf-8")  # same name, new content
-    changed = TextDataModule(name="divina", path=str(own), data_dir=cache, block_size=16)
+    changed = TextDataModule(name="divina", path=str(own), data_dir=cache, seq_len=16)
     assert changed.tokenizer.decode(changed.tokens[:4].tolist()) == "amor"
     assert len(list((cache / "tokens").glob("*.bin"))) == 4
 
 
 def test_a_cache_entry_cut_short_is_made_again(text_file, tmp_path):
-    first = TextDataModule(path=str(text_file), data_dir=tmp_path, block_size=16)
+    first = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16)
     [entry] = (tmp_path / "tokens").glob("*.bin")
     entry.write_bytes(entry.read_bytes()[:100])  # a copy interrupted halfway
-    again = TextDataModule(path=str(text_file), data_dir=tmp_path, block_size=16)
+    again = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16)
     assert len(again.tokens) == len(first.tokens) == len(text_file.read_text())
 
 
 def test_validation_covers_every_target_once_in_order(text_file, tmp_path):
-    dm = TextDataModule(path=str(text_file), data_dir=tmp_path, block_size=16, eval_batch_size=7)
+    dm = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, eval_batch_size=7)
     xs, ys = zip(*dm.val_dataloader())
     targets = torch.cat([y.flatten() for y in ys])
     expected = dm.split_tokens("val")[1:]
@@ -95,11 +95,11 @@ def test_validation_covers_every_target_once_in_order(text_file, tmp_path):
 
 
 def test_training_windows_and_sequential_streams(text_file, tmp_path):
-    dm = TextDataModule(path=str(text_file), data_dir=tmp_path, block_size=16, batch_size=4)
+    dm = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, batch_size=4)
     xs, ys, widths = next(iter(dm.train_dataloader()))
     assert xs.shape == (1, 4, 16) and torch.equal(xs[0, :, 1:], ys[0, :, :-1])
-    seq = TextDataModule(path=str(text_file), data_dir=tmp_path, block_size=16, batch_size=4, sampling="sequential")
-    assert seq.contiguous
+    seq = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, batch_size=4, sampling="sequential")
+    assert seq.sequential
     loader = iter(seq.train_dataloader())
     (_, y1, _), (x2, _, _) = next(loader), next(loader)
     assert torch.equal(x2[0, :, 0], y1[0, :, -1])  # each row continues where it stopped

@@ -49,7 +49,7 @@ def test_a_few_training_steps_write_a_complete_run(name, names_file, tmp_path):
 @pytest.mark.parametrize("name", [n for n in TINY if n != "bigram"])
 def test_every_model_trains_on_text(name, text_file, tmp_path):
     sampling = ["data.sampling=sequential"] if name in ("rnn", "lstm", "gru") else []
-    overrides = TINY[name] + sampling + ["data=divina", f"data.path={text_file}", "data.block_size=16",
+    overrides = TINY[name] + sampling + ["data=divina", f"data.path={text_file}", "data.seq_len=16",
                                          "data.batch_size=4", "model.updates_per_step=1", "trainer.max_steps=30",
                                          "val_every=15", "logger=none"]
     metrics = run_training(tmp_path / "run", overrides)
@@ -122,7 +122,7 @@ def test_train_py_writes_config_and_unknown_model_lists_the_models(names_file, t
 def test_sampling_text_with_a_prompt(text_file, tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_training(run_dir, ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data=divina",
-                           f"data.path={text_file}", "data.block_size=16", "data.batch_size=4",
+                           f"data.path={text_file}", "data.seq_len=16", "data.batch_size=4",
                            "trainer.max_steps=20", "val_every=20", "logger=none"])
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("sample", overrides=[f"ckpt_path={run_dir}", "prompt=nel mezzo", "max_new_tokens=40",
@@ -139,7 +139,7 @@ def test_sampling_text_with_a_prompt(text_file, tmp_path, capsys):
 @pytest.mark.parametrize("data", ["divina", "shakespeare"])
 def test_a_few_gpt_steps_on_the_real_text(data, mirror, tmp_path):
     metrics = run_training(tmp_path / "run", ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-                                              f"data={data}", "data.block_size=32", "data.batch_size=8",
+                                              f"data={data}", "data.seq_len=32", "data.batch_size=8",
                                               "trainer.max_steps=20", "val_every=20", "logger=none",
                                               f"paths.data_mirror={mirror}"])
     assert metrics["steps"] == 20 and metrics["val_loss"] < 4.0
@@ -148,7 +148,7 @@ def test_a_few_gpt_steps_on_the_real_text(data, mirror, tmp_path):
 def test_gpt_trains_on_gpt2_tokens(text_file, mirror, tmp_path):
     metrics = run_training(tmp_path / "run", ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
                                               "data=divina", f"data.path={text_file}", "data.tokenizer=gpt2",
-                                              "data.block_size=8", "data.batch_size=4", "trainer.max_steps=5",
+                                              "data.seq_len=8", "data.batch_size=4", "trainer.max_steps=5",
                                               "val_every=5", "logger=none", f"paths.data_mirror={mirror}"])
     assert metrics["steps"] == 5 and metrics["val_loss"] < 11.0  # ln(50257) = 10.8
 
@@ -181,10 +181,30 @@ def test_a_text_run_writes_continuations_of_the_validation_text_at_every_validat
 
     run_dir = tmp_path / "run"
     run_training(run_dir, ["model=gpt", "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "data=divina",
-                           f"data.path={text_file}", "data.block_size=16", "data.batch_size=4",
+                           f"data.path={text_file}", "data.seq_len=16", "data.batch_size=4",
                            "trainer.max_steps=30", "val_every=10", "callbacks.samples.new_tokens=20"])
     samples = (run_dir / "samples.txt").read_text().split("\n\n---\n\n")
     validation_start = text_file.read_text()[int(len(text_file.read_text()) * 0.9):][:16]  # the prompt: 16 tokens
     assert len(samples) == 3 and all(s.startswith(validation_start) and len(s.rstrip("\n")) == 16 + 20 for s in samples)
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0}).Reload()
     assert [e.step for e in events.Tensors("samples/text_summary")] == [10, 20, 30]
+
+
+def test_a_checkpoint_saved_under_the_older_names_loads_and_resumes(names_file, tmp_path):
+    """model.context (the n-gram table) and contiguous are now block_size and sequential."""
+    from genlab.checkpoints import load_model
+
+    run = tmp_path / "run"
+    common = ["model=bigram", "model.counting=false", "model.block_size=2", f"data.path={names_file}",
+              "model.updates_per_step=10", "val_every=10", "num_samples=0", "logger=none", "callbacks.insight=null"]
+    run_training(run, [*common, "trainer.max_steps=10"])
+    path = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    hparams = checkpoint["hyper_parameters"]
+    hparams["context"], hparams["contiguous"] = hparams.pop("block_size"), hparams.pop("sequential")
+    torch.save(checkpoint, path)
+
+    model, _ = load_model(path)
+    assert model.block_size == 2 and model.sequential is False
+    metrics = run_training(run, [*common, "trainer.max_steps=20", f"ckpt_path={run}"])
+    assert metrics["steps"] == 20

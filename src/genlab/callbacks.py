@@ -55,7 +55,7 @@ class Samples(L.Callback):
         tokenizer = datamodule.tokenizer
         if tokenizer.eos_id is not None:
             return sample_names(model, tokenizer, self.num_samples, self.seed)
-        prompt = datamodule.split_tokens("val")[: min(self.prompt_tokens, model.context_length or self.prompt_tokens)]
+        prompt = datamodule.split_tokens("val")[: min(self.prompt_tokens, model.block_size or self.prompt_tokens)]
         return continue_text(model, tokenizer, prompt.tolist(), self.text_samples, self.new_tokens, self.seed)
 
     def on_validation_end(self, trainer, pl_module):

@@ -3,6 +3,7 @@ can continue one (the same model, vocabulary and sizes, updates left to make).""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -27,7 +28,23 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(checkpoint, dict) or "genlab" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a genlab checkpoint (no model class and weights in it).")
     checkpoint["path"] = str(path)
+    checkpoint["renamed"] = upgrade_hyperparameters(checkpoint)
     return checkpoint
+
+
+# hyper-parameters that changed name, old -> new: checkpoints written before still load and resume
+RENAMED = {"contiguous": "sequential"}
+RENAMED_IN = {"genlab.models.bigram.Bigram": {"context": "block_size"}}
+
+
+def upgrade_hyperparameters(checkpoint: dict) -> bool:
+    """Rename the hyper-parameters of an older checkpoint in place; True if one was renamed."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    renames = {**RENAMED, **RENAMED_IN.get(checkpoint["genlab"]["class"], {})}
+    old = [key for key in renames if key in hparams]
+    for key in old:
+        hparams[renames[key]] = hparams.pop(key)
+    return bool(old)
 
 
 def model_class(checkpoint: dict):
@@ -38,7 +55,12 @@ def load_model(path: str | Path, map_location="cpu"):
     """The model of a checkpoint, from the checkpoint alone (its class, sizes and vocabulary)."""
     checkpoint = read_checkpoint(path)
     cls = model_class(checkpoint)
-    model = cls.load_from_checkpoint(checkpoint["path"], map_location=map_location, weights_only=False)
+    source = checkpoint["path"]
+    if checkpoint["renamed"]:  # Lightning builds the model from the file's hyper-parameters: give it the renamed ones
+        source = io.BytesIO()
+        torch.save({k: v for k, v in checkpoint.items() if k not in ("path", "renamed")}, source)
+        source.seek(0)
+    model = cls.load_from_checkpoint(source, map_location=map_location, weights_only=False)
     return model, checkpoint
 
 

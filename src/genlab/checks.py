@@ -38,7 +38,7 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.trainer.max_steps == -1 and not (is_whole_number(cfg.trainer.get("max_epochs")) and cfg.trainer.max_epochs > 0):
         raise ConfigError("trainer.max_steps=-1 trains without a step limit, so trainer.max_epochs must be set "
                           f"(a whole number of at least 1), got {cfg.trainer.get('max_epochs')!r}")
-    for key in ("batch_size", "eval_batch_size", "block_size", "image_size"):
+    for key in ("batch_size", "eval_batch_size", "seq_len", "block_size", "image_size"):
         if cfg.data.get(key) is not None:
             check_positive_whole(f"data.{key}", cfg.data[key])
     if not is_whole_number(cfg.num_samples) or cfg.num_samples < 0:

@@ -79,9 +79,9 @@ def check_prompt(model, tokenizer, prompt: str) -> None:
             f"The vocabulary is {getattr(tokenizer, 'chars', '')!r}"
         )
     length = len(tokenizer.encode(prompt)) + (tokenizer.eos_id is not None)  # names: after the start token
-    if model.reads_whole_context and length > model.context_length:
+    if model.reads_whole_context and length > model.block_size:
         raise ConfigError(f"the prompt has {length} tokens, more than the model's context of "
-                          f"{model.context_length}; shorten it to at most that many")
+                          f"{model.block_size}; shorten it to at most that many")
 
 
 def sample_names(model, tokenizer, num_samples: int, seed: int, temperature=1.0, top_k=None, prompt: str = "") -> list[str]:

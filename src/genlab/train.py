@@ -103,7 +103,7 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
         sizes = {
             "tokenizer": datamodule.tokenizer.to_config(),
             "seq_len": datamodule.seq_len,
-            "contiguous": getattr(datamodule, "contiguous", False),
+            "sequential": getattr(datamodule, "sequential", False),
         }
     else:
         sizes = {"image_size": datamodule.image_size}

@@ -162,7 +162,7 @@ class StreamBatches(BatchStream):
         self.chunks = (len(tokens) - 1) // (world * batch_size * seq_len)  # chunks per stream
         if self.chunks == 0:
             raise DataError(f"the training text has {len(tokens)} tokens, too few for {batch_size} streams "
-                            f"of {seq_len}; lower data.batch_size or data.block_size")
+                            f"of {seq_len}; lower data.batch_size or data.seq_len")
         length = self.chunks * seq_len
         starts = (torch.arange(batch_size) + rank * batch_size) * length
         self.streams = torch.stack([torch.as_tensor(tokens[s : s + length + 1]) for s in starts.tolist()]).long()

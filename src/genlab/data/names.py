@@ -107,7 +107,7 @@ class NamesDataModule(L.LightningDataModule):
         seed: int = 42,
         split: tuple[float, float] = (0.8, 0.9),
         sampling: str = "names",
-        window: int = 8,
+        block_size: int = 8,
         max_name_length: int = 50,
     ):
         super().__init__()
@@ -121,7 +121,7 @@ class NamesDataModule(L.LightningDataModule):
         if sampling not in ("names", "windows"):
             raise ConfigError(f"data.sampling={sampling}: use names (batches of whole names) or windows "
                               "(batches of random context windows, as the notebook samples)")
-        self.sampling, self.window = sampling, window
+        self.sampling, self.block_size = sampling, block_size
         self.max_name_length = max_name_length
         self.batches_per_step = 1  # set by the trainer set-up from the model (see models.base)
         self._load()
@@ -179,11 +179,11 @@ class NamesDataModule(L.LightningDataModule):
 
     def training_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every (context, next character) pair of the training names, as the notebook builds its
-        dataset: x (N, window) the ``window`` characters before the target (left-padded with '.'),
-        y (N, window) all -1 (no target) except the last position, the character that follows."""
+        dataset: x (N, block_size) the ``block_size`` characters before the target (left-padded with '.'),
+        y (N, block_size) all -1 (no target) except the last position, the character that follows."""
         x, y = self.tensors["train"]
         real = y >= 0
-        contexts = context_windows(x, self.window, pad_id=self.tokenizer.eos_id)[real]
+        contexts = context_windows(x, self.block_size, pad_id=self.tokenizer.eos_id)[real]
         targets = torch.full_like(contexts, -1)
         targets[:, -1] = y[real]
         return contexts, targets

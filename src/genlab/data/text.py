@@ -5,7 +5,7 @@ The tokenised corpus is cached in ``<data_dir>/tokens/`` as a ``uint16`` file pl
 vocabulary, so a second run starts at once. An entry is named by a hash of what it was made from
 (the source file's bytes, its normalisation and the tokenizer), so no two sources share one. The split is by position: the
 first 90% trains, the rest validates (``test_fraction`` > 0 carves a test split off the end).
-Training batches are random windows of ``block_size + 1`` tokens (``sampling=sequential``: the
+Training batches are random windows of ``seq_len + 1`` tokens (``sampling=sequential``: the
 text in order, for recurrent models that carry their state); validation reads the whole
 validation split in consecutive windows, so its loss is exact and the same every time.
 """
@@ -108,7 +108,7 @@ class TextDataModule(L.LightningDataModule):
         mirror: str | None = None,
         path: str | None = None,
         tokenizer: str = "char",
-        block_size: int = 128,
+        seq_len: int = 128,
         batch_size: int = 32,
         eval_batch_size: int = 64,
         val_fraction: float = 0.1,
@@ -124,13 +124,13 @@ class TextDataModule(L.LightningDataModule):
         self.name = Path(path).stem if path else name
         self.data_dir, self.mirror, self.path = Path(data_dir), mirror, path
         self.tokenizer_name = tokenizer
-        self.seq_len = block_size
+        self.seq_len = seq_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         if sampling not in ("random", "sequential"):
             raise ConfigError(f"data.sampling={sampling} is not known; use random (windows anywhere) or "
                               "sequential (the text in order, for recurrent models that carry their state)")
-        self.contiguous = sampling == "sequential"
+        self.sequential = sampling == "sequential"
         self.seed = seed
         self.batches_per_step = 1
         self._load()
@@ -167,8 +167,8 @@ class TextDataModule(L.LightningDataModule):
         n_val = int(n * self.val_fraction)
         self.ranges = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
         if n_val <= self.seq_len:
-            raise DataError(f"the validation split has {n_val} tokens, not more than block_size={self.seq_len}; "
-                            "use a longer text or a smaller data.block_size")
+            raise DataError(f"the validation split has {n_val} tokens, not more than data.seq_len={self.seq_len}; "
+                            "use a longer text or a smaller data.seq_len")
 
     def _tokenise(self, source: Path, normalise, source_sha256: str, bin_path: Path, meta_path: Path) -> dict:
         try:
@@ -208,7 +208,7 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         tokens = self.split_tokens("train")
-        if self.contiguous:
+        if self.sequential:
             stream = StreamBatches(tokens, self.seq_len, self.batch_size, self.batches_per_step,
                                    start=lambda: resume_position(self), replica=replica(self))
         else:

@@ -42,7 +42,7 @@ def vocab_size_of(tokenizer: dict) -> int:
 
 class LanguageModel(GenlabModule):
     kind = "text"
-    context_length: int | None = None  # tokens the model looks back; None: unbounded (recurrent)
+    block_size: int | None = None  # tokens each prediction sees; None: unbounded (recurrent)
     # True where the context is what the model can read at all (a GPT's position table), so a
     # longer prompt would be cut; False where a fixed window slides over any text (MLP, WaveNet)
     reads_whole_context = False
@@ -51,7 +51,7 @@ class LanguageModel(GenlabModule):
         self,
         tokenizer: dict,
         seq_len: int,
-        contiguous: bool = False,
+        sequential: bool = False,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
         updates_per_step: int = 1,
@@ -63,9 +63,9 @@ class LanguageModel(GenlabModule):
         self.automatic_optimization = False
         self.vocab_size = vocab_size_of(tokenizer)
         self.seq_len = seq_len
-        # consecutive training batches continue each other row by row (text read in order), so a
-        # recurrent model may carry its state from one batch to the next
-        self.contiguous = contiguous
+        # data.sampling=sequential: consecutive training batches continue each other row by row (text
+        # read in order), so a recurrent model may carry its state from one batch to the next
+        self.sequential = sequential
         self.updates_per_step = updates_per_step
         self._eval_totals = None
         self.tokens_seen = 0  # real target tokens trained on, for tokens/s
@@ -177,8 +177,8 @@ class LanguageModel(GenlabModule):
     def next_token_logits(self, idx: torch.Tensor, state=None):
         """Logits for the token after ``idx`` (B, T); recurrent models carry ``state`` instead of
         re-reading the context."""
-        if self.context_length is not None:
-            idx = idx[:, -self.context_length :]
+        if self.block_size is not None:
+            idx = idx[:, -self.block_size :]
         return self(idx)[:, -1], None
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -1,9 +1,9 @@
-"""The notebook's bigram model (and n-gram tables with ``context > 1``).
+"""The notebook's bigram model (and n-gram tables with ``block_size > 1``).
 
 ``counting=True``: the table of counts, filled in one pass over the training split; with add-k
 smoothing its logits are log((counts + k) / row sum), so the loss is the table's negative
 log-likelihood per character. ``counting=False``: the gradient-trained twin, one linear layer on the
-one-hot context (an embedding of V**context rows). The table has V**context rows: 28 for a bigram,
+one-hot context (an embedding of V**block_size rows). The table has V**block_size rows: 28 for a bigram,
 784 for a trigram, 21,952 for a 4-gram, mostly empty, which is why counting does not scale.
 """
 
@@ -18,10 +18,10 @@ from genlab.steps import count_update
 
 
 class Bigram(LanguageModel):
-    def __init__(self, context: int = 1, counting: bool = True, smoothing: float = 1.0, **base):
+    def __init__(self, block_size: int = 1, counting: bool = True, smoothing: float = 1.0, **base):
         super().__init__(**base)
-        self.context_length = context
-        rows = self.vocab_size**context
+        self.block_size = block_size
+        rows = self.vocab_size**block_size
         if counting:
             self.register_buffer("counts", torch.zeros(rows, self.vocab_size))
             self.hparams.optimizer = None  # nothing to optimise: the table is counted
@@ -30,15 +30,15 @@ class Bigram(LanguageModel):
         else:
             self.logit_table = nn.Embedding(rows, self.vocab_size)
             nn.init.zeros_(self.logit_table.weight)  # uniform at start, loss = ln V
-        self.register_buffer("place", self.vocab_size ** torch.arange(context - 1, -1, -1))
+        self.register_buffer("place", self.vocab_size ** torch.arange(block_size - 1, -1, -1))
 
     def count_table(self) -> torch.Tensor | None:
         # the bigram's table is square and drawn; an n-gram's has V^n rows
-        return self.counts if self.hparams.counting and self.context_length == 1 else None
+        return self.counts if self.hparams.counting and self.block_size == 1 else None
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T): the table row of each position's context (base-V number)."""
-        return (context_windows(idx, self.context_length) * self.place).sum(-1)
+        return (context_windows(idx, self.block_size) * self.place).sum(-1)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if self.hparams.counting:

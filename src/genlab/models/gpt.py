@@ -69,8 +69,8 @@ class GPT(LanguageModel):
         context = block_size or self.seq_len  # default: the data's sequence length
         if self.seq_len > context:
             raise ConfigError(f"the data's sequences have {self.seq_len} tokens, longer than the model's "
-                              f"context model.block_size={context}; raise it or lower data.block_size")
-        self.context_length = context
+                              f"context model.block_size={context}; raise it or lower data.seq_len")
+        self.block_size = context
         self.token_embedding = nn.Embedding(self.vocab_size, n_embd)
         self.position_embedding = nn.Embedding(context, n_embd)
         self.drop = nn.Dropout(dropout)
@@ -96,8 +96,8 @@ class GPT(LanguageModel):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
-        if T > self.context_length:
-            raise ConfigError(f"a sequence of {T} tokens is longer than the model's context ({self.context_length})")
+        if T > self.block_size:
+            raise ConfigError(f"a sequence of {T} tokens is longer than the model's context ({self.block_size})")
         positions = torch.arange(T, device=idx.device)
         x = self.drop(self.token_embedding(idx) + self.position_embedding(positions))
         for block in self.blocks:
@@ -116,4 +116,4 @@ class GPT(LanguageModel):
         12 x n_layer x n_embd x T (the estimate of the PaLM paper, appendix B)."""
         n_params = sum(p.numel() for p in self.parameters()) - self.position_embedding.weight.numel()
         h = self.hparams
-        return 6 * n_params + 12 * h.n_layer * h.n_embd * self.context_length
+        return 6 * n_params + 12 * h.n_layer * h.n_embd * self.block_size

@@ -14,7 +14,7 @@ from genlab.models.base import LanguageModel
 class MLP(LanguageModel):
     def __init__(self, block_size: int = 3, n_embd: int = 10, n_hidden: int = 200, **base):
         super().__init__(**base)
-        self.context_length = block_size
+        self.block_size = block_size
         self.embedding = nn.Embedding(self.vocab_size, n_embd)
         self.hidden = nn.Linear(block_size * n_embd, n_hidden)
         self.tanh = nn.Tanh()
@@ -27,5 +27,5 @@ class MLP(LanguageModel):
         return {"hidden": self.tanh}
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        windows = self.embedding(context_windows(idx, self.context_length))  # (B, T, block, n_embd)
+        windows = self.embedding(context_windows(idx, self.block_size))  # (B, T, block, n_embd)
         return self.head(self.tanh(self.hidden(windows.flatten(2))))

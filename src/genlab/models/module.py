@@ -39,9 +39,7 @@ class GenlabModule(L.LightningModule):
         if not self.hparams.get("scheduler"):
             return optimizer
         scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        # stepped every update: by Lightning under automatic optimization, by the model's own
-        # training_step under manual optimization (the language models)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return [optimizer], [scheduler]  # stepped after every update by the model's training_step
 
     def parameter_groups(self):
         """What the optimizer gets; a model may return groups (e.g. no weight decay on norms)."""

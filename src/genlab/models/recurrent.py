@@ -46,7 +46,7 @@ class Recurrent(LanguageModel):
         return self.run(idx)[0]
 
     def training_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not self.contiguous:
+        if not self.sequential:
             return self(x)
         logits, state = self.run(x, self.carried)
         self.carried = detach(state)  # truncated BPTT: keep the state, not its graph

@@ -69,7 +69,7 @@ class WaveNet(LanguageModel):
         if block_size < 2 or block_size & (block_size - 1):
             raise ConfigError(f"model.block_size={block_size}: the WaveNet's context must be a power of two "
                               "(2, 4, 8, 16, ...), since each level fuses pairs")
-        self.context_length = block_size
+        self.block_size = block_size
         self.dilations = [2**level for level in range(block_size.bit_length() - 1)]
         self.embedding = nn.Embedding(self.vocab_size, n_embd)
         widths = [n_embd] + [n_hidden] * len(self.dilations)
@@ -86,7 +86,7 @@ class WaveNet(LanguageModel):
     def forward(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """``valid`` (B, T), in training: the positions with a real target; BatchNorm then takes its
         statistics over the positions of each level that feed them."""
-        pad = self.context_length - 1
+        pad = self.block_size - 1
         h = self.embedding(F.pad(idx, (pad, 0), value=0))  # (B, T + pad, n_embd)
         masks = self.needed_positions(valid) if valid is not None else [None] * len(self.dilations)
         # one target per row: the notebook's windows, else whole sequences (see SequenceBatchNorm)
