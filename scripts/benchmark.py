@@ -3,6 +3,9 @@ same network, batches and optimizer, in one process.
 
     python scripts/benchmark.py model=mlp [steps=6000] [rounds=2] [any train.py override ...]
 
+``model=`` names a benchmark of ``PRESETS`` (each sets its model and data): mlp, bigram, wavenet,
+gpt (divina_gpt_cpu), shakespeare_gpt (nanoGPT's CPU recipe), lstm, gru, dcgan.
+
 Prints both speeds in optimizer updates per second and tokens/s (the DCGAN: images/s; the GPT
 also the achieved FLOP/s against this machine's measured matmul FLOP/s), and
 ``ratio=<framework/plain>`` on the last line. The framework side runs with logging (TensorBoard),
@@ -31,9 +34,10 @@ from genlab.train import CONF_DIR, build_model, build_trainer
 # the configuration each model is benchmarked at, unless overridden on the command line
 PRESETS = {
     "mlp": ["experiment=notebook_mlp", "val_every=2000"],
-    "bigram": ["model.counting=false", "data.batch_size=4", "val_every=2000"],
+    "bigram": ["model=bigram", "model.counting=false", "data.batch_size=4", "val_every=2000"],
     "wavenet": ["experiment=notebook_wavenet", "val_every=2000"],
     "gpt": ["experiment=divina_gpt_cpu", "val_every=100000", "steps=120", "rounds=1"],
+    "shakespeare_gpt": ["experiment=shakespeare_gpt_cpu", "val_every=100000", "steps=300", "rounds=2"],
     "lstm": ["experiment=names_lstm", "val_every=1000"],
     "gru": ["experiment=names_gru", "val_every=1000"],
     "dcgan": ["experiment=notebook_dcgan", "steps=12", "rounds=2"],
@@ -188,7 +192,9 @@ def option(args: list[str], key: str, default):
 
 def main(argv: list[str]) -> None:
     model_name = option(argv, "model", "mlp")
-    args = PRESETS.get(model_name, []) + argv
+    if model_name not in PRESETS:
+        raise SystemExit(f"model={model_name}: no such benchmark; use one of {', '.join(PRESETS)}")
+    args = PRESETS[model_name] + [a for a in argv if not a.startswith("model=")]  # the preset sets the model
     steps, rounds = option(args, "steps", 6000), option(args, "rounds", 2)
     overrides = [a for a in args if not a.startswith(("steps=", "rounds="))]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
