@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # the offline data mirror beside the checkout, when there is one (see README: Data)
 export GENLAB_DATA_MIRROR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 
-.PHONY: setup train test test-slow benchmark tensorboard clean
+.PHONY: setup train test test-slow benchmark gpu-check tensorboard clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test-slow: setup
 
 benchmark: setup
 	$(PY) scripts/benchmark.py $(ARGS)
+
+# on one CUDA GPU, offline: the notebook GPT (eager and compiled) and DCGAN, a few hundred updates
+# each; tokens/s, MFU, images/s, peak memory (scripts/gpu_check.py). Without CUDA: one line, exit 1
+gpu-check: setup
+	$(PY) scripts/gpu_check.py
 
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir outputs
