@@ -29,6 +29,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from genlab.insight import Insight
+from genlab.steps import resolve_updates_per_step
 from genlab.train import CONF_DIR, build_model, build_trainer
 
 # the configuration each model is benchmarked at, unless overridden on the command line
@@ -102,7 +103,8 @@ class FixedTrainRealValidation(FixedTrainData):
 
 
 def framework_speed(cfg, model, datamodule, batches, run_dir):
-    k = getattr(model, "updates_per_step", 1)
+    k = resolve_updates_per_step(model, datamodule, cfg.val_every or len(batches)) if model.kind == "text" else 1
+    model.updates_per_step = k
     items = [pack(batches[i : i + k]) for i in range(0, len(batches) - k + 1, k)] if model.kind == "text" else batches
     with open_dict(cfg):
         cfg.trainer.max_steps = len(items) * k

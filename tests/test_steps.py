@@ -5,13 +5,22 @@ genlab relies on, in the Lightning versions the tests have run."""
 from __future__ import annotations
 
 import lightning as L
+import pytest
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from conftest import run_training
 from packaging.specifiers import SpecifierSet
 from test_dcgan import faces, gan_overrides  # noqa: F401  (faces is a fixture)
 
 from genlab.checkpoints import read_checkpoint
-from genlab.steps import LIGHTNING_TESTED, count_update, due_update, lightning_steps
+from genlab.steps import (
+    LIGHTNING_STEP_SECONDS,
+    LIGHTNING_TESTED,
+    MAX_STEP_SHARE,
+    choose_updates_per_step,
+    count_update,
+    due_update,
+    lightning_steps,
+)
 
 
 def test_lightning_is_a_version_the_step_count_was_tested_with():
@@ -52,3 +61,30 @@ def test_intervals_between_the_two_counts():
     assert due_update(first=201, updates=200, every=300) == 300
     assert due_update(first=301, updates=200, every=1000) is None
     assert due_update(first=1, updates=1, every=1) == 1
+
+
+def test_auto_trains_exactly_as_a_fixed_count_and_keeps_its_count_on_resume(names_file, tmp_path):
+    common = [f"data.path={names_file}", "trainer.max_steps=120", "val_every=60", "num_samples=0", "logger=none",
+              "callbacks.insight=null"]
+    fixed = run_training(tmp_path / "fixed", [*common, "model.updates_per_step=1"])
+    auto = run_training(tmp_path / "auto", [*common, "model.updates_per_step=auto"])
+    assert auto["val_loss"] == fixed["val_loss"] and auto["test_loss"] == fixed["test_loss"]
+    chosen = read_checkpoint(tmp_path / "auto")["genlab"]["updates_per_step"]
+    assert isinstance(chosen, int) and 60 % chosen == 0
+
+    # a resume keeps the count (Lightning's restored step count then still validates on multiples of 60)
+    resumed = run_training(tmp_path / "auto", [*common, "model.updates_per_step=auto", "trainer.max_steps=240",
+                                               f"ckpt_path={tmp_path / 'auto'}"])
+    assert resumed["steps"] == 240 and read_checkpoint(tmp_path / "auto")["genlab"]["updates_per_step"] == chosen
+
+
+@pytest.mark.parametrize("update_seconds", [1e-4, 7.4e-4, 5e-3, 0.047, 0.33])
+def test_auto_keeps_lightnings_share_under_two_percent_where_val_every_allows(update_seconds):
+    for val_every in (1000, 250, 20_000):
+        k = choose_updates_per_step(update_seconds, val_every)
+        assert val_every % k == 0
+        share = LIGHTNING_STEP_SECONDS / (LIGHTNING_STEP_SECONDS + k * update_seconds)
+        assert share <= MAX_STEP_SHARE or k == val_every  # val_every itself is the most a step may hold
+        if k > 1:  # and no fewer updates would do
+            smaller = max(d for d in range(1, k) if val_every % d == 0)
+            assert LIGHTNING_STEP_SECONDS / (LIGHTNING_STEP_SECONDS + smaller * update_seconds) > MAX_STEP_SHARE

@@ -14,11 +14,21 @@ same range)."""
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
+import statistics
+import time
 
 import lightning as L
+import torch
 
 LIGHTNING_TESTED = ">=2.6,<2.7"
+# Lightning's fixed work per step (its loops, hooks, logging, the progress bar, genlab's callbacks) on
+# this project's 2-core machine: 4.0 ms, from scripts/benchmark.py model=mlp model.updates_per_step=1
+# steps=3000 (210 updates/s) against its plain loop (1,352 updates/s). A faster CPU pays less.
+LIGHTNING_STEP_SECONDS = 0.004
+MAX_STEP_SHARE = 0.02  # updates_per_step=auto keeps Lightning's share of the time under this
 
 
 def count_update(trainer: L.Trainer) -> None:
@@ -48,3 +58,49 @@ def due_update(first: int, updates: int, every: int) -> int | None:
     ``every``, if there is one."""
     due = -(-first // every) * every
     return due if due < first + updates else None
+
+
+# --- updates_per_step: auto ------------------------------------------------------------------------
+def choose_updates_per_step(update_seconds: float, val_every: int) -> int:
+    """The fewest updates per Lightning step that keep Lightning's share under MAX_STEP_SHARE, among
+    the divisors of ``val_every`` (validation falls between Lightning steps); at most ``val_every``."""
+    wanted = math.ceil(LIGHTNING_STEP_SECONDS * (1 - MAX_STEP_SHARE) / (MAX_STEP_SHARE * update_seconds))
+    return next((k for k in range(1, val_every + 1) if val_every % k == 0 and k >= wanted), val_every)
+
+
+def measure_update_seconds(model, datamodule, updates: int = 12) -> float:
+    """Seconds per optimizer update of a language model on its own training batches: the median of
+    ``updates`` plain updates of a copy (two more first, untimed). The model, its optimizer state and
+    the random stream are left as they were."""
+    probe = copy.deepcopy(model)
+    configured = probe.configure_optimizers()
+    optimizer = configured[0][0] if isinstance(configured, (list, tuple)) else configured
+    datamodule.batches_per_step = 1
+    items = itertools.islice(iter(datamodule.train_dataloader()), updates + 2)
+    batches = [next(iter(probe.unpack(item))) for item in items]
+    random_state = torch.get_rng_state()
+    seconds = []
+    try:
+        for x, y in batches:
+            start = time.perf_counter()
+            loss = probe.loss(probe.training_forward(x, y), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seconds.append(time.perf_counter() - start)
+    finally:
+        torch.set_rng_state(random_state)
+    return statistics.median(seconds[2:] or seconds)
+
+
+def resolve_updates_per_step(model, datamodule, val_every: int, checkpoint: dict | None = None) -> int:
+    """``model.updates_per_step``, or for ``auto`` the count chosen by timing the model's updates.
+    A resumed run keeps the count it was trained with, so that Lightning's restored step count
+    still lands its validations on multiples of ``val_every``."""
+    requested = getattr(model, "updates_per_step", 1)
+    if requested != "auto":
+        return requested
+    used = (checkpoint or {}).get("genlab", {}).get("updates_per_step")
+    if isinstance(used, int) and val_every % used == 0:
+        return used
+    return choose_updates_per_step(measure_update_seconds(model, datamodule), val_every)

@@ -36,7 +36,7 @@ from genlab.lr_finder import find_learning_rate
 from genlab.outputs import write_metrics
 from genlab.runs import RunFolder, checkpoint_file, run_dir_of
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
-from genlab.steps import lightning_steps
+from genlab.steps import lightning_steps, resolve_updates_per_step
 from genlab.stopping import GracefulStop, RunInterrupted
 from genlab.sweeps import run_sweep_job
 
@@ -64,10 +64,12 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
-    with open_dict(cfg):  # recorded with the run's config: the interval it really used
-        cfg.val_every = validation_interval(cfg, getattr(model, "updates_per_step", 1))
-    if ckpt_path is not None:
-        check_resume(read_checkpoint(ckpt_path), model, cfg.trainer.max_steps)
+    fixed = getattr(model, "updates_per_step", 1)
+    with open_dict(cfg):  # recorded with the run's config: the interval it really used (auto: K divides it)
+        cfg.val_every = validation_interval(cfg, 1 if fixed == "auto" else fixed)
+    checkpoint = read_checkpoint(ckpt_path) if ckpt_path is not None else None
+    if checkpoint is not None:
+        check_resume(checkpoint, model, cfg.trainer.max_steps)
     folder.claim(cfg, overwrite=cfg.overwrite)
 
     lr_figure = None
@@ -82,8 +84,8 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
         model = build_model(cfg, datamodule)
     if hasattr(datamodule, "training_words"):
         model.training_words = sorted(datamodule.training_words())
-    updates_per_step = getattr(model, "updates_per_step", 1)
-    datamodule.batches_per_step = updates_per_step
+    updates_per_step = resolve_updates_per_step(model, datamodule, cfg.val_every, checkpoint)
+    model.updates_per_step = datamodule.batches_per_step = updates_per_step
     trainer = build_trainer(cfg, run_dir, updates_per_step, model.single_pass,
                             validates=is_overridden("validation_step", model), stop=stop)
     log_hparams(trainer.loggers, run_hparams(cfg, trainer.world_size), lr_figure)

@@ -54,7 +54,7 @@ class LanguageModel(GenlabModule):
         sequential: bool = False,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
-        updates_per_step: int = 1,
+        updates_per_step: int | str = 1,
         grad_clip: float | None = None,
         compile: bool = False,
     ):
@@ -223,7 +223,9 @@ class LanguageModel(GenlabModule):
 
     # --- checkpoints ---------------------------------------------------------------------------
     def checkpoint_extras(self) -> dict:
-        return {"training_words": self.training_words, "best_val_loss": self.best_val_loss}
+        # the count auto chose, kept for a resume (genlab.steps.resolve_updates_per_step)
+        return {"training_words": self.training_words, "best_val_loss": self.best_val_loss,
+                "updates_per_step": self.updates_per_step}
 
     def on_load_checkpoint(self, checkpoint):
         super().on_load_checkpoint(checkpoint)
