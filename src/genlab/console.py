@@ -116,8 +116,7 @@ class UpdateProgress(ProgressBar):
         if sys.stderr.isatty() and shutil.get_terminal_size((0, 0)).columns > 0:  # a terminal with a width
             self._bar = tqdm(total=self.total(trainer), initial=done, unit=self.unit(pl_module), dynamic_ncols=True,
                              file=sys.stderr, smoothing=0.1)
-        else:
-            self._next_line = done + 1
+        self._next_line = done + 1
 
     @staticmethod
     def losses(trainer) -> dict[str, float]:
@@ -134,11 +133,15 @@ class UpdateProgress(ProgressBar):
         done, total = trainer.global_step, self.total(trainer)
         if self._bar is not None:
             self._bar.update(done - self._bar.n)
+        if done < self._next_line and done < total:
+            return
+        # the losses are read only every 1% (bar) or percent_per_line (log): reading a loss on a GPU waits for it
+        if self._bar is not None:
             self._bar.set_postfix(self.losses(trainer), refresh=False)
-        elif done >= self._next_line or done >= total:
+        else:
             self.log_line(done, total, trainer)
-            step = max(1, total * self.percent_per_line // 100)
-            self._next_line = (done // step + 1) * step
+        step = max(1, total * (1 if self._bar is not None else self.percent_per_line) // 100)
+        self._next_line = (done // step + 1) * step
 
     @staticmethod
     def unit(model) -> str:
