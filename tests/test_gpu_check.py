@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_training
 
 sys.path.insert(0, str(REPO / "scripts"))
-from gpu_check import result_line  # noqa: E402
+from gpu_check import SteadyClock, result_line  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
@@ -23,8 +23,19 @@ def test_without_cuda_it_says_so_in_one_line_and_fails():
 
 def test_report_lines():
     gpt = {"tokens_per_second": 400_000.0, "val_loss": 1.2345}
-    line = result_line("notebook_gpt", gpt, flops_per_token=6e7, peak_flops=989e12, peak_memory=3 * 2**30)
+    line = result_line("notebook_gpt", 400_000.0, gpt, flops_per_token=6e7, peak_flops=989e12, peak_memory=3 * 2**30)
     assert line == "notebook_gpt: 400,000 tokens/s, MFU 2.4%, val 1.234, peak GPU memory 3.0 GiB"
     dcgan = {"images_per_second": 5123.4, "loss_d": 0.5}
-    assert result_line("notebook_dcgan", dcgan, None, None, 2**29) == \
+    assert result_line("notebook_dcgan", 5123.4, dcgan, None, None, 2**29) == \
         "notebook_dcgan: 5,123 images/s, peak GPU memory 0.5 GiB"
+
+
+def test_steady_clock_times_the_last_two_thirds_of_a_run(tmp_path, names_file):
+    """The clock the check reads, on the CPU: it starts a third of the way in and stops at the last
+    update, so its rate covers two thirds of the tokens trained on."""
+    metrics = run_training(tmp_path / "run", [
+        "model=mlp", f"data.path={names_file}", "trainer.max_steps=60", "model.updates_per_step=5",
+        "val_every=30", "logger=none", f"+callbacks.steady_clock._target_={SteadyClock.__module__}.SteadyClock"])
+    clock = SteadyClock.latest
+    assert clock.start is not None and clock.rate is not None and clock.rate > 0
+    assert metrics["steps"] == 60

@@ -14,14 +14,18 @@ same range)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
+import os
 import statistics
 import time
 
 import lightning as L
 import torch
+
+from genlab.errors import ConfigError
 
 LIGHTNING_TESTED = ">=2.6,<2.7"
 # Lightning's fixed work per step (its loops, hooks, logging, the progress bar, genlab's callbacks) on
@@ -29,6 +33,7 @@ LIGHTNING_TESTED = ">=2.6,<2.7"
 # steps=3000 (210 updates/s) against its plain loop (1,352 updates/s). A faster CPU pays less.
 LIGHTNING_STEP_SECONDS = 0.004
 MAX_STEP_SHARE = 0.02  # updates_per_step=auto keeps Lightning's share of the time under this
+AUTO_COUNT_VARIABLE = "GENLAB_AUTO_UPDATES_PER_STEP"  # auto's count, for the processes Lightning starts
 
 
 def count_update(trainer: L.Trainer) -> None:
@@ -68,39 +73,81 @@ def choose_updates_per_step(update_seconds: float, val_every: int) -> int:
     return next((k for k in range(1, val_every + 1) if val_every % k == 0 and k >= wanted), val_every)
 
 
-def measure_update_seconds(model, datamodule, updates: int = 12) -> float:
-    """Seconds per optimizer update of a language model on its own training batches: the median of
-    ``updates`` plain updates of a copy (two more first, untimed). The model, its optimizer state and
-    the random stream are left as they were."""
-    probe = copy.deepcopy(model)
+def measure_update_seconds(model, datamodule, device: torch.device | None = None,
+                           autocast_dtype: torch.dtype | None = None, updates: int = 12) -> float:
+    """Seconds per optimizer update of a language model on its own training batches, on ``device``
+    (the one training will use) under ``autocast_dtype`` (bf16-mixed, 16-mixed): the median of
+    ``updates`` plain updates of a copy (two more first, untimed; on a GPU each timed to its end).
+    The model, its optimizer state and the random stream are left as they were."""
+    device = device or torch.device("cpu")
+    probe = copy.deepcopy(model).to(device)
     configured = probe.configure_optimizers()
     optimizer = configured[0][0] if isinstance(configured, (list, tuple)) else configured
     datamodule.batches_per_step = 1
     items = itertools.islice(iter(datamodule.train_dataloader()), updates + 2)
-    batches = [next(iter(probe.unpack(item))) for item in items]
+    batches = [tuple(t.to(device) for t in next(iter(probe.unpack(item)))) for item in items]
     random_state = torch.get_rng_state()
+    finish = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds = []
     try:
         for x, y in batches:
             start = time.perf_counter()
-            loss = probe.loss(probe.training_forward(x, y), y)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = probe.loss(probe.training_forward(x, y), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            finish()
             seconds.append(time.perf_counter() - start)
     finally:
         torch.set_rng_state(random_state)
+        del probe, optimizer
     return statistics.median(seconds[2:] or seconds)
 
 
-def resolve_updates_per_step(model, datamodule, val_every: int, checkpoint: dict | None = None) -> int:
-    """``model.updates_per_step``, or for ``auto`` the count chosen by timing the model's updates.
-    A resumed run keeps the count it was trained with, so that Lightning's restored step count
-    still lands its validations on multiples of ``val_every``."""
+def training_device(trainer_cfg) -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast type a ``trainer`` config trains with (for timing updates before the
+    trainer exists)."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    return torch.device("cuda" if cuda else "cpu"), autocast
+
+
+def resolve_updates_per_step(model, datamodule, val_every: int, checkpoint: dict | None = None,
+                             trainer_cfg=None) -> int:
+    """``model.updates_per_step``, or for ``auto`` the count chosen by timing the model's updates on
+    the device of ``trainer_cfg``. A resumed run keeps the count it was trained with, so that
+    Lightning's restored step count still lands its validations on multiples of ``val_every``. The
+    processes that Lightning starts for DDP take the first process's count (``AUTO_COUNT_VARIABLE``):
+    they must validate at the same steps."""
     requested = getattr(model, "updates_per_step", 1)
     if requested != "auto":
         return requested
     used = (checkpoint or {}).get("genlab", {}).get("updates_per_step")
     if isinstance(used, int) and val_every % used == 0:
         return used
-    return choose_updates_per_step(measure_update_seconds(model, datamodule), val_every)
+    inherited = os.environ.get(AUTO_COUNT_VARIABLE)
+    if inherited and val_every % int(inherited) == 0:
+        return int(inherited)
+    device, autocast = training_device(trainer_cfg or {})
+    return choose_updates_per_step(measure_update_seconds(model, datamodule, device, autocast), val_every)
+
+
+@contextlib.contextmanager
+def shared_with_processes(updates_per_step: int):
+    """While training: the count, for the DDP processes Lightning starts (they inherit it)."""
+    os.environ[AUTO_COUNT_VARIABLE] = str(updates_per_step)
+    try:
+        yield
+    finally:
+        os.environ.pop(AUTO_COUNT_VARIABLE, None)
+
+
+def check_same_count(trainer: L.Trainer, updates_per_step: int) -> None:
+    """Processes started apart (SLURM, torchrun) time their updates apart and could choose different
+    counts under ``auto``, then validate at different steps and hang: refuse that at the start."""
+    if trainer.world_size > 1 and trainer.strategy.broadcast(updates_per_step, src=0) != updates_per_step:
+        raise ConfigError(f"the processes of this run chose different model.updates_per_step under auto; "
+                          f"set it for all of them, e.g. model.updates_per_step={updates_per_step}")

@@ -36,7 +36,7 @@ from genlab.lr_finder import find_learning_rate
 from genlab.outputs import write_metrics
 from genlab.runs import RunFolder, checkpoint_file, run_dir_of
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
-from genlab.steps import lightning_steps, resolve_updates_per_step
+from genlab.steps import lightning_steps, resolve_updates_per_step, shared_with_processes
 from genlab.stopping import GracefulStop, RunInterrupted
 from genlab.sweeps import run_sweep_job
 
@@ -84,7 +84,7 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
         model = build_model(cfg, datamodule)
     if hasattr(datamodule, "training_words"):
         model.training_words = sorted(datamodule.training_words())
-    updates_per_step = resolve_updates_per_step(model, datamodule, cfg.val_every, checkpoint)
+    updates_per_step = resolve_updates_per_step(model, datamodule, cfg.val_every, checkpoint, cfg.trainer)
     model.updates_per_step = datamodule.batches_per_step = updates_per_step
     trainer = build_trainer(cfg, run_dir, updates_per_step, model.single_pass,
                             validates=is_overridden("validation_step", model), stop=stop)
@@ -92,7 +92,8 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     log.info(run_summary({group: choice(group) for group in ("model", "data", "trainer")}, model, trainer, run_dir))
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    with shared_with_processes(updates_per_step):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - start
     if stop.stop_requested:
         report_stop(stop, run_dir)

@@ -10,7 +10,7 @@ import hydra
 import lightning as L
 import torch
 
-from genlab.steps import count_update
+from genlab.steps import check_same_count, count_update
 
 
 class GenlabModule(L.LightningModule):
@@ -108,6 +108,7 @@ class GenlabModule(L.LightningModule):
         # looked up once per run: at thousands of updates a second every attribute chain counts
         self._scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed only
         self._distributed = self.trainer.world_size > 1
+        check_same_count(self.trainer, getattr(self, "updates_per_step", 1))
         if getattr(self, "_rng_to_restore", None) is not None:  # resuming: continue the random stream
             torch.set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
