@@ -7,8 +7,9 @@ same network, batches and optimizer, in one process.
 gpt (divina_gpt_cpu), shakespeare_gpt (nanoGPT's CPU recipe), lstm, gru, dcgan.
 
 Prints both speeds in optimizer updates per second and tokens/s (the DCGAN: images/s; the GPT
-also the achieved FLOP/s against this machine's measured matmul FLOP/s), and
-``ratio=<framework/plain>`` on the last line. The framework side runs with logging (TensorBoard),
+also the achieved FLOP/s against this machine's measured matmul FLOP/s), the validation loss each
+side reaches after the same updates (``model.compile=true`` must train the same model as the eager
+loop, within noise), and ``ratio=<framework/plain>`` on the last line. The framework side runs with logging (TensorBoard),
 the progress bar, validation, checkpointing and the insight callback on, exactly as ``train.py``
 builds them, and prints the time spent inside the insight callback as a share of training time.
 """
@@ -101,6 +102,9 @@ class FixedTrainRealValidation(FixedTrainData):
     def split_tokens(self, split):
         return self.real.split_tokens(split)
 
+    def training_widths(self):
+        return self.real.training_widths()
+
 
 def framework_speed(cfg, model, datamodule, batches, run_dir):
     k = resolve_updates_per_step(model, datamodule, cfg.val_every or len(batches)) if model.kind == "text" else 1
@@ -116,11 +120,12 @@ def framework_speed(cfg, model, datamodule, batches, run_dir):
     data = FixedTrainRealValidation(items, datamodule) if model.kind == "text" else FixedTrainData(items)
     trainer.fit(model, datamodule=data)
     speed = clock.updates / clock.seconds
+    val = trainer.callback_metrics.get("loss/val")  # measured after the last update (ValidateAtEnd)
     insight = next((c for c in trainer.callbacks if isinstance(c, Insight)), None)
     if insight is not None:  # the callback's own time, over all updates (at the measured speed)
         training = trainer.global_step / speed
         print(f"insight callback: {insight.seconds:.3f} s of {training:.1f} s of training = {insight.seconds / training:.1%}")
-    return speed
+    return speed, None if val is None else float(val)
 
 
 def pack(batches):
@@ -132,7 +137,7 @@ def pack(batches):
     return xs, ys, torch.tensor([x.shape[1] for x, _ in batches])
 
 
-def plain_speed(model, cfg, batches):
+def plain_speed(model, cfg, batches, datamodule):
     """The same network and optimizer in the loop a PyTorch user would write by hand."""
     optimizer = hydra.utils.instantiate(cfg.optimizer)(params=model.parameter_groups())
     scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer=optimizer)
@@ -150,10 +155,21 @@ def plain_speed(model, cfg, batches):
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         scheduler.step()
-    return (len(batches) - warmup) / (time.perf_counter() - start)
+    return (len(batches) - warmup) / (time.perf_counter() - start), validation_loss(model, datamodule)
 
 
-def plain_gan_speed(model, cfg, batches):
+@torch.no_grad()
+def validation_loss(model, datamodule) -> float:
+    """The mean loss per target token over the validation split, as genlab's validation computes it."""
+    model.eval()
+    summed = count = 0
+    for x, y in datamodule.val_dataloader():
+        summed += float(model.loss(model(x), y, reduction="sum"))
+        count += int((y >= 0).sum())
+    return summed / count
+
+
+def plain_gan_speed(model, cfg, batches, datamodule):
     """The DCGAN's step as the notebook writes it: a discriminator update on a real and a fake
     batch, then a generator update, with BCE on the discriminator's logits."""
     bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -174,7 +190,7 @@ def plain_gan_speed(model, cfg, batches):
         g_opt.zero_grad(set_to_none=True)
         loss_g.backward()
         g_opt.step()
-    return (len(batches) - warmup) / (time.perf_counter() - start)
+    return (len(batches) - warmup) / (time.perf_counter() - start), None
 
 
 def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
@@ -220,11 +236,11 @@ def main(argv: list[str]) -> None:
     results = {"plain": [], "framework": []}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):  # alternate, keep the best of each: the machine's noise hits both
-            results["plain"].append(plain_loop(copy.deepcopy(model), cfg, batches))
+            results["plain"].append(plain_loop(copy.deepcopy(model), cfg, batches, datamodule))
             results["framework"].append(
                 framework_speed(copy.deepcopy(cfg), copy.deepcopy(model), datamodule, batches, Path(tmp) / str(round_))
             )
-    plain, framework = max(results["plain"]), max(results["framework"])
+    (plain, plain_val), (framework, framework_val) = max(results["plain"]), max(results["framework"])
     print(f"plain PyTorch loop: {plain:9.2f} updates/s  {plain * per_update:11.1f} {unit}/s")
     print(f"genlab (Lightning): {framework:9.2f} updates/s  {framework * per_update:11.1f} {unit}/s")
     if hasattr(model, "flops_per_token"):
@@ -233,6 +249,8 @@ def main(argv: list[str]) -> None:
             achieved = model.flops_per_token() * speed * per_update
             print(f"{name}: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of this machine's fp32 matmul "
                   f"({peak / 1e9:.1f} GFLOP/s)")
+    if plain_val is not None and framework_val is not None:  # the same training, so the same loss within noise
+        print(f"validation loss after the same updates: plain {plain_val:.4f}, genlab {framework_val:.4f}")
     print(f"ratio={framework / plain:.3f}")
 
 

@@ -229,6 +229,6 @@ def test_wavenet_on_the_notebooks_windows_normalises_exactly_the_notebooks_posit
     hook.remove()
     top = seen["h"][:, -1]  # the one position of each window at the last level
     expected = (top - top.mean(0)) / torch.sqrt(top.var(0, unbiased=False) + model.norms[2].eps)
-    normalised = model.norms[2](seen["h"], seen["mask"], leave_one_out=False)[:, -1]
+    normalised = model.norms[2](seen["h"], seen["mask"], leave_one_out=None)[:, -1]
     assert torch.allclose(normalised, expected * model.norms[2].weight + model.norms[2].bias, atol=1e-5)
     assert out.shape == (32, 28)

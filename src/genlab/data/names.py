@@ -188,6 +188,10 @@ class NamesDataModule(L.LightningDataModule):
         targets[:, -1] = y[real]
         return contexts, targets
 
+    def training_widths(self) -> list[int]:
+        """The widths a training batch can have: its longest name + 1, or the window."""
+        return [self.block_size] if self.sampling == "windows" else list(range(2, self.seq_len + 1))
+
     def val_dataloader(self):
         return FixedBatches(*self.tensors["val"], self.eval_batch_size, replica(self))
 

@@ -219,6 +219,10 @@ class TextDataModule(L.LightningDataModule):
         stream.one_batch = overfitting(self)
         return stream
 
+    def training_widths(self) -> list[int]:
+        """The widths a training batch can have: always ``seq_len``."""
+        return [self.seq_len]
+
     def _fixed_windows(self, split: str) -> FixedBatches:
         tokens = self.split_tokens(split)
         n = -(-(len(tokens) - 1) // self.seq_len)  # windows that cover every target once

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from genlab.errors import TrainingDiverged
 from genlab.models.module import GenlabModule
-from genlab.steps import updates_left
+from genlab.models.compiled_update import CompiledUpdate
+from genlab.steps import count_update, updates_left
 
 
 # dense bf16 peak FLOP/s of common accelerators (vendor data sheets), for MFU
@@ -72,6 +73,7 @@ class LanguageModel(GenlabModule):
         self.training_words: list[str] | None = None  # set for names: sampling measures novelty
         self.step_losses: list[torch.Tensor] = []  # the losses of the last Lightning step's updates
         self.best_val_loss = math.inf  # the lowest validation loss so far (kept in checkpoints)
+        self.compiled_update: CompiledUpdate | None = None  # compile=True: set at the start of training
 
     # --- what the insight callback looks at (genlab.insight) ------------------------------------
     def tanh_layers(self) -> dict[str, torch.nn.Module]:
@@ -104,8 +106,12 @@ class LanguageModel(GenlabModule):
         updates = min(len(batch[0]), updates_left(self.trainer))  # the last item may hold more than is left
         losses = []
         for x, y in itertools.islice(self.unpack(batch), updates):
-            loss = self.loss(self.training_forward(x, y), y)
-            self.update(optimizer, loss, clip=self.hparams.grad_clip)
+            if self.compiled_update is not None:
+                loss = self.compiled_update(x, y)
+                count_update(self.trainer)
+            else:
+                loss = self.loss(self.training_forward(x, y), y)
+                self.update(optimizer, loss, clip=self.hparams.grad_clip)
             if scheduler is not None:
                 scheduler.step()
             losses.append(loss.detach())
@@ -124,10 +130,37 @@ class LanguageModel(GenlabModule):
             return loss  # Lightning's LR finder reads the loss from here
         return None
 
+    def training_inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple, dict]:
+        """What ``forward`` takes in training (args, kwargs); a model that needs the targets' padding
+        mask (BatchNorm statistics) adds it."""
+        return (x,), {}
+
     def training_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The logits for a training batch; models that need the targets' padding mask (BatchNorm
-        statistics) or carry state between batches override this."""
-        return self(x)
+        """The logits for a training batch; a model that carries state between batches overrides this."""
+        args, kwargs = self.training_inputs(x, y)
+        return self(*args, **kwargs)
+
+    def compiles_whole_update(self) -> bool:
+        """Whether ``compile=True`` compiles the whole update (``CompiledUpdate``): not where
+        ``training_forward`` carries state from batch to batch, nor under DDP (its gradients go
+        through DDP's reducer) or 16-mixed (the loss scaler), which compile ``forward`` instead; nor
+        outside training (sampling compiles ``forward``)."""
+        trainer = self._trainer
+        return (trainer is not None and trainer.state.fn == "fit" and trainer.world_size == 1
+                and str(trainer.precision) != "16-mixed"
+                and type(self).training_forward is LanguageModel.training_forward)
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.compiled_update = None
+        if self.hparams.get("compile") and self.compiles_whole_update():
+            optimizer = self.optimizers()
+            widths = getattr(self.trainer.datamodule, "training_widths", lambda: None)()
+            self.compiled_update = CompiledUpdate(self, getattr(optimizer, "optimizer", optimizer),
+                                                  self.hparams.grad_clip, widths)
+
+    def compiled_modules(self):
+        return [] if self.compiles_whole_update() else [self]
 
     def log_throughput(self) -> None:
         """Tokens per second between Lightning steps; on a GPU also the model FLOPs utilisation."""

@@ -39,8 +39,13 @@ class SequenceBatchNorm(nn.BatchNorm1d):
 
     The running statistics, used for evaluation and sampling, take the whole batch."""
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None, leave_one_out: bool = True) -> torch.Tensor:
-        if not self.training or (leave_one_out and h.shape[0] < 2):  # one sequence has no others
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None,
+                leave_one_out: torch.Tensor | None = None) -> torch.Tensor:
+        """``leave_one_out`` (B,) bool: the rows normalised with the other rows' statistics (whole
+        sequences); the others, and all rows when it is None, take the whole batch's (windows).
+        Chosen per row by ``torch.where``, not by branching on the data, so that the compiled whole
+        update (``model.compile``) is one graph."""
+        if not self.training or (leave_one_out is not None and h.shape[0] < 2):  # one sequence has no others
             return F.batch_norm(h.transpose(1, 2), self.running_mean, self.running_var, self.weight, self.bias,
                                 training=False, eps=self.eps).transpose(1, 2)
         with torch.no_grad():
@@ -51,15 +56,13 @@ class SequenceBatchNorm(nn.BatchNorm1d):
             total_count, total_sums, total_squares = count.sum(0), sums.sum(0), squares.sum(0)
             batch_mean = total_sums / total_count
             batch_var = (total_squares / total_count - batch_mean**2).clamp(min=0)
-            if leave_one_out:
-                others = (total_count - count).clamp(min=1)
-                mean = (total_sums - sums) / others
-                var = ((total_squares - squares) / others - mean * mean).clamp(min=0)
-            else:
-                mean, var = batch_mean.expand_as(sums), batch_var.expand_as(sums)
-            n = float(total_count)
+            others = (total_count - count).clamp(min=1)
+            mean = (total_sums - sums) / others
+            var = ((total_squares - squares) / others - mean * mean).clamp(min=0)
+            rows = leave_one_out.unsqueeze(1) if leave_one_out is not None else torch.zeros_like(count, dtype=torch.bool)
+            mean, var = torch.where(rows, mean, batch_mean), torch.where(rows, var, batch_var)
             self.running_mean.lerp_(batch_mean, self.momentum)
-            self.running_var.lerp_(batch_var * n / max(n - 1, 1), self.momentum)
+            self.running_var.lerp_(batch_var * total_count / (total_count - 1).clamp(min=1), self.momentum)
         return (h - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps) * self.weight + self.bias
 
 
@@ -90,7 +93,7 @@ class WaveNet(LanguageModel):
         h = self.embedding(F.pad(idx, (pad, 0), value=0))  # (B, T + pad, n_embd)
         masks = self.needed_positions(valid) if valid is not None else [None] * len(self.dilations)
         # one target per row: the notebook's windows, else whole sequences (see SequenceBatchNorm)
-        leave_one_out = valid is not None and bool((valid.sum(1) > 1).any())
+        leave_one_out = valid.sum(1) > 1 if valid is not None else None
         for d, fuse, norm, tanh, mask in zip(self.dilations, self.fuse, self.norms, self.tanhs, masks):
             h = fuse(torch.cat([h[:, :-d], h[:, d:]], dim=-1))  # the pair (t - d, t)
             h = tanh(norm(h, mask, leave_one_out))
@@ -108,5 +111,5 @@ class WaveNet(LanguageModel):
             needed = below
         return masks[::-1]
 
-    def training_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self(x, valid=y >= 0)
+    def training_inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple, dict]:
+        return (x,), {"valid": y >= 0}

@@ -1,0 +1,189 @@
+"""``model.compile=true``: one optimizer update (forward, loss, backward, gradient clipping and the
+optimizer's step) as one ``torch.compile(fullgraph=True)`` graph.
+
+Compiling only ``forward`` leaves the backward, the optimizer and the Python between them eager;
+on a small network that Python is most of an update's time. Here the gradients are taken
+functionally (``torch.func.grad_and_value`` over ``functional_call``), and the optimizer's step is
+written out in tensor operations on the optimizer's own state (``optimizer.state``, in the names
+torch.optim uses), so checkpoints, resumes and an eager run read and write the same state.
+
+The optimizers: ``torch.optim.SGD`` (momentum, weight decay, Nesterov) and ``torch.optim.Adam`` /
+``AdamW``; other options are refused with the setting to change. The learning rates go in as a
+tensor, so a scheduler changes them without a recompile. Sequence widths vary from batch to batch
+(names of different lengths): batches are padded up to a multiple of ``WIDTH_STEP`` (padding
+predicts nothing: targets -1), so a run compiles a handful of graphs, not one per width, and all of
+them before its first update (on copies of the state, the random stream restored), so that no
+compilation stops a run midway when a rare long name first comes.
+
+BatchNorm's running statistics are buffers that the forward updates in place: they go into the
+differentiated function as inputs, which ``torch.func`` allows to be mutated."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch._dynamo.eval_frame import DynamoStance, _set_stance
+from torch.func import functional_call, grad_and_value
+
+from genlab.errors import ConfigError
+
+WIDTH_STEP = 8  # sequence widths are padded up to a multiple of this (a graph per padded width)
+# torch.compiler.set_stance(skip_guard_eval_unsafe=True), set without its context manager's cost
+SIZE_GUARDS_ONLY = DynamoStance("default", skip_guard_eval_unsafe=True)
+
+
+class CompiledUpdate:
+    def __init__(self, model, optimizer: torch.optim.Optimizer, clip: float | None, widths: list[int] | None = None):
+        """``widths``: the widths the training batches can have (the data module's ``training_widths``),
+        compiled for at the first update; None: each when it first comes."""
+        self.model, self.optimizer, self.clip = model, optimizer, clip
+        self.widths = sorted({self.padded(w) for w in widths or []})
+        self.shapes_run: set[tuple] = set()
+        self.adam = isinstance(optimizer, torch.optim.Adam)  # AdamW is an Adam (decoupled weight decay)
+        check_supported(optimizer)
+        self.names = {id(p): name for name, p in model.named_parameters()}
+        self.groups = [[self.names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+        # the groups' settings but the learning rate, which goes in as a tensor (a scheduler changes it):
+        # the graph reads only these, so a new learning rate does not recompile it
+        self.settings = [{key: value for key, value in group.items() if key not in ("params", "lr")}
+                         for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                self.init_state(p, group)
+        # graphs are cached per function, across instances: a process trains one run at a time (a
+        # sweep's jobs one after another), so the previous run's graphs go rather than fill the cache
+        torch._dynamo.reset()
+        # static shapes: one graph per padded width (automatic dynamic shapes would run slower kernels)
+        self.compiled = torch.compile(self.update, fullgraph=True, dynamic=False)
+
+    def init_state(self, p: torch.Tensor, group: dict) -> None:
+        """The state torch.optim would create at its first step, where there is none yet."""
+        state = self.optimizer.state[p]
+        if self.adam:
+            state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+            state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+            # a tensor on the parameter's device: counting it inside the graph needs no sync
+            state["step"] = torch.as_tensor(state.get("step", 0.0), dtype=torch.float32).to(p.device)
+        elif group["momentum"]:
+            state.setdefault("momentum_buffer", torch.zeros_like(p))  # dampening 0: zero, then the first gradient
+
+    def padded(self, width: int) -> int:
+        return min(-(-width // WIDTH_STEP) * WIDTH_STEP, max(self.model.seq_len, width))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        width, padded = x.shape[1], self.padded(x.shape[1])
+        if padded > width:
+            x, y = F.pad(x, (0, padded - width), value=0), F.pad(y, (0, padded - width), value=-1)
+        x, y = x.contiguous(), y.contiguous()  # a batch may be a view into its training item: one layout
+        if self.widths:
+            self.compile_widths(x, y)
+        # Checking the graph's guards costs about as much as a small update itself. Where this
+        # update's shape and modes are those of a graph already run, only the guards that tell the
+        # graphs apart are checked (sizes): nothing else a graph depends on changes within a run.
+        key = (x.shape, x.device, self.model.training, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
+        known = key in self.shapes_run
+        self.shapes_run.add(key)
+        params = {name: p.detach() for name, p in self.model.named_parameters()}  # updated in place
+        buffers = {name: b.detach() for name, b in self.model.named_buffers()}
+        lrs = torch.tensor([group["lr"] for group in self.optimizer.param_groups], device=x.device)
+        # the optimizer's step hooks (the insight callback's update ratios) run as around optimizer.step()
+        for hook in tuple(self.optimizer._optimizer_step_pre_hooks.values()):
+            hook(self.optimizer, (), {})
+        prior = _set_stance(SIZE_GUARDS_ONLY) if known else None  # torch.compiler.set_stance costs 0.2 ms a call
+        try:
+            loss = self.compiled(params, buffers, self.states(), x, y, lrs)
+        finally:
+            if prior is not None:
+                _set_stance(prior)
+        for hook in tuple(self.optimizer._optimizer_step_post_hooks.values()):
+            hook(self.optimizer, (), {})
+        return loss
+
+    def states(self) -> list[dict]:
+        return [self.optimizer.state[p] for group in self.optimizer.param_groups for p in group["params"]]
+
+    def compile_widths(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Compile the graph of every width in ``self.widths`` by updating copies of the parameters,
+        buffers and optimizer state on a batch of that width; the random stream is put back."""
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        lrs = torch.zeros(len(self.optimizer.param_groups), device=x.device)
+        for width in self.widths:
+            params = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+            buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+            states = [{key: v.clone() for key, v in state.items()} for state in self.states()]
+            shape = (x.shape[0], width)
+            self.compiled(params, buffers, states, x.new_zeros(shape), y.new_zeros(shape), lrs)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, x.device)
+        self.widths = []
+
+    def loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.model.training_inputs(x, y)
+        return self.model.loss(functional_call(self.model, (params, buffers), args, kwargs), y)
+
+    def update(self, params, buffers, states, x, y, lrs):
+        grads, loss = grad_and_value(self.loss)(params, buffers, x, y)
+        if self.clip:
+            clip_grad_norm(grads, self.clip)
+        i = 0
+        with torch.no_grad():
+            for g, (group, names) in enumerate(zip(self.settings, self.groups)):
+                for name in names:
+                    step = adam_step if self.adam else sgd_step
+                    step(params[name], grads[name], states[i], lrs[g], group)
+                    i += 1
+        return loss.detach()
+
+
+def check_supported(optimizer: torch.optim.Optimizer) -> None:
+    """The optimizers and options the compiled update writes out; anything else is refused."""
+    name = type(optimizer).__name__
+    if not isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
+        raise ConfigError(f"model.compile=true compiles the whole update for SGD, Adam and AdamW, not {name}; "
+                          "use one of those (optimizer=sgd or optimizer=adamw) or model.compile=false")
+    for group in optimizer.param_groups:
+        unsupported = [key for key in ("amsgrad", "maximize", "differentiable") if group.get(key)]
+        if group.get("dampening"):
+            unsupported.append("dampening")
+        if unsupported:
+            raise ConfigError(f"model.compile=true: {name} with {', '.join(unsupported)} is not written out in the "
+                              "compiled update; leave them at their defaults or set model.compile=false")
+
+
+def clip_grad_norm(grads: dict, max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` on the gradients: scale them so that their global norm is
+    at most ``max_norm``."""
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads.values():
+        g.mul_(scale)
+
+
+def sgd_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: torch.Tensor, group: dict) -> None:
+    """torch.optim.SGD's step (dampening 0)."""
+    if group["weight_decay"]:
+        grad = grad + group["weight_decay"] * p
+    if group["momentum"]:
+        buffer = state["momentum_buffer"]
+        buffer.mul_(group["momentum"]).add_(grad)
+        grad = grad + group["momentum"] * buffer if group["nesterov"] else buffer
+    p.sub_(lr * grad)
+
+
+def adam_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: torch.Tensor, group: dict) -> None:
+    """torch.optim.Adam's step; AdamW's (decoupled_weight_decay) decays the weight itself first."""
+    beta1, beta2 = group["betas"]
+    if group["weight_decay"]:
+        if group.get("decoupled_weight_decay"):
+            p.mul_(1 - lr * group["weight_decay"])
+        else:
+            grad = grad + group["weight_decay"] * p
+    step = state["step"]
+    step.add_(1)
+    state["exp_avg"].lerp_(grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    # bias corrections: the moving averages start at zero
+    denominator = (state["exp_avg_sq"].sqrt() / torch.sqrt(1 - beta2**step)).add_(group["eps"])
+    p.sub_(lr / (1 - beta1**step) * state["exp_avg"] / denominator)

@@ -1,0 +1,97 @@
+"""model.compile=true: the whole update compiled as one graph trains exactly what the eager update
+trains (the same losses, parameters, BatchNorm statistics and optimizer state), whatever the
+optimizer's settings and the batch widths; options it does not write out are refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from genlab.errors import ConfigError
+from genlab.models.compiled_update import CompiledUpdate
+from genlab.models.gpt import GPT
+from genlab.models.mlp import MLP
+from genlab.models.wavenet import WaveNet
+
+TOKENIZER = {"type": "char", "chars": list(".abcdefghijklmnopqrstuvwxyz")}
+
+
+def batches(count: int, widths: list[int], rows: int = 8, seed: int = 1):
+    """Random batches of the given widths in turn, each target the token after its input's (a rule to
+    learn); the first row's second half is padding (-1)."""
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        width = widths[i % len(widths)]
+        x = torch.randint(0, 27, (rows, width), generator=generator)
+        y = (x + 1) % 27
+        y[0, width // 2:] = -1
+        yield x, y
+
+
+def train_both(model, make_optimizer, clip, widths, count=12):
+    """The same updates, eager and compiled (every width compiled up front); both models, the
+    compiled update and each side's losses."""
+    torch.manual_seed(0)
+    model.train()
+    eager, compiled = copy.deepcopy(model), copy.deepcopy(model)
+    eager_optimizer, compiled_optimizer = make_optimizer(eager), make_optimizer(compiled)
+    update = CompiledUpdate(compiled, compiled_optimizer, clip, widths=widths)
+    eager_losses, compiled_losses = [], []
+    for x, y in batches(count, widths):
+        loss = eager.loss(eager.training_forward(x, y), y)
+        eager_optimizer.zero_grad()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(eager.parameters(), clip)
+        eager_optimizer.step()
+        eager_losses.append(loss.item())
+        compiled_losses.append(update(x, y).item())
+        for optimizer in (eager_optimizer, compiled_optimizer):  # as a scheduler would: no recompilation
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.95
+    return eager, compiled, update, eager_losses, compiled_losses
+
+
+def assert_same_state(eager, compiled, atol=1e-6):
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=atol), name
+
+
+def test_sgd_with_momentum_weight_decay_and_nesterov_trains_the_same_mlp():
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    eager, compiled, update, eager_losses, compiled_losses = train_both(MLP(tokenizer=TOKENIZER, seq_len=8), sgd, None, [8])
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-5)
+    assert eager_losses[-1] < eager_losses[0]  # it trained
+    assert_same_state(eager, compiled)
+    assert not update.widths  # compiled up front, on copies: the losses above show nothing else changed
+
+
+def test_refuses_what_it_does_not_write_out():
+    model = MLP(tokenizer=TOKENIZER, seq_len=8)
+    with pytest.raises(ConfigError, match="not RMSprop"):
+        CompiledUpdate(model, torch.optim.RMSprop(model.parameters()), None)
+    with pytest.raises(ConfigError, match="amsgrad"):
+        CompiledUpdate(model, torch.optim.Adam(model.parameters(), amsgrad=True), None)
+
+
+@pytest.mark.slow
+def test_wavenet_batchnorm_statistics_and_varying_widths_match_eager():
+    model = WaveNet(tokenizer=TOKENIZER, seq_len=16)
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)
+    eager, compiled, update, eager_losses, compiled_losses = train_both(model, sgd, None, [5, 16, 11])
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-5)
+    assert_same_state(eager, compiled)  # running_mean / running_var included
+    assert eager.norms[0].running_mean.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_adamw_with_clipping_and_parameter_groups_trains_the_same_gpt():
+    model = GPT(tokenizer=TOKENIZER, seq_len=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    adamw = lambda m: torch.optim.AdamW(m.parameter_groups(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    eager, compiled, update, eager_losses, compiled_losses = train_both(model, adamw, 0.5, [16])
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-5)
+    assert_same_state(eager, compiled, atol=1e-3)  # Adam divides by small numbers: rounding grows
+    state = update.optimizer.state[compiled.head.weight]
+    assert float(state["step"]) == 12  # torch.optim's own state, as a checkpoint keeps it
