@@ -29,6 +29,8 @@ DCGAN_STEPS = 300
 RUNS = {
     "notebook_gpt": ["experiment=notebook_gpt", f"trainer.max_steps={GPT_UPDATES}"],
     "notebook_gpt compiled": ["experiment=notebook_gpt", f"trainer.max_steps={GPT_UPDATES}", "model.compile=true"],
+    "notebook_gpt compiled, CUDA graphs": ["experiment=notebook_gpt", f"trainer.max_steps={GPT_UPDATES}",
+                                           "model.compile=reduce-overhead"],
     "notebook_dcgan": ["experiment=notebook_dcgan", f"trainer.max_steps={DCGAN_STEPS}"],
     # the same with a worker per two of a GPU machine's cores: does decoding JPEGs hold the GPU back?
     "notebook_dcgan 8 workers": ["experiment=notebook_dcgan", f"trainer.max_steps={DCGAN_STEPS}", "data.num_workers=8"],
@@ -73,9 +75,11 @@ COMMON = ["trainer=gpu", "val_every=100000", "callbacks.insight=null", "num_samp
 
 
 def result_line(name: str, rate: float, metrics: dict, flops_per_token: float | None, peak_flops: float | None,
-                peak_memory: int) -> str:
+                peak_memory: int, updates_per_step: int | None = None) -> str:
     """One line of the check's report: the steady rate, and the run's metrics.json."""
     memory = f"peak GPU memory {peak_memory / 2**30:.1f} GiB"
+    if updates_per_step:
+        memory += f", {updates_per_step} updates per Lightning step"
     if "tokens_per_second" in metrics:
         speed = f"{rate:,.0f} tokens/s"
         if flops_per_token and peak_flops:
@@ -98,13 +102,13 @@ def run(name: str, overrides: list[str], out: Path) -> bool:
             cfg = compose("train", overrides=[*overrides, *COMMON, f"paths.output_dir={run_dir}"])
         train(cfg)
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        model, _ = load_model(run_dir / "checkpoints" / "last.ckpt")
+        model, checkpoint = load_model(run_dir / "checkpoints" / "last.ckpt")
         flops = model.flops_per_token() if hasattr(model, "flops_per_token") else None
         rate = SteadyClock.latest.rate
         if rate is None:
             raise RuntimeError("the run made too few Lightning steps to time after its warm-up; raise its steps")
-        print(result_line(name, rate, metrics, flops, peak_flops(torch.device("cuda")), torch.cuda.max_memory_allocated()),
-              flush=True)
+        print(result_line(name, rate, metrics, flops, peak_flops(torch.device("cuda")), torch.cuda.max_memory_allocated(),
+                          checkpoint.get("genlab", {}).get("updates_per_step")), flush=True)
         return True
     except BaseException:  # everything, SystemExit included: the report goes on with the next run
         print(f"{name}: FAILED\n{traceback.format_exc()}", flush=True)

@@ -95,3 +95,14 @@ def test_adamw_with_clipping_and_parameter_groups_trains_the_same_gpt():
     assert_same_state(eager, compiled, atol=1e-3)  # Adam divides by small numbers: rounding grows
     state = update.optimizer.state[compiled.head.weight]
     assert float(state["step"]) == 12  # torch.optim's own state, as a checkpoint keeps it
+
+
+def test_an_unknown_compile_mode_is_refused_before_the_run_starts(tmp_path, names_file):
+    from conftest import compose_config
+
+    from genlab.train import train
+
+    cfg = compose_config([f"data.path={names_file}", "model.compile=fastest"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="model.compile=fastest: use false, true or one of torch.compile's modes"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -31,7 +31,24 @@ def check_learning_rate(name: str, value) -> None:
         raise ConfigError(f"{name} must be a positive finite number (e.g. 1e-3), got {value!r}")
 
 
+# torch.compile's modes (reduce-overhead and max-autotune replay CUDA graphs on a GPU)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value) -> str | None:
+    """``model.compile``: false (None), true (torch.compile's default mode) or the name of a mode."""
+    if value in (None, False):
+        return None
+    if value is True:
+        return "default"
+    if value not in COMPILE_MODES:
+        raise ConfigError(f"model.compile={value}: use false, true or one of torch.compile's modes "
+                          f"({', '.join(COMPILE_MODES)})")
+    return value
+
+
 def check_values(cfg: DictConfig) -> None:
+    compile_mode(cfg.model.get("compile"))
     if cfg.val_every is not None:
         check_positive_whole("val_every", cfg.val_every)
     check_positive_whole("trainer.max_steps", cfg.trainer.max_steps, allowed=(-1,))

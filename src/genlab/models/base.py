@@ -57,7 +57,7 @@ class LanguageModel(GenlabModule):
         scheduler: dict | None = None,
         updates_per_step: int | str = 1,
         grad_clip: float | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -153,11 +153,11 @@ class LanguageModel(GenlabModule):
     def on_train_start(self):
         super().on_train_start()
         self.compiled_update = None
-        if self.hparams.get("compile") and self.compiles_whole_update():
+        if self.compile_mode() and self.compiles_whole_update():
             optimizer = self.optimizers()
             widths = getattr(self.trainer.datamodule, "training_widths", lambda: None)()
             self.compiled_update = CompiledUpdate(self, getattr(optimizer, "optimizer", optimizer),
-                                                  self.hparams.grad_clip, widths)
+                                                  self.hparams.grad_clip, widths, self.compile_mode())
 
     def compiled_modules(self):
         return [] if self.compiles_whole_update() else [self]

@@ -33,11 +33,15 @@ SIZE_GUARDS_ONLY = DynamoStance("default", skip_guard_eval_unsafe=True)
 
 
 class CompiledUpdate:
-    def __init__(self, model, optimizer: torch.optim.Optimizer, clip: float | None, widths: list[int] | None = None):
+    def __init__(self, model, optimizer: torch.optim.Optimizer, clip: float | None, widths: list[int] | None = None,
+                 mode: str = "default"):
         """``widths``: the widths the training batches can have (the data module's ``training_widths``),
-        compiled for at the first update; None: each when it first comes."""
+        compiled for at the first update; None: each when it first comes. ``mode``: torch.compile's;
+        on a GPU, reduce-overhead and max-autotune replay each update as a CUDA graph."""
         self.model, self.optimizer, self.clip = model, optimizer, clip
-        self.widths = sorted({self.padded(w) for w in widths or []})
+        self.cuda_graphs = mode in ("reduce-overhead", "max-autotune") and next(model.parameters()).is_cuda
+        # CUDA graphs read their inputs at fixed addresses: widths come as they come, not on copies
+        self.widths = [] if self.cuda_graphs else sorted({self.padded(w) for w in widths or []})
         self.shapes_run: set[tuple] = set()
         self.adam = isinstance(optimizer, torch.optim.Adam)  # AdamW is an Adam (decoupled weight decay)
         check_supported(optimizer)
@@ -50,11 +54,17 @@ class CompiledUpdate:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 self.init_state(p, group)
+        # views of the parameters and buffers, updated in place (the same tensors at every update)
+        self.params = {name: p.detach() for name, p in model.named_parameters()}
+        self.buffers = {name: b.detach() for name, b in model.named_buffers()}
+        if self.cuda_graphs:  # the state stays where it is: a CUDA graph updates it in place
+            for t in [*self.params.values(), *self.buffers.values(), *(v for s in self.states() for v in s.values())]:
+                torch._dynamo.mark_static_address(t)
         # graphs are cached per function, across instances: a process trains one run at a time (a
         # sweep's jobs one after another), so the previous run's graphs go rather than fill the cache
         torch._dynamo.reset()
         # static shapes: one graph per padded width (automatic dynamic shapes would run slower kernels)
-        self.compiled = torch.compile(self.update, fullgraph=True, dynamic=False)
+        self.compiled = torch.compile(self.update, fullgraph=True, dynamic=False, mode=mode)
 
     def init_state(self, p: torch.Tensor, group: dict) -> None:
         """The state torch.optim would create at its first step, where there is none yet."""
@@ -83,21 +93,19 @@ class CompiledUpdate:
         key = (x.shape, x.device, self.model.training, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
         known = key in self.shapes_run
         self.shapes_run.add(key)
-        params = {name: p.detach() for name, p in self.model.named_parameters()}  # updated in place
-        buffers = {name: b.detach() for name, b in self.model.named_buffers()}
         lrs = torch.tensor([group["lr"] for group in self.optimizer.param_groups], device=x.device)
         # the optimizer's step hooks (the insight callback's update ratios) run as around optimizer.step()
         for hook in tuple(self.optimizer._optimizer_step_pre_hooks.values()):
             hook(self.optimizer, (), {})
         prior = _set_stance(SIZE_GUARDS_ONLY) if known else None  # torch.compiler.set_stance costs 0.2 ms a call
         try:
-            loss = self.compiled(params, buffers, self.states(), x, y, lrs)
+            loss = self.compiled(self.params, self.buffers, self.states(), x, y, lrs)
         finally:
             if prior is not None:
                 _set_stance(prior)
         for hook in tuple(self.optimizer._optimizer_step_post_hooks.values()):
             hook(self.optimizer, (), {})
-        return loss
+        return loss.clone() if self.cuda_graphs else loss  # the graph's next replay overwrites its output
 
     def states(self) -> list[dict]:
         return [self.optimizer.state[p] for group in self.optimizer.param_groups for p in group["params"]]

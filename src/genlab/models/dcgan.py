@@ -72,7 +72,7 @@ def init_weights(module: nn.Module) -> None:
 class DCGAN(ImageModel):
     def __init__(self, image_size: int = 64, nz: int = 100, ngf: int = 64, ndf: int = 64,
                  optimizer: dict | None = None, grid_every: int = 500, grid_size: int = 64,
-                 seed: int = 0, compile: bool = False):
+                 seed: int = 0, compile: bool | str = False):
         super().__init__(image_size, grid_every, grid_size, seed)
         self.save_hyperparameters()
         self.automatic_optimization = False

@@ -10,6 +10,7 @@ import hydra
 import lightning as L
 import torch
 
+from genlab.checks import compile_mode
 from genlab.steps import check_same_count, count_update
 
 
@@ -49,15 +50,19 @@ class GenlabModule(L.LightningModule):
         """The modules whose ``forward`` ``compile=True`` compiles."""
         return [self]
 
+    def compile_mode(self) -> str | None:
+        return compile_mode(self.hparams.get("compile"))
+
     def configure_model(self) -> None:
         """``compile=True``: run ``forward`` through ``torch.compile``. The compiled function replaces
         the bound method on the instance, so parameter names (and checkpoints) are unchanged: no
         ``_orig_mod.`` prefix."""
-        if not self.hparams.get("compile"):
+        mode = self.compile_mode()
+        if mode is None:
             return
         for module in self.compiled_modules():
             if not hasattr(module.forward, "_torchdynamo_orig_callable"):
-                module.forward = torch.compile(module.forward)
+                module.forward = torch.compile(module.forward, mode=mode)
 
     def update(self, optimizer, loss: torch.Tensor, clip: float | None = None, count: bool = True) -> None:
         """One optimizer update as a plain loop makes it, counted as a step when ``count`` (the GAN
