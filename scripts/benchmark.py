@@ -1,7 +1,7 @@
 """Framework overhead, measured: the project's training path against a plain PyTorch loop of the
 same network, batches and optimizer, in one process.
 
-    python scripts/benchmark.py model=mlp [steps=6000] [rounds=2] [any train.py override ...]
+    python scripts/benchmark.py model=mlp [steps=6000] [rounds=3] [any train.py override ...]
 
 ``model=`` names a benchmark of ``PRESETS`` (each sets its model and data): mlp, bigram, wavenet,
 gpt (divina_gpt_cpu), shakespeare_gpt (nanoGPT's CPU recipe), lstm, gru, dcgan.
@@ -213,7 +213,7 @@ def main(argv: list[str]) -> None:
     if model_name not in PRESETS:
         raise SystemExit(f"model={model_name}: no such benchmark; use one of {', '.join(PRESETS)}")
     args = PRESETS[model_name] + [a for a in argv if not a.startswith("model=")]  # the preset sets the model
-    steps, rounds = option(args, "steps", 6000), option(args, "rounds", 2)
+    steps, rounds = option(args, "steps", 6000), option(args, "rounds", 3)
     overrides = [a for a in args if not a.startswith(("steps=", "rounds="))]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides + ["hydra.run.dir=."], return_hydra_config=False)
@@ -236,10 +236,15 @@ def main(argv: list[str]) -> None:
     results = {"plain": [], "framework": []}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):  # alternate, keep the best of each: the machine's noise hits both
-            results["plain"].append(plain_loop(copy.deepcopy(model), cfg, batches, datamodule))
-            results["framework"].append(
-                framework_speed(copy.deepcopy(cfg), copy.deepcopy(model), datamodule, batches, Path(tmp) / str(round_))
-            )
+            sides = {
+                "plain": lambda: plain_loop(copy.deepcopy(model), cfg, batches, datamodule),
+                "framework": lambda: framework_speed(copy.deepcopy(cfg), copy.deepcopy(model), datamodule, batches,
+                                                     Path(tmp) / str(round_)),
+            }
+            for side in sorted(sides, reverse=round_ % 2 == 1):  # each side goes first in every other round
+                results[side].append(sides[side]())
+            print(f"round {round_ + 1}: plain {results['plain'][-1][0]:.2f}, genlab {results['framework'][-1][0]:.2f} "
+                  "updates/s")
     (plain, plain_val), (framework, framework_val) = max(results["plain"]), max(results["framework"])
     print(f"plain PyTorch loop: {plain:9.2f} updates/s  {plain * per_update:11.1f} {unit}/s")
     print(f"genlab (Lightning): {framework:9.2f} updates/s  {framework * per_update:11.1f} {unit}/s")

@@ -203,6 +203,21 @@ def test_gpt_loss_at_init_is_close_to_ln_v():
     assert abs(loss.item() - math.log(28)) < 0.1
 
 
+def test_gpt_attention_dropout_defaults_to_dropout_and_can_be_set_apart():
+    """model.attention_dropout=0 keeps PyTorch's fused attention on a CPU while the rest drops out."""
+    same = make(GPT, n_layer=1, n_head=2, n_embd=16, dropout=0.2)
+    apart = make(GPT, n_layer=1, n_head=2, n_embd=16, dropout=0.2, attention_dropout=0.0)
+    assert same.blocks[0].attn.attention_dropout == 0.2 and apart.blocks[0].attn.attention_dropout == 0.0
+    assert apart.blocks[0].attn.resid_dropout.p == 0.2
+    x = torch.randint(0, 28, (2, 16))
+    apart.train()
+    torch.manual_seed(1)
+    first = apart.blocks[0].attn(apart.token_embedding(x))
+    apart.blocks[0].attn.resid_dropout.p = 0.0  # with the residual dropout off, attention is deterministic
+    assert not torch.equal(first, apart.blocks[0].attn(apart.token_embedding(x)))
+    assert torch.equal(apart.blocks[0].attn(apart.token_embedding(x)), apart.blocks[0].attn(apart.token_embedding(x)))
+
+
 def test_gpt_rejects_heads_that_do_not_divide_the_width():
     from genlab.errors import ConfigError
 

@@ -15,26 +15,27 @@ from genlab.models.base import LanguageModel
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, attention_dropout: float, bias: bool):
         super().__init__()
         self.n_head = n_head
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
-        self.dropout = dropout
+        # dropout on the attention weights: on a CPU it turns PyTorch's fused attention kernel off
+        self.attention_dropout = attention_dropout
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.attention_dropout if self.training else 0.0)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, attention_dropout: float, bias: bool):
         super().__init__()
         self.ln1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, attention_dropout, bias)
         self.ln2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = nn.Sequential(
             nn.Linear(n_embd, 4 * n_embd, bias=bias),
@@ -60,6 +61,7 @@ class GPT(LanguageModel):
         bias: bool = True,
         tie_weights: bool = False,
         block_size: int | None = None,
+        attention_dropout: float | None = None,
         **base,
     ):
         super().__init__(**base)
@@ -74,7 +76,8 @@ class GPT(LanguageModel):
         self.token_embedding = nn.Embedding(self.vocab_size, n_embd)
         self.position_embedding = nn.Embedding(context, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer))
+        attention_dropout = dropout if attention_dropout is None else attention_dropout
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, attention_dropout, bias) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.head = nn.Linear(n_embd, self.vocab_size, bias=False)
         if tie_weights:
