@@ -101,7 +101,6 @@ def measure_update_seconds(model, datamodule, device: torch.device | None = None
             seconds.append(time.perf_counter() - start)
     finally:
         torch.set_rng_state(random_state)
-        del probe, optimizer
     return statistics.median(seconds[2:] or seconds)
 
 

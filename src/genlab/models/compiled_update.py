@@ -54,11 +54,13 @@ class CompiledUpdate:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 self.init_state(p, group)
+        # the optimizer's state, parameter by parameter in group order (the same dicts at every update)
+        self.states = [optimizer.state[p] for group in optimizer.param_groups for p in group["params"]]
         # views of the parameters and buffers, updated in place (the same tensors at every update)
         self.params = {name: p.detach() for name, p in model.named_parameters()}
         self.buffers = {name: b.detach() for name, b in model.named_buffers()}
         if self.cuda_graphs:  # the state stays where it is: a CUDA graph updates it in place
-            for t in [*self.params.values(), *self.buffers.values(), *(v for s in self.states() for v in s.values())]:
+            for t in [*self.params.values(), *self.buffers.values(), *(v for s in self.states for v in s.values())]:
                 torch._dynamo.mark_static_address(t)
         # graphs are cached per function, across instances: a process trains one run at a time (a
         # sweep's jobs one after another), so the previous run's graphs go rather than fill the cache
@@ -92,14 +94,15 @@ class CompiledUpdate:
         # graphs apart are checked (sizes): nothing else a graph depends on changes within a run.
         key = (x.shape, x.device, self.model.training, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
         known = key in self.shapes_run
-        self.shapes_run.add(key)
+        if not known:
+            self.shapes_run.add(key)
         lrs = torch.tensor([group["lr"] for group in self.optimizer.param_groups], device=x.device)
         # the optimizer's step hooks (the insight callback's update ratios) run as around optimizer.step()
         for hook in tuple(self.optimizer._optimizer_step_pre_hooks.values()):
             hook(self.optimizer, (), {})
         prior = _set_stance(SIZE_GUARDS_ONLY) if known else None  # torch.compiler.set_stance costs 0.2 ms a call
         try:
-            loss = self.compiled(self.params, self.buffers, self.states(), x, y, lrs)
+            loss = self.compiled(self.params, self.buffers, self.states, x, y, lrs)
         finally:
             if prior is not None:
                 _set_stance(prior)
@@ -107,19 +110,16 @@ class CompiledUpdate:
             hook(self.optimizer, (), {})
         return loss.clone() if self.cuda_graphs else loss  # the graph's next replay overwrites its output
 
-    def states(self) -> list[dict]:
-        return [self.optimizer.state[p] for group in self.optimizer.param_groups for p in group["params"]]
-
     def compile_widths(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Compile the graph of every width in ``self.widths`` by updating copies of the parameters,
         buffers and optimizer state on a batch of that width; the random stream is put back."""
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         lrs = torch.zeros(len(self.optimizer.param_groups), device=x.device)
+        params = {name: p.clone() for name, p in self.params.items()}
+        buffers = {name: b.clone() for name, b in self.buffers.items()}
+        states = [{key: v.clone() for key, v in state.items()} for state in self.states]
         for width in self.widths:
-            params = {name: p.detach().clone() for name, p in self.model.named_parameters()}
-            buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
-            states = [{key: v.clone() for key, v in state.items()} for state in self.states()]
             shape = (x.shape[0], width)
             self.compiled(params, buffers, states, x.new_zeros(shape), y.new_zeros(shape), lrs)
         torch.set_rng_state(cpu_rng)
@@ -135,11 +135,11 @@ class CompiledUpdate:
         grads, loss = grad_and_value(self.loss)(params, buffers, x, y)
         if self.clip:
             clip_grad_norm(grads, self.clip)
+        step = adam_step if self.adam else sgd_step
         i = 0
         with torch.no_grad():
             for g, (group, names) in enumerate(zip(self.settings, self.groups)):
                 for name in names:
-                    step = adam_step if self.adam else sgd_step
                     step(params[name], grads[name], states[i], lrs[g], group)
                     i += 1
         return loss.detach()
