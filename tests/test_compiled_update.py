@@ -68,6 +68,20 @@ def test_sgd_with_momentum_weight_decay_and_nesterov_trains_the_same_mlp():
     assert not update.widths  # compiled up front, on copies: the losses above show nothing else changed
 
 
+@pytest.mark.slow
+def test_a_new_thread_count_compiles_anew_rather_than_failing():
+    """Guards are cut to sizes once a shape has run; a thread count is part of what a graph is for."""
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)
+    *_, update, _, compiled_losses = train_both(MLP(tokenizer=TOKENIZER, seq_len=8), sgd, None, [8], count=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        x, y = next(batches(1, [8], seed=2))
+        assert torch.isfinite(update(x, y))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_refuses_what_it_does_not_write_out():
     model = MLP(tokenizer=TOKENIZER, seq_len=8)
     with pytest.raises(ConfigError, match="not RMSprop"):

@@ -92,7 +92,8 @@ class CompiledUpdate:
         # Checking the graph's guards costs about as much as a small update itself. Where this
         # update's shape and modes are those of a graph already run, only the guards that tell the
         # graphs apart are checked (sizes): nothing else a graph depends on changes within a run.
-        key = (x.shape, x.device, self.model.training, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
+        key = (x.shape, x.device, self.model.training, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
+               torch.get_num_threads())  # a graph is compiled for a thread count
         known = key in self.shapes_run
         if not known:
             self.shapes_run.add(key)
