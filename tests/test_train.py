@@ -40,6 +40,7 @@ def test_a_few_training_steps_write_a_complete_run(name, names_file, tmp_path):
     else:
         assert metrics["steps"] == 60
         assert metrics["tokens_per_second"] > 0
+    assert 0 < metrics["update_seconds"] < metrics["train_seconds"]  # validation and set-up apart
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert (run_dir / "checkpoints" / "best.ckpt").exists()
     assert len((run_dir / "samples.txt").read_text().splitlines()) == 5
@@ -208,3 +209,17 @@ def test_a_checkpoint_saved_under_the_older_names_loads_and_resumes(names_file, 
     assert model.block_size == 2 and model.sequential is False
     metrics = run_training(run, [*common, "trainer.max_steps=20", f"ckpt_path={run}"])
     assert metrics["steps"] == 20
+
+
+def test_training_clock_leaves_out_each_validation_until_training_goes_on(monkeypatch):
+    from genlab import callbacks
+    now = iter([0.0, 10.0, 14.0, 20.0, 30.0, 35.0])  # train start; val 10-14; val 20-30; end 35
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(now))
+    clock = callbacks.TrainingClock()
+    clock.on_train_start(None, None)
+    clock.on_validation_start(None, None)
+    clock.on_train_batch_start(None, None, None, 0)
+    clock.on_validation_start(None, None)
+    clock.on_train_batch_start(None, None, None, 1)
+    clock.on_train_end(None, None)
+    assert clock.seconds == 35 - 4 - 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning as L
@@ -36,6 +37,37 @@ class CheckpointAtEnd(L.Callback):
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.dirpath:
             trainer.save_checkpoint(Path(checkpoint.dirpath) / "last.ckpt")
+
+
+class TrainingClock(L.Callback):
+    """Seconds spent training, validation apart: from the start of training to its end, less the
+    time from each validation's start until training goes on (the validation, the checkpoint it
+    writes, the samples). ``update_seconds`` in metrics.json; the figure to compare with a trainer
+    that reports its update times only."""
+
+    def __init__(self):
+        self.started = self.paused_at = None
+        self.paused = 0.0
+        self.seconds: float | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.started, self.paused_at, self.paused = time.perf_counter(), None, 0.0
+
+    def on_validation_start(self, trainer, pl_module):
+        if self.started is not None and self.paused_at is None:
+            self.paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if self.paused_at is not None:
+            self.paused += time.perf_counter() - self.paused_at
+            self.paused_at = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.resume()
+
+    def on_train_end(self, trainer, pl_module):
+        self.resume()
+        self.seconds = time.perf_counter() - self.started - self.paused
 
 
 class Samples(L.Callback):

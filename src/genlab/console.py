@@ -78,6 +78,8 @@ def result_summary(metrics: dict, run_dir, unit: str = "update") -> str:
     else:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
         speed = f"{metrics['images_per_second']:,.0f} images/s"
+    if metrics.get("update_seconds") is not None:
+        speed += f", {timedelta(seconds=round(metrics['update_seconds']))} of it in updates"
     return (f"{shown} after {metrics['steps']:,} {unit}s in {timedelta(seconds=round(metrics['train_seconds']))} "
             f"({speed}); {run_dir}/metrics.json")
 

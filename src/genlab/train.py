@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from genlab.callbacks import CheckpointAtEnd, Samples, ValidateAtEnd
+from genlab.callbacks import CheckpointAtEnd, Samples, TrainingClock, ValidateAtEnd
 from genlab.checkpoints import check_resume, read_checkpoint
 from genlab.checks import check_config, validation_interval
 from genlab.console import UpdateProgress, result_summary, route_library_logs, run_summary
@@ -132,6 +132,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, sin
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=val_every,
                                          save_top_k=0, save_last=True, enable_version_counter=False))
     callbacks.append(CheckpointAtEnd())  # last.ckpt also when a signal stops training early
+    callbacks.append(TrainingClock())  # after CheckpointAtEnd: its last.ckpt counts as validation time
     if stop is not None:
         callbacks.append(stop)
     if cfg.trainer.get("enable_progress_bar", True):
@@ -156,6 +157,9 @@ def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds:
     else:
         metrics = evaluate_language_model(trainer, model, datamodule)
         metrics["tokens_per_second"] = round(model.tokens_seen / train_seconds, 1)
+    clock = next((c for c in trainer.callbacks if isinstance(c, TrainingClock)), None)
+    if clock is not None and clock.seconds is not None:
+        metrics["update_seconds"] = round(clock.seconds, 3)
     metrics.update(status="completed", steps=int(trainer.global_step), train_seconds=round(train_seconds, 3),
                    threads=torch.get_num_threads(), world_size=trainer.world_size, **label)
     if trainer.is_global_zero:
