@@ -9,7 +9,9 @@ gpt (divina_gpt_cpu), shakespeare_gpt (nanoGPT's CPU recipe), lstm, gru, dcgan.
 Prints both speeds in optimizer updates per second and tokens/s (the DCGAN: images/s; the GPT
 also the achieved FLOP/s against this machine's measured matmul FLOP/s), the validation loss each
 side reaches after the same updates (``model.compile=true`` must train the same model as the eager
-loop, within noise), and ``ratio=<framework/plain>`` on the last line. The framework side runs with logging (TensorBoard),
+loop, within noise), and ``ratio=<framework/plain>`` on the last line. With ``model.compile=true``
+where the whole update compiles, a third side runs the plain loop with the compiled update in
+place of the eager one: the compiled graph's speed without the framework around it. The framework side runs with logging (TensorBoard),
 the progress bar, validation, checkpointing and the insight callback on, exactly as ``train.py``
 builds them, and prints the time spent inside the insight callback as a share of training time.
 """
@@ -30,6 +32,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from genlab.insight import Insight
+from genlab.models.base import LanguageModel
+from genlab.models.compiled_update import CompiledUpdate
 from genlab.steps import resolve_updates_per_step
 from genlab.train import CONF_DIR, build_model, build_trainer
 
@@ -158,6 +162,23 @@ def plain_speed(model, cfg, batches, datamodule):
     return (len(batches) - warmup) / (time.perf_counter() - start), validation_loss(model, datamodule)
 
 
+def compiled_loop_speed(model, cfg, batches, datamodule):
+    """The plain loop with ``model.compile``'s whole-update graph in place of its eager update: what
+    the compiled update reaches without the framework around it (the ceiling for genlab's side)."""
+    optimizer = hydra.utils.instantiate(cfg.optimizer)(params=model.parameter_groups())
+    scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer=optimizer)
+    model.train()
+    update = CompiledUpdate(model, optimizer, model.hparams.get("grad_clip"), datamodule.training_widths(),
+                            model.compile_mode())
+    warmup = len(batches) // 10
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        update(x, y)
+        scheduler.step()
+    return (len(batches) - warmup) / (time.perf_counter() - start), validation_loss(model, datamodule)
+
+
 @torch.no_grad()
 def validation_loss(model, datamodule) -> float:
     """The mean loss per target token over the validation split, as genlab's validation computes it."""
@@ -233,7 +254,10 @@ def main(argv: list[str]) -> None:
     print(f"benchmark: model={model_name} {' '.join(overrides)}; {len(batches)} updates, "
           f"{per_update:.1f} {unit} per update, {torch.get_num_threads()} threads")
 
-    results = {"plain": [], "framework": []}
+    # model.compile=true where the framework compiles the whole update: its graph alone, too
+    compiled_alone = (model.kind == "text" and model.compile_mode() is not None
+                      and type(model).training_forward is LanguageModel.training_forward)
+    results = {"plain": [], "framework": [], **({"compiled": []} if compiled_alone else {})}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):  # alternate, keep the best of each: the machine's noise hits both
             sides = {
@@ -241,13 +265,19 @@ def main(argv: list[str]) -> None:
                 "framework": lambda: framework_speed(copy.deepcopy(cfg), copy.deepcopy(model), datamodule, batches,
                                                      Path(tmp) / str(round_)),
             }
+            if compiled_alone:
+                sides["compiled"] = lambda: compiled_loop_speed(copy.deepcopy(model), cfg, batches, datamodule)
             for side in sorted(sides, reverse=round_ % 2 == 1):  # each side goes first in every other round
                 results[side].append(sides[side]())
-            print(f"round {round_ + 1}: plain {results['plain'][-1][0]:.2f}, genlab {results['framework'][-1][0]:.2f} "
-                  "updates/s")
+            print(f"round {round_ + 1}: " + ", ".join(f"{side} {results[side][-1][0]:.2f}" for side in results)
+                  + " updates/s")
     (plain, plain_val), (framework, framework_val) = max(results["plain"]), max(results["framework"])
     print(f"plain PyTorch loop: {plain:9.2f} updates/s  {plain * per_update:11.1f} {unit}/s")
     print(f"genlab (Lightning): {framework:9.2f} updates/s  {framework * per_update:11.1f} {unit}/s")
+    if compiled_alone:
+        alone = max(results["compiled"])[0]
+        print(f"compiled update in the plain loop (no framework): {alone:.2f} updates/s = {alone / plain:.3f} x plain; "
+              f"genlab keeps {framework / alone:.0%} of it")
     if hasattr(model, "flops_per_token"):
         peak = matmul_flops()
         for name, speed in (("plain", plain), ("genlab", framework)):
