@@ -159,3 +159,21 @@ def test_epochs_count_whole_passes_over_the_images(faces, tmp_path):
 def test_a_run_shorter_than_its_checkpoint_interval_leaves_one_last_checkpoint(faces, tmp_path):
     run_training(tmp_path / "run", gan_overrides(faces, "val_every=5", "trainer.max_steps=3"))
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last.ckpt"]  # no last-v1.ckpt
+
+
+def test_auto_workers_take_the_spare_cores_of_this_process_share_up_to_eight(monkeypatch):
+    from genlab.data import images
+
+    monkeypatch.setattr(images.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert images.worker_count("auto") == 8  # 15 spare cores, at most 8
+    assert images.worker_count("auto", processes=4) == 3  # DDP: 4 cores each, one of them trains
+    monkeypatch.setattr(images.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert images.worker_count("auto") == 1
+    assert images.worker_count(0) == 0
+
+
+def test_a_bad_worker_count_is_refused_before_the_images_are_read(tmp_path):
+    from genlab.data.images import ImageFolderDataModule
+
+    with pytest.raises(ConfigError, match="data.num_workers='many': give a number .* or auto"):
+        ImageFolderDataModule(root=str(tmp_path / "nowhere"), num_workers="many")
