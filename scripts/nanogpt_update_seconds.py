@@ -5,6 +5,7 @@ nanoGPT prints ``iter N: loss L, time T ms`` after each update when ``--log_inte
 time since the previous update ended, so an update that follows an evaluation (``step N: ...``) also
 holds that evaluation and its checkpoint. Those updates are counted at the median update time.
 
+    python data/shakespeare_char/prepare.py   # in nanoGPT's folder: tinyshakespeare at the character level
     python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 \\
         --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 \\
         --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0 > nanogpt.log   # in nanoGPT's folder
