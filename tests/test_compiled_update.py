@@ -5,6 +5,7 @@ optimizer's settings and the batch widths; options it does not write out are ref
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -66,6 +67,13 @@ def test_sgd_with_momentum_weight_decay_and_nesterov_trains_the_same_mlp():
     assert eager_losses[-1] < eager_losses[0]  # it trained
     assert_same_state(eager, compiled)
     assert not update.widths  # compiled up front, on copies: the losses above show nothing else changed
+    # a scheduler made now sees the compiled step as optimizer.step(): no "called before" warning
+    scheduler = torch.optim.lr_scheduler.StepLR(update.optimizer, step_size=10)
+    x, y = next(batches(1, [8], seed=3))
+    update(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.step()
 
 
 @pytest.mark.slow

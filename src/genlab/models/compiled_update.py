@@ -109,6 +109,9 @@ class CompiledUpdate:
                 _set_stance(prior)
         for hook in tuple(self.optimizer._optimizer_step_post_hooks.values()):
             hook(self.optimizer, (), {})
+        # what an LR scheduler's wrapper of optimizer.step() marks: the step came before scheduler.step()
+        # (else the scheduler's first step warns that the optimizer has not stepped)
+        self.optimizer._opt_called = True
         return loss.clone() if self.cuda_graphs else loss  # the graph's next replay overwrites its output
 
     def compile_widths(self, x: torch.Tensor, y: torch.Tensor) -> None:
