@@ -71,3 +71,14 @@ def test_val_every_defaults_to_twenty_validations(tmp_path, max_steps, updates_p
     cfg = compose_config([f"trainer.max_steps={max_steps}", f"val_every={'null' if val_every is None else val_every}"],
                          tmp_path)
     assert validation_interval(cfg, updates_per_step) == expected
+
+
+def test_torch_compiles_guess_of_a_cuda_home_is_not_shown_other_compiler_warnings_are(caplog):
+    from genlab.console import route_library_logs
+
+    route_library_logs()
+    compiler_log = logging.getLogger("torch.utils.cpp_extension")
+    with caplog.at_level(logging.WARNING):
+        compiler_log.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+        compiler_log.warning("the C++ compiler failed")
+    assert "CUDA_HOME" not in caplog.text and "the C++ compiler failed" in caplog.text

@@ -41,6 +41,17 @@ def route_library_logs() -> None:
         for handler in list(library_log.handlers):
             library_log.removeHandler(handler)
         library_log.propagate = True
+    compiler_log = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, NoCudaHomeGuess) for f in compiler_log.filters):
+        compiler_log.addFilter(NoCudaHomeGuess())
+
+
+class NoCudaHomeGuess(logging.Filter):
+    """torch.compile on a machine without CUDA (with torch's CUDA build, pip's default) warns that
+    it guessed a CUDA_HOME; it compiles C++ for the CPU, so there is nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
 
 
 class QuietConsole(logging.Filter):
