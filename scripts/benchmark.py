@@ -126,10 +126,10 @@ class FixedTrainRealValidation(FixedTrainData):
         return self.real.training_widths()
 
 
-def framework_speed(cfg, model, datamodule, batches, run_dir):
-    k = resolve_updates_per_step(model, datamodule, cfg.val_every or len(batches)) if model.kind == "text" else 1
+def framework_speed(cfg, model, datamodule, batches, run_dir, k: int):
+    """``k`` updates per Lightning step (``len(batches)`` a multiple of it: both sides train alike)."""
     model.updates_per_step = k
-    items = [pack(batches[i : i + k]) for i in range(0, len(batches) - k + 1, k)] if model.kind == "text" else batches
+    items = [pack(batches[i : i + k]) for i in range(0, len(batches), k)] if model.kind == "text" else batches
     with open_dict(cfg):
         cfg.trainer.max_steps = len(items) * k
         cfg.trainer.max_epochs = -1
@@ -260,15 +260,20 @@ def main(argv: list[str]) -> None:
     if model.kind == "image":
         batches = [b for b, _ in zip(datamodule.train_dataloader(), range(steps))]  # decoded once, for both sides
         per_update, unit, plain_loop = float(len(batches[0])), "images", plain_gan_speed
+        k = 1
     else:
         batches = []  # single batches, as a plain loop sees them
         while len(batches) < steps:
             batches.extend(b for item in datamodule.train_dataloader() for b in model.unpack(item))
-        batches = batches[:steps]
+        # auto's choice, made once for every round; the batches a whole number of Lightning steps, so
+        # that the framework makes the same updates as the plain loop
+        k = min(steps, resolve_updates_per_step(model, datamodule, cfg.val_every or steps))
+        batches = batches[: steps // k * k]
         per_update = sum(int((y >= 0).sum()) for _, y in batches) / len(batches)
         unit, plain_loop = "tokens", plain_speed
     print(f"benchmark: model={model_name} {' '.join(overrides)}; {len(batches)} updates, "
-          f"{per_update:.1f} {unit} per update, {torch.get_num_threads()} threads")
+          f"{per_update:.1f} {unit} per update, {torch.get_num_threads()} threads, "
+          f"{k} update(s) per Lightning step")
 
     # model.compile=true where the framework compiles the whole update: its graph alone, too
     compiled_alone = (model.kind == "text" and model.compile_mode() is not None
@@ -279,7 +284,7 @@ def main(argv: list[str]) -> None:
             sides = {
                 "plain": lambda: plain_loop(copy.deepcopy(model), cfg, batches, datamodule),
                 "framework": lambda: framework_speed(copy.deepcopy(cfg), copy.deepcopy(model), datamodule, batches,
-                                                     Path(tmp) / str(round_)),
+                                                     Path(tmp) / str(round_), k),
             }
             if compiled_alone:
                 sides["compiled"] = lambda: compiled_loop_speed(copy.deepcopy(model), cfg, batches, datamodule)
