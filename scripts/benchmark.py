@@ -10,10 +10,11 @@ Prints both speeds in optimizer updates per second and tokens/s (the DCGAN: imag
 also the achieved FLOP/s against this machine's measured matmul FLOP/s), the validation loss each
 side reaches after the same updates (``model.compile=true`` must train the same model as the eager
 loop, within noise), and on the last line ``ratio=<framework/plain>``: the median of the rounds'
-ratios (one round that the machine's other work slows does not move it). Each side goes first in every other round (whichever runs first in a round tends to
-be faster on this shared machine), so an even number of rounds balances the order. With ``model.compile=true``
-where the whole update compiles, a third side runs the plain loop with the compiled update in
-place of the eager one: the compiled graph's speed without the framework around it. The framework
+ratios (one round that the machine's other work slows does not move it). Each side goes first in
+every other round (whichever runs first in a round tends to be faster on this shared machine), so
+an even number of rounds balances the order. With ``model.compile=true`` where the whole update
+compiles, a third side runs the plain loop with the compiled update in place of the eager one: the
+compiled graph's speed without the framework around it. The framework
 side runs with logging (TensorBoard), the progress bar, validation, checkpointing and the insight
 callback on, exactly as ``train.py`` builds them; its clock leaves validation out, as the plain loop
 validates only after its clock stops. It prints the time spent inside the insight callback as a
@@ -157,35 +158,13 @@ def pack(batches):
     return xs, ys, torch.tensor([x.shape[1] for x, _ in batches])
 
 
-def plain_speed(model, cfg, batches, datamodule):
-    """The same network and optimizer in the loop a PyTorch user would write by hand."""
+def loop_speed(model, cfg, batches, datamodule, make_update):
+    """Updates/s of a hand-written loop: ``make_update(model, optimizer)`` gives the update for a
+    batch; the scheduler steps after each; the first tenth is warm-up. And the validation loss."""
     optimizer = hydra.utils.instantiate(cfg.optimizer)(params=model.parameter_groups())
     scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer=optimizer)
     model.train()
-    warmup = len(batches) // 10
-    clip = model.hparams.get("grad_clip")
-    for i, (x, y) in enumerate(batches):
-        if i == warmup:
-            start = time.perf_counter()
-        logits = model.training_forward(x, y)  # the model's forward (WaveNet: with the padding mask)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        scheduler.step()
-    return (len(batches) - warmup) / (time.perf_counter() - start), validation_loss(model, datamodule)
-
-
-def compiled_loop_speed(model, cfg, batches, datamodule):
-    """The plain loop with ``model.compile``'s whole-update graph in place of its eager update: what
-    the compiled update reaches without the framework around it (the ceiling for genlab's side)."""
-    optimizer = hydra.utils.instantiate(cfg.optimizer)(params=model.parameter_groups())
-    scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer=optimizer)
-    model.train()
-    update = CompiledUpdate(model, optimizer, model.hparams.get("grad_clip"), datamodule.training_widths(),
-                            model.compile_mode())
+    update = make_update(model, optimizer)
     warmup = len(batches) // 10
     for i, (x, y) in enumerate(batches):
         if i == warmup:
@@ -193,6 +172,37 @@ def compiled_loop_speed(model, cfg, batches, datamodule):
         update(x, y)
         scheduler.step()
     return (len(batches) - warmup) / (time.perf_counter() - start), validation_loss(model, datamodule)
+
+
+def plain_speed(model, cfg, batches, datamodule):
+    """The same network and optimizer in the loop a PyTorch user would write by hand."""
+
+    def eager_update(model, optimizer):
+        clip = model.hparams.get("grad_clip")
+
+        def update(x, y):
+            logits = model.training_forward(x, y)  # the model's forward (WaveNet: with the padding mask)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+
+        return update
+
+    return loop_speed(model, cfg, batches, datamodule, eager_update)
+
+
+def compiled_loop_speed(model, cfg, batches, datamodule):
+    """The plain loop with ``model.compile``'s whole-update graph in place of its eager update: what
+    the compiled update reaches without the framework around it (the ceiling for genlab's side)."""
+
+    def compiled_update(model, optimizer):
+        return CompiledUpdate(model, optimizer, model.hparams.get("grad_clip"), datamodule.training_widths(),
+                              model.compile_mode())
+
+    return loop_speed(model, cfg, batches, datamodule, compiled_update)
 
 
 @torch.no_grad()
