@@ -12,24 +12,25 @@ The optimizers: ``torch.optim.SGD`` (momentum, weight decay, Nesterov) and ``tor
 tensor, so a scheduler changes them without a recompile. Sequence widths vary from batch to batch
 (names of different lengths): batches are padded up to a multiple of ``WIDTH_STEP`` (padding
 predicts nothing: targets -1), so a run compiles a handful of graphs, not one per width, and all of
-them before its first update (on copies of the state, the random stream restored), so that no
-compilation stops a run midway when a rare long name first comes.
+them before its first update, so that no compilation stops a run midway when a rare long name
+first comes. Each is compiled ahead of time for its shape and then called without
+``torch.compile``'s per-call checks (``CompiledUpdate.graph``).
 
 BatchNorm's running statistics are buffers that the forward updates in place: they go into the
 differentiated function as inputs, which ``torch.func`` allows to be mutated."""
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
-from torch._dynamo.eval_frame import DynamoStance, _set_stance
 from torch.func import functional_call, grad_and_value
 
 from genlab.errors import ConfigError
 
 WIDTH_STEP = 8  # sequence widths are padded up to a multiple of this (a graph per padded width)
-# torch.compiler.set_stance(skip_guard_eval_unsafe=True), set without its context manager's cost
-SIZE_GUARDS_ONLY = DynamoStance("default", skip_guard_eval_unsafe=True)
 
 
 class CompiledUpdate:
@@ -42,7 +43,8 @@ class CompiledUpdate:
         self.cuda_graphs = mode in ("reduce-overhead", "max-autotune") and next(model.parameters()).is_cuda
         # CUDA graphs read their inputs at fixed addresses: widths come as they come, not on copies
         self.widths = [] if self.cuda_graphs else sorted({self.padded(w) for w in widths or []})
-        self.shapes_run: set[tuple] = set()
+        self.graphs: dict[tuple, Callable] = {}  # (batch shape, training mode) -> the update compiled for it
+        self.lr_values, self.lrs = None, None  # the learning rates as the graphs take them (a tensor)
         self.adam = isinstance(optimizer, torch.optim.Adam)  # AdamW is an Adam (decoupled weight decay)
         check_supported(optimizer)
         self.names = {id(p): name for name, p in model.named_parameters()}
@@ -66,7 +68,13 @@ class CompiledUpdate:
         # sweep's jobs one after another), so the previous run's graphs go rather than fill the cache
         torch._dynamo.reset()
         # static shapes: one graph per padded width (automatic dynamic shapes would run slower kernels)
-        self.compiled = torch.compile(self.update, fullgraph=True, dynamic=False, mode=mode)
+        if self.cuda_graphs:
+            self.compiler = torch.compile(self.update, fullgraph=True, dynamic=False, mode=mode)
+        else:  # compiled ahead of time and called without guards (see graph): none are kept
+            options = {key: value for key, value in torch._inductor.list_mode_options(mode).items()
+                       if key != "triton.cudagraphs"}
+            options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
+            self.compiler = torch.compile(self.update, fullgraph=True, dynamic=False, options=options)
 
     def init_state(self, p: torch.Tensor, group: dict) -> None:
         """The state torch.optim would create at its first step, where there is none yet."""
@@ -87,26 +95,14 @@ class CompiledUpdate:
         if padded > width:
             x, y = F.pad(x, (0, padded - width), value=0), F.pad(y, (0, padded - width), value=-1)
         x, y = x.contiguous(), y.contiguous()  # a batch may be a view into its training item: one layout
+        lrs = self.learning_rates(x.device)
         if self.widths:
-            self.compile_widths(x, y)
-        # Checking the graph's guards costs about as much as a small update itself. Where this
-        # update's shape and modes are those of a graph already run, only the guards that tell the
-        # graphs apart are checked (sizes): nothing else a graph depends on changes within a run.
-        key = (x.shape, x.device, self.model.training, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
-               torch.get_num_threads())  # a graph is compiled for a thread count
-        known = key in self.shapes_run
-        if not known:
-            self.shapes_run.add(key)
-        lrs = torch.tensor([group["lr"] for group in self.optimizer.param_groups], device=x.device)
+            self.compile_widths(x, y, lrs)
+        graph = self.graph(x, y, lrs)
         # the optimizer's step hooks (the insight callback's update ratios) run as around optimizer.step()
         for hook in tuple(self.optimizer._optimizer_step_pre_hooks.values()):
             hook(self.optimizer, (), {})
-        prior = _set_stance(SIZE_GUARDS_ONLY) if known else None  # torch.compiler.set_stance costs 0.2 ms a call
-        try:
-            loss = self.compiled(self.params, self.buffers, self.states, x, y, lrs)
-        finally:
-            if prior is not None:
-                _set_stance(prior)
+        loss = graph(self.params, self.buffers, self.states, x, y, lrs)
         for hook in tuple(self.optimizer._optimizer_step_post_hooks.values()):
             hook(self.optimizer, (), {})
         # what an LR scheduler's wrapper of optimizer.step() marks: the step came before scheduler.step()
@@ -114,21 +110,39 @@ class CompiledUpdate:
         self.optimizer._opt_called = True
         return loss.clone() if self.cuda_graphs else loss  # the graph's next replay overwrites its output
 
-    def compile_widths(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Compile the graph of every width in ``self.widths`` by updating copies of the parameters,
-        buffers and optimizer state on a batch of that width; the random stream is put back."""
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        lrs = torch.zeros(len(self.optimizer.param_groups), device=x.device)
-        params = {name: p.clone() for name, p in self.params.items()}
-        buffers = {name: b.clone() for name, b in self.buffers.items()}
-        states = [{key: v.clone() for key, v in state.items()} for state in self.states]
+    def learning_rates(self, device: torch.device) -> torch.Tensor:
+        """The groups' learning rates as one tensor, made anew only when a scheduler changed them."""
+        values = [group["lr"] for group in self.optimizer.param_groups]
+        if values != self.lr_values:
+            self.lr_values, self.lrs = values, torch.tensor(values, device=device)
+        return self.lrs
+
+    def graph(self, x: torch.Tensor, y: torch.Tensor, lrs: torch.Tensor) -> Callable:
+        """The update compiled for this batch's shape, compiled now if it is new.
+
+        A graph called through ``torch.compile`` first checks its guards (that every input still
+        matches what it was compiled for), which costs a small update about a third of its time.
+        Here each shape is compiled ahead of time (``aot_compile``: traced, not run) and called
+        without guards: this dictionary is the guard, and nothing else a graph depends on changes
+        within a run. CUDA graphs keep ``torch.compile``'s own dispatch, which records them."""
+        key = (x.shape, self.model.training)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if self.cuda_graphs:
+                graph = self.compiler
+            else:
+                compiled = self.compiler.aot_compile(((self.params, self.buffers, self.states, x, y, lrs), {}))
+                compiled.disable_guard_check()
+                graph = functools.partial(compiled, self)  # compiled from a method: it takes self first
+            self.graphs[key] = graph
+        return graph
+
+    def compile_widths(self, x: torch.Tensor, y: torch.Tensor, lrs: torch.Tensor) -> None:
+        """Compile the graph of every width in ``self.widths`` (ahead-of-time compilation traces the
+        update without running it: the state and the random stream are untouched)."""
         for width in self.widths:
             shape = (x.shape[0], width)
-            self.compiled(params, buffers, states, x.new_zeros(shape), y.new_zeros(shape), lrs)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, x.device)
+            self.graph(x.new_zeros(shape), y.new_zeros(shape), lrs)
         self.widths = []
 
     def loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
