@@ -39,7 +39,6 @@ from omegaconf import open_dict
 
 from genlab.callbacks import TrainingClock
 from genlab.insight import Insight
-from genlab.models.base import LanguageModel
 from genlab.models.compiled_update import CompiledUpdate
 from genlab.steps import resolve_updates_per_step
 from genlab.train import CONF_DIR, build_model, build_trainer
@@ -286,8 +285,7 @@ def main(argv: list[str]) -> None:
           f"{k} update(s) per Lightning step")
 
     # model.compile=true where the framework compiles the whole update: its graph alone, too
-    compiled_alone = (model.kind == "text" and model.compile_mode() is not None
-                      and type(model).training_forward is LanguageModel.training_forward)
+    compiled_alone = model.kind == "text" and model.compile_mode() is not None and model.whole_update_compiles()
     results = {"plain": [], "framework": [], **({"compiled": []} if compiled_alone else {})}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):  # alternate: the machine's noise and the order effect hit both

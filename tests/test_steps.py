@@ -7,7 +7,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from conftest import run_training
+from conftest import compose_config, run_training
 from packaging.specifiers import SpecifierSet
 from test_dcgan import faces, gan_overrides  # noqa: F401  (faces is a fixture)
 
@@ -88,3 +88,35 @@ def test_auto_keeps_lightnings_share_under_two_percent_where_val_every_allows(up
         if k > 1:  # and no fewer updates would do
             smaller = max(d for d in range(1, k) if val_every % d == 0)
             assert LIGHTNING_STEP_SECONDS / (LIGHTNING_STEP_SECONDS + smaller * update_seconds) > MAX_STEP_SHARE
+
+
+@pytest.mark.slow
+def test_auto_times_the_compiled_update_where_training_will_compile_it(names_file, tmp_path, monkeypatch):
+    """With model.compile, auto's count comes from the compiled update (several times faster on a small
+    model: timed eager, the count would leave Lightning a larger share). One graph is compiled; the
+    model and the random stream are left as they were."""
+    import torch
+
+    import genlab.steps
+    from genlab.models.compiled_update import CompiledUpdate
+    from genlab.steps import measure_update_seconds
+    from genlab.train import build_model, instantiate
+
+    made = []
+
+    class Spy(CompiledUpdate):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(genlab.steps, "CompiledUpdate", Spy)
+    cfg = compose_config([f"data.path={names_file}", "model.compile=true"], tmp_path / "run")
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg, datamodule)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    random_state = torch.get_rng_state()
+
+    assert measure_update_seconds(model, datamodule) > 0
+    assert len(made) == 1 and len(made[0].graphs) == 1  # every probe batch padded to one width
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+    assert torch.equal(random_state, torch.get_rng_state())

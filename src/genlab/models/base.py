@@ -140,15 +140,18 @@ class LanguageModel(GenlabModule):
         args, kwargs = self.training_inputs(x, y)
         return self(*args, **kwargs)
 
+    def whole_update_compiles(self) -> bool:
+        """Whether this model's update can be compiled whole (``CompiledUpdate``): not where
+        ``training_forward`` carries state from batch to batch."""
+        return type(self).training_forward is LanguageModel.training_forward
+
     def compiles_whole_update(self) -> bool:
-        """Whether ``compile=True`` compiles the whole update (``CompiledUpdate``): not where
-        ``training_forward`` carries state from batch to batch, nor under DDP (its gradients go
-        through DDP's reducer) or 16-mixed (the loss scaler), which compile ``forward`` instead; nor
-        outside training (sampling compiles ``forward``)."""
+        """Whether ``compile=True`` compiles the whole update in this run: where it can, but not
+        under DDP (its gradients go through DDP's reducer) or 16-mixed (the loss scaler), which
+        compile ``forward`` instead; nor outside training (sampling compiles ``forward``)."""
         trainer = self._trainer
         return (trainer is not None and trainer.state.fn == "fit" and trainer.world_size == 1
-                and str(trainer.precision) != "16-mixed"
-                and type(self).training_forward is LanguageModel.training_forward)
+                and str(trainer.precision) != "16-mixed" and self.whole_update_compiles())
 
     def on_train_start(self):
         super().on_train_start()
