@@ -21,14 +21,15 @@ TOKENIZER = {"type": "char", "chars": list(".abcdefghijklmnopqrstuvwxyz")}
 
 def batches(count: int, widths: list[int], rows: int = 8, seed: int = 1):
     """Random batches of the given widths in turn, each target the token after its input's (a rule to
-    learn); the first row's second half is padding (-1)."""
+    learn); the first row's second half is padding (-1). Each is a view into a wider tensor, as the
+    model's batches are views into their training item."""
     generator = torch.Generator().manual_seed(seed)
     for i in range(count):
         width = widths[i % len(widths)]
-        x = torch.randint(0, 27, (rows, width), generator=generator)
+        x = torch.randint(0, 27, (rows, width + 3), generator=generator)
         y = (x + 1) % 27
         y[0, width // 2:] = -1
-        yield x, y
+        yield x[:, :width], y[:, :width]
 
 
 def train_both(model, make_optimizer, clip, widths, count=12):
