@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from genlab.errors import ConfigError
-from genlab.models.compiled_update import CompiledUpdate
+from genlab.models.compiled_update import CUDA_GRAPH_MODES, CompiledUpdate
 
 LIGHTNING_TESTED = ">=2.6,<2.7"
 # Lightning's fixed work per step (its loops, hooks, logging, the progress bar, genlab's callbacks) on
@@ -98,7 +98,9 @@ def measure_update_seconds(model, datamodule, device: torch.device | None = None
         widest = max(x.shape[1] for x, _ in batches)
         batches = [(F.pad(x, (0, widest - x.shape[1])), F.pad(y, (0, widest - y.shape[1]), value=-1))
                    for x, y in batches]
-        update = CompiledUpdate(probe, optimizer, probe.hparams.grad_clip, mode=probe.compile_mode())
+        mode = probe.compile_mode()  # timed without CUDA graphs: a copy's graphs would hold their own memory
+        update = CompiledUpdate(probe, optimizer, probe.hparams.grad_clip,
+                                mode="default" if device.type == "cuda" and mode in CUDA_GRAPH_MODES else mode)
     else:
         def update(x, y):
             loss = probe.loss(probe.training_forward(x, y), y)
