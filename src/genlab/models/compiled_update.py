@@ -72,6 +72,10 @@ class CompiledUpdate:
         if self.cuda_graphs:
             self.compiler = torch.compile(self.update, fullgraph=True, dynamic=False, mode=mode)
         else:  # compiled ahead of time and called without guards (see graph): none are kept
+            if torch.compiler.config.force_disable_caches:  # aot_compile refuses to run without them
+                raise ConfigError("model.compile=true compiles each update ahead of time, which needs "
+                                  "torch.compile's caches, and they are disabled: unset "
+                                  "TORCHINDUCTOR_FORCE_DISABLE_CACHES, or set model.compile=false")
             options = {key: value for key, value in torch._inductor.list_mode_options(mode).items()
                        if key != "triton.cudagraphs"}
             options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
