@@ -24,10 +24,9 @@ import time
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from genlab.errors import ConfigError
-from genlab.models.compiled_update import CUDA_GRAPH_MODES, CompiledUpdate
+from genlab.models.compiled_update import CUDA_GRAPH_MODES, CompiledUpdate, pad_to
 
 LIGHTNING_TESTED = ">=2.6,<2.7"
 # Lightning's fixed work per step (its loops, hooks, logging, the progress bar, genlab's callbacks) on
@@ -94,11 +93,11 @@ def measure_update_seconds(model, datamodule, device: torch.device | None = None
     batches = [tuple(t.to(device) for t in next(iter(probe.unpack(item)))) for item in items]
     random_state = torch.get_rng_state()
     finish = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if probe.compile_mode() is not None and probe.whole_update_compiles() and autocast_dtype != torch.float16:
+    mode = probe.compile_mode()
+    if mode is not None and probe.whole_update_compiles() and autocast_dtype != torch.float16:
         widest = max(x.shape[1] for x, _ in batches)
-        batches = [(F.pad(x, (0, widest - x.shape[1])), F.pad(y, (0, widest - y.shape[1]), value=-1))
-                   for x, y in batches]
-        mode = probe.compile_mode()  # timed without CUDA graphs: a copy's graphs would hold their own memory
+        batches = [pad_to(x, y, widest) for x, y in batches]
+        # timed without CUDA graphs: a copy's graphs would hold their own memory
         update = CompiledUpdate(probe, optimizer, probe.hparams.grad_clip,
                                 mode="default" if device.type == "cuda" and mode in CUDA_GRAPH_MODES else mode)
     else:

@@ -42,7 +42,7 @@ class CompiledUpdate:
         on a GPU, reduce-overhead and max-autotune replay each update as a CUDA graph."""
         self.model, self.optimizer, self.clip = model, optimizer, clip
         self.cuda_graphs = mode in CUDA_GRAPH_MODES and next(model.parameters()).is_cuda
-        # CUDA graphs read their inputs at fixed addresses: widths come as they come, not on copies
+        # torch.compile's own dispatch (CUDA graphs) compiles a width by running it: widths come as they come
         self.widths = [] if self.cuda_graphs else sorted({self.padded(w) for w in widths or []})
         self.graphs: dict[tuple, Callable] = {}  # (batch shape, training mode) -> the update compiled for it
         self.lr_values, self.lrs = None, None  # the learning rates as the graphs take them (a tensor)
@@ -101,7 +101,7 @@ class CompiledUpdate:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         width, padded = x.shape[1], self.padded(x.shape[1])
         if padded > width:
-            x, y = F.pad(x, (0, padded - width), value=0), F.pad(y, (0, padded - width), value=-1)
+            x, y = pad_to(x, y, padded)
         elif not (x.is_contiguous() and y.is_contiguous()):  # a view into its training item: the graphs' layout
             x, y = x.contiguous(), y.contiguous()
         lrs = self.learning_rates(x.device)
@@ -170,6 +170,11 @@ class CompiledUpdate:
                     step(params[name], grads[name], states[i], lrs[g], group)
                     i += 1
         return loss.detach()
+
+
+def pad_to(x: torch.Tensor, y: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch padded on the right to ``width``: inputs 0, targets -1 (padding predicts nothing)."""
+    return F.pad(x, (0, width - x.shape[1]), value=0), F.pad(y, (0, width - y.shape[1]), value=-1)
 
 
 def check_supported(optimizer: torch.optim.Optimizer) -> None:
