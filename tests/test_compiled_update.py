@@ -121,11 +121,13 @@ def test_adamw_with_clipping_and_parameter_groups_trains_the_same_gpt():
     assert float(state["step"]) == 12  # torch.optim's own state, as a checkpoint keeps it
 
 
-def test_disabled_compile_caches_are_named_with_the_fix(monkeypatch):
-    monkeypatch.setattr(torch.compiler.config, "force_disable_caches", True)
+def test_disabled_compile_caches_are_named_with_the_fix():
     model = MLP(tokenizer=TOKENIZER, seq_len=8)
-    with pytest.raises(ConfigError, match="unset TORCHINDUCTOR_FORCE_DISABLE_CACHES, or set model.compile=false"):
-        CompiledUpdate(model, torch.optim.SGD(model.parameters(), lr=0.1), None)
+    # the config's own patch: monkeypatch's undo would delete the setting from torch's config module
+    with torch.compiler.config.patch(force_disable_caches=True):
+        with pytest.raises(ConfigError, match="unset TORCHINDUCTOR_FORCE_DISABLE_CACHES, or set model.compile=false"):
+            CompiledUpdate(model, torch.optim.SGD(model.parameters(), lr=0.1), None)
+    assert not torch.compiler.config.force_disable_caches
 
 
 def test_an_unknown_compile_mode_is_refused_before_the_run_starts(tmp_path, names_file):
