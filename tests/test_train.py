@@ -1,6 +1,7 @@
 """End to end through the same code as ``python train.py`` / ``python sample.py``."""
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -223,3 +224,25 @@ def test_training_clock_leaves_out_each_validation_until_training_goes_on(monkey
     clock.on_train_batch_start(None, None, None, 1)
     clock.on_train_end(None, None)
     assert clock.seconds == 35 - 4 - 10
+
+
+def test_the_nvml_check_that_lightning_turns_on_goes_where_nvml_cannot_load(monkeypatch):
+    import ctypes
+
+    from genlab import train as train_module
+
+    answer = torch.cuda.is_available()
+    monkeypatch.setenv(train_module.NVML_CHECK, "1")  # as importing Lightning sets it
+
+    def no_nvml(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_nvml)
+    train_module.skip_failing_nvml_check()
+    assert train_module.NVML_CHECK not in os.environ
+    assert torch.cuda.is_available() == answer  # the same answer, from the CUDA runtime directly
+
+    monkeypatch.setenv(train_module.NVML_CHECK, "1")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())  # a machine with the NVIDIA driver: kept
+    train_module.skip_failing_nvml_check()
+    assert os.environ[train_module.NVML_CHECK] == "1"
