@@ -12,7 +12,7 @@ from conftest import REPO, compose_config, run_training
 from PIL import Image
 
 from genlab.checkpoints import load_model, read_checkpoint
-from genlab.errors import ConfigError
+from genlab.errors import ConfigError, TrainingDiverged
 from genlab.models.dcgan import DCGAN, Discriminator, Generator
 from genlab.train import train
 
@@ -103,6 +103,28 @@ def test_resume_continues_the_step_count_and_the_loss_history(faces, tmp_path):
     history = read_checkpoint(run / "checkpoints" / "last.ckpt")["genlab"]["history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4] and set(history[0]) == {"step", "loss_d", "loss_g"}
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # no last-v1.ckpt beside it
+
+
+def test_a_diverging_gan_stops_naming_the_step_and_no_checkpoint_holds_it(faces, tmp_path, monkeypatch):
+    # the losses are read off the device only every READ_LOSSES_EVERY steps; the generator's loss is
+    # NaN at step 7, between the checkpoints of steps 6 and 8, long before the next reading
+    assert DCGAN.READ_LOSSES_EVERY > 8
+    record = DCGAN.record
+
+    def poisoned(self, batch_size, **losses):
+        if self.global_step == 7:
+            losses["loss_g"] = losses["loss_g"] * float("nan")
+        record(self, batch_size, **losses)
+
+    monkeypatch.setattr(DCGAN, "record", poisoned)
+    run = tmp_path / "run"
+    cfg = compose_config(gan_overrides(faces, "trainer.max_steps=20", "logger=none"), run)
+    with pytest.raises(TrainingDiverged, match="loss_g nan at step 7;"):
+        train(cfg)
+    good = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert good["global_step"] == 6
+    assert [h["step"] for h in good["genlab"]["history"]] == [1, 2, 3, 4, 5, 6]
+    assert not (run / "metrics.json").exists()
 
 
 def test_a_truncated_image_never_ends_a_run_with_loader_workers(faces, tmp_path):

@@ -10,9 +10,10 @@ A subclass (``dcgan.py``; a VAE would be another) builds its networks, then call
 This base does the rest, the same for every image model: the latent prior ``noise()`` (standard
 normal), ``generate(z)`` in eval mode (what ``sample.py`` calls, with interpolations between two
 noise vectors), the loss history (``losses.png`` and ``metrics.json``'s final figures, kept in
-checkpoints), a stop at a NaN loss, images/s, and the pictures a run shows: a grid of real images
-at the start, every ``grid_every`` steps a grid from one fixed noise batch (TensorBoard and
-``grids/step_XXXXXXX.png``), and ``progress.gif`` at the end."""
+checkpoints), a stop at a NaN loss (naming its step, before any checkpoint holds it), images/s,
+and the pictures a run shows: a grid of real images at the start, every ``grid_every`` steps a grid
+from one fixed noise batch (TensorBoard and ``grids/step_XXXXXXX.png``), and ``progress.gif`` at
+the end."""
 
 from __future__ import annotations
 
@@ -29,11 +30,15 @@ from genlab.models.module import GenlabModule
 class ImageModel(GenlabModule):
     kind = "image"
     latent_shape: tuple[int, ...] = ()
+    # steps between readings of the losses: reading a number off a GPU waits for all its queued work;
+    # done every step, that leaves the GPU idle while the CPU prepares the next step
+    READ_LOSSES_EVERY = 25
 
     def __init__(self, image_size: int, grid_every: int = 500, grid_size: int = 64, seed: int = 0):
         super().__init__()
         self.image_size, self.grid_every, self.grid_size, self.seed = image_size, grid_every, grid_size, seed
         self.history: list[dict] = []  # one entry a step: {"step": n, <loss name>: value, ...}
+        self.unread: list[tuple[int, dict[str, torch.Tensor]]] = []  # (step, losses) not yet in history
         self.images_seen = 0
 
     def fix_noise(self) -> None:
@@ -64,20 +69,34 @@ class ImageModel(GenlabModule):
 
     # --- training ----------------------------------------------------------------------------------
     def record(self, batch_size: int, **losses: torch.Tensor) -> None:
-        """Once per training step: the step's losses (history, progress bar) and its images."""
-        values = {name: float(loss) for name, loss in losses.items()}
-        if not all(math.isfinite(v) for v in values.values()):
-            shown = " / ".join(f"{name} {v}" for name, v in values.items())
-            raise TrainingDiverged(f"the losses became {shown} at step {self.global_step}; lower the learning rate "
-                                   "(model.optimizer.lr)", step=self.global_step)
+        """Once per training step: the step's losses (history, progress bar) and its images. The
+        losses stay on the device until ``read_losses``, every ``READ_LOSSES_EVERY`` steps."""
         self.images_seen += batch_size
-        self.history.append({"step": self.global_step, **values})
-        self.log_dict(values, prog_bar=True, logger=False)
+        self.unread.append((self.global_step, losses))
+        self.log_dict(losses, prog_bar=True, logger=False)
         self.log("step", float(self.global_step))
         self.log_rate("perf/images_per_second", self.images_seen)
+        if len(self.unread) >= self.READ_LOSSES_EVERY:
+            self.read_losses()
+
+    def read_losses(self) -> None:
+        """The recorded losses into ``history``, with one wait for the device; a NaN or infinite loss
+        stops the run, naming the first step that had one. Called before anything reads the history,
+        and before a checkpoint is written, so that no checkpoint holds a diverged model."""
+        if not self.unread:
+            return
+        unread, self.unread = self.unread, []
+        values = torch.stack([torch.stack(list(losses.values())) for _, losses in unread]).float().tolist()
+        for (step, losses), row in zip(unread, values):
+            if not all(math.isfinite(v) for v in row):
+                shown = " / ".join(f"{name} {v}" for name, v in zip(losses, row))
+                raise TrainingDiverged(f"the losses became {shown} at step {step}; lower the learning rate "
+                                       "(model.optimizer.lr)", step=step)
+            self.history.append({"step": step, **dict(zip(losses, row))})
 
     def summary(self) -> dict:
         """The last 50 steps' mean of each loss, for metrics.json."""
+        self.read_losses()
         recent = self.history[-50:]
         names = [k for k in recent[0] if k != "step"] if recent else []
         return {name: sum(h[name] for h in recent) / len(recent) for name in names}
@@ -108,6 +127,7 @@ class ImageModel(GenlabModule):
             self.show_progress()
 
     def on_train_end(self) -> None:
+        self.read_losses()
         if not self.trainer.is_global_zero:
             return
         if not (self.run_dir() / "grids" / f"step_{self.global_step:07d}.png").exists():
@@ -120,8 +140,10 @@ class ImageModel(GenlabModule):
 
     # --- checkpoints -------------------------------------------------------------------------------
     def checkpoint_extras(self) -> dict:
+        self.read_losses()
         return {"history": self.history}
 
     def on_load_checkpoint(self, checkpoint) -> None:
         super().on_load_checkpoint(checkpoint)
         self.history = [h for h in checkpoint.get("genlab", {}).get("history") or [] if isinstance(h, dict)]
+        self.unread = []
