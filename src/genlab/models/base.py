@@ -105,13 +105,14 @@ class LanguageModel(GenlabModule):
         scheduler = self.lr_schedulers()
         updates = min(len(batch[0]), updates_left(self.trainer))  # the last item may hold more than is left
         losses = []
+        compiled, clip = self.compiled_update, self.hparams.grad_clip  # looked up once, not per update
         for x, y in itertools.islice(self.unpack(batch), updates):
-            if self.compiled_update is not None:
-                loss = self.compiled_update(x, y)
+            if compiled is not None:
+                loss = compiled(x, y)
                 count_update(self.trainer)
             else:
                 loss = self.loss(self.training_forward(x, y), y)
-                self.update(optimizer, loss, clip=self.hparams.grad_clip)
+                self.update(optimizer, loss, clip=clip)
             if scheduler is not None:
                 scheduler.step()
             losses.append(loss.detach())
