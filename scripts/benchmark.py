@@ -46,7 +46,7 @@ from genlab.train import CONF_DIR, build_model, build_trainer, skip_failing_nvml
 # the configuration each model is benchmarked at, unless overridden on the command line
 PRESETS = {
     "mlp": ["experiment=notebook_mlp", "val_every=2000"],
-    "bigram": ["model=bigram", "model.counting=false", "data.batch_size=4", "val_every=2000"],
+    "bigram": ["model=bigram", "model.counting=false", "data.batch_size=4", "val_every=2000", "rounds=8"],
     # more, shorter rounds where a round's ratio swung most on this machine (0.69-1.05 over 12 rounds)
     "wavenet": ["experiment=notebook_wavenet", "val_every=2000", "steps=2000", "rounds=12"],
     "gpt": ["experiment=divina_gpt_cpu", "val_every=100000", "steps=120", "rounds=1"],
