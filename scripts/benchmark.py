@@ -299,6 +299,7 @@ def main(argv: list[str]) -> None:
             if compiled_alone:
                 sides["compiled"] = lambda: compiled_loop_speed(copy.deepcopy(model), cfg, batches, datamodule)
             for side in sorted(sides, reverse=round_ % 2 == 1):  # each side goes first in every other round
+                torch.manual_seed(cfg.seed)  # the same random stream (dropout's masks) for every side
                 results[side].append(sides[side]())
             print(f"round {round_ + 1}: " + ", ".join(f"{side} {results[side][-1][0]:.2f}" for side in results)
                   + " updates/s")
