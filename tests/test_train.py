@@ -1,5 +1,6 @@
 """End to end through the same code as ``python train.py`` / ``python sample.py``."""
 
+import ctypes
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from conftest import REPO, compose_config, run_training
 from genlab.errors import DataError
 from genlab.sample import sample
-from genlab.train import CONF_DIR, train
+from genlab.train import CONF_DIR, NVML_CHECK, skip_failing_nvml_check, train
 
 TINY = {
     "bigram": ["model=bigram"],
@@ -227,22 +228,18 @@ def test_training_clock_leaves_out_each_validation_until_training_goes_on(monkey
 
 
 def test_the_nvml_check_that_lightning_turns_on_goes_where_nvml_cannot_load(monkeypatch):
-    import ctypes
-
-    from genlab import train as train_module
-
     answer = torch.cuda.is_available()
-    monkeypatch.setenv(train_module.NVML_CHECK, "1")  # as importing Lightning sets it
+    monkeypatch.setenv(NVML_CHECK, "1")  # as importing Lightning sets it
 
     def no_nvml(name):
         raise OSError(f"{name}: cannot open shared object file")
 
     monkeypatch.setattr(ctypes, "CDLL", no_nvml)
-    train_module.skip_failing_nvml_check()
-    assert train_module.NVML_CHECK not in os.environ
+    skip_failing_nvml_check()
+    assert NVML_CHECK not in os.environ
     assert torch.cuda.is_available() == answer  # the same answer, from the CUDA runtime directly
 
-    monkeypatch.setenv(train_module.NVML_CHECK, "1")
+    monkeypatch.setenv(NVML_CHECK, "1")
     monkeypatch.setattr(ctypes, "CDLL", lambda name: object())  # a machine with the NVIDIA driver: kept
-    train_module.skip_failing_nvml_check()
-    assert os.environ[train_module.NVML_CHECK] == "1"
+    skip_failing_nvml_check()
+    assert os.environ[NVML_CHECK] == "1"

@@ -252,7 +252,6 @@ def skip_failing_nvml_check() -> None:
         del os.environ[NVML_CHECK]
 
 
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     if in_sweep():  # a job's failure is recorded in its folder and the sweep goes on
