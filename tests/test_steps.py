@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from conftest import compose_config, run_training
 from packaging.specifiers import SpecifierSet
@@ -13,6 +15,8 @@ from test_dcgan import faces, gan_overrides  # noqa: F401  (faces is a fixture)
 
 from genlab.checkpoints import read_checkpoint
 from genlab.steps import (
+    FORCED_AUTO_VARIABLE,
+    TrainingCurve,
     LIGHTNING_STEP_SECONDS,
     LIGHTNING_TESTED,
     MAX_STEP_SHARE,
@@ -120,3 +124,49 @@ def test_auto_times_the_compiled_update_where_training_will_compile_it(names_fil
     assert len(made) == 1 and len(made[0].graphs) == 1  # every probe batch padded to one width
     assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
     assert torch.equal(random_state, torch.get_rng_state())
+
+
+def train_curve(run_dir) -> list[tuple[int, float]]:
+    """The ``loss/train`` points of a run's event files: (update, value)."""
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0},
+                              purge_orphaned_data=False).Reload()
+    return sorted((e.step, e.value) for e in events.Scalars("loss/train"))
+
+
+def test_the_training_curve_does_not_depend_on_the_updates_per_step(names_file, tmp_path):
+    """Whatever K a machine's speed makes auto choose, a run writes the same curve points and the same
+    final losses; a run resumed in the middle of a curve window draws the same points too."""
+    common = [f"data.path={names_file}", "trainer.max_steps=140", "val_every=70", "trainer.log_every_n_steps=20",
+              "num_samples=0", "callbacks.insight=null"]
+    runs = {}
+    for k in ("1", "7", "auto"):
+        runs[k] = run_training(tmp_path / k, [*common, f"model.updates_per_step={k}"])
+    run_training(tmp_path / "resumed", [*common, "model.updates_per_step=7", "trainer.max_steps=70"])
+    runs["resumed"] = run_training(tmp_path / "resumed", [*common, "model.updates_per_step=7",
+                                                          f"ckpt_path={tmp_path / 'resumed'}"])
+    curve = train_curve(tmp_path / "1")
+    assert [step for step, _ in curve] == list(range(20, 141, 20))  # 60 -> 80 spans the resume at 70
+    assert curve[0][1] > curve[-1][1] + 0.3  # it is a training curve: the loss falls
+    for k, metrics in runs.items():
+        assert train_curve(tmp_path / k) == curve, k
+        assert [metrics[key] for key in ("val_loss", "best_val_loss", "test_loss")] == \
+               [runs["1"][key] for key in ("val_loss", "best_val_loss", "test_loss")], k
+
+
+def test_each_point_is_the_mean_of_its_window_of_updates():
+    curve = TrainingCurve(every=3)
+    losses = [torch.tensor(float(v)) for v in range(1, 8)]  # updates 1..7
+    assert curve.add(losses[:2], last_update=2) == []
+    assert curve.add(losses[2:7], last_update=7) == [(3, 2.0), (6, 5.0)]  # a step holding two points
+    assert curve.state() == [7.0]  # the open window, kept in checkpoints
+    resumed = TrainingCurve(every=3)
+    resumed.restore(curve.state())
+    assert resumed.add([torch.tensor(8.0), torch.tensor(9.0)], last_update=9) == [(9, 8.0)]
+
+
+@pytest.mark.parametrize("forced, expected", [("min", 1), ("max", 60)])
+def test_auto_can_be_forced_to_its_smallest_and_largest_count(names_file, tmp_path, monkeypatch, forced, expected):
+    monkeypatch.setenv(FORCED_AUTO_VARIABLE, forced)
+    run_training(tmp_path / "run", [f"data.path={names_file}", "trainer.max_steps=60", "val_every=60",
+                                    "num_samples=0", "logger=none", "callbacks.insight=null"])
+    assert read_checkpoint(tmp_path / "run")["genlab"]["updates_per_step"] == expected

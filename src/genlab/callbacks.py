@@ -22,7 +22,7 @@ class ValidateAtEnd(L.Callback):
             trainer.max_epochs is not None
             and trainer.max_epochs > 0
             and trainer.current_epoch + 1 >= trainer.max_epochs
-            and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            and batch_idx + 1 >= trainer.num_training_batches
         )
         if steps_done or epochs_done:
             trainer.should_stop = True  # Lightning then runs validation for this batch

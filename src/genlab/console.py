@@ -17,6 +17,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from tqdm import tqdm
 
+from genlab.steps import updates_per_epoch
+
 log = logging.getLogger("genlab")
 
 # Library warnings a user cannot act on, each silenced on purpose:
@@ -30,6 +32,9 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 # - genlab's data modules prepare their batches in the main process on purpose (the batches are
 #   slices of tensors already in memory: workers would only add copies)
 warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
+# - trainer.log_every_n_steps counts optimizer updates in genlab (genlab.steps.TrainingCurve), so an
+#   epoch of fewer Lightning steps than that is no reason for Lightning's warning
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
 
 
 def route_library_logs() -> None:
@@ -118,8 +123,7 @@ class UpdateProgress(ProgressBar):
     def total(trainer: L.Trainer) -> int:
         if trainer.max_steps > 0:
             return trainer.max_steps
-        per_epoch = trainer.num_training_batches * getattr(trainer.lightning_module, "updates_per_step", 1)
-        return int(per_epoch * trainer.max_epochs)
+        return int(updates_per_epoch(trainer) * trainer.max_epochs)
 
     def on_train_start(self, trainer, pl_module):
         if not (self._enabled and trainer.is_global_zero):

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from genlab.errors import ConfigError, instantiate
 from genlab.figures import plt, save_figure
 from genlab.runtime import choice
+from genlab.steps import use_count
 
 
 def find_learning_rate(cfg: DictConfig, run_dir: Path, datamodule, model) -> tuple[float, Path]:
@@ -21,7 +22,7 @@ def find_learning_rate(cfg: DictConfig, run_dir: Path, datamodule, model) -> tup
     if model.kind != "text" or not model.hparams.get("optimizer"):
         raise ConfigError(f"tune_lr=true searches the learning rate of a language model's optimizer; "
                           f"model={choice('model')} has none to search")
-    model.updates_per_step = datamodule.batches_per_step = 1  # the finder moves the rate once per step
+    use_count(model, datamodule, 1)  # the finder moves the rate once per step
     search = cfg.lr_finder
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

@@ -1,11 +1,14 @@
 """A step is an optimizer update: ``trainer.max_steps``, ``val_every``, checkpoint intervals,
-``callbacks.insight.every_n_steps`` and the x-axis of every curve count updates.
+``callbacks.insight.every_n_steps``, ``trainer.log_every_n_steps`` and the x-axis of every curve
+count updates.
 
 One Lightning step (one ``training_step`` call) makes K = ``model.updates_per_step`` updates, each
 on its own batch (genlab.models.base), because Lightning's fixed work per step would otherwise cost
-a tiny model most of its speed. So Lightning's own step and genlab's differ, and this module is
-the one place that knows it: it counts each update in ``trainer.global_step`` and converts
-intervals between the two counts. Everything else asks it.
+a tiny model most of its speed. K changes speed only: this module is the one place that knows it.
+It counts each update in ``trainer.global_step``, chooses K under ``auto``, gives the data the
+number of batches a Lightning step takes, finds the update of a step that an interval falls on,
+and turns every update's loss into a curve whose points do not depend on K (``TrainingCurve``).
+Models, data modules and callbacks ask it.
 
 Counting uses one private attribute of Lightning (the progress of manual optimization, which
 Lightning's own ``optimizer.step()`` advances). ``tests/test_steps.py`` fails if that changes;
@@ -29,12 +32,14 @@ from genlab.errors import ConfigError
 from genlab.models.compiled_update import CUDA_GRAPH_MODES, CompiledUpdate, pad_to
 
 LIGHTNING_TESTED = ">=2.6,<2.7"
-# Lightning's fixed work per step (its loops, hooks, logging, the progress bar, genlab's callbacks) on
-# this project's 2-core machine: 4.0 ms, from scripts/benchmark.py model=mlp model.updates_per_step=1
-# steps=3000 (210 updates/s) against its plain loop (1,352 updates/s). A faster CPU pays less.
+# Lightning's fixed work per step (its loops, hooks, logging, the progress bar, genlab's callbacks), an
+# upper estimate: docs/performance.md gives the measurement (scripts/benchmark.py with K = 1)
 LIGHTNING_STEP_SECONDS = 0.004
 MAX_STEP_SHARE = 0.02  # updates_per_step=auto keeps Lightning's share of the time under this
 AUTO_COUNT_VARIABLE = "GENLAB_AUTO_UPDATES_PER_STEP"  # auto's count, for the processes Lightning starts
+# min | max: auto takes its smallest (1) or largest (val_every) count without timing anything, so
+# that the test suite can check that nothing it asserts depends on the count a machine's speed picks
+FORCED_AUTO_VARIABLE = "GENLAB_AUTO_UPDATES"
 
 
 def count_update(trainer: L.Trainer) -> None:
@@ -64,6 +69,56 @@ def due_update(first: int, updates: int, every: int) -> int | None:
     ``every``, if there is one."""
     due = -(-first // every) * every
     return due if due < first + updates else None
+
+
+def count_of(trainer: L.Trainer) -> int:
+    """K: the updates one Lightning step makes in this run."""
+    return getattr(trainer.lightning_module, "updates_per_step", 1)
+
+
+def use_count(model, datamodule, count: int) -> None:
+    """Train with ``count`` updates per Lightning step: the model makes them, the data hands over
+    that many batches per item."""
+    model.updates_per_step = datamodule.batches_per_step = count
+
+
+def next_due_update(trainer: L.Trainer, every: int) -> int | None:
+    """Before a Lightning step: its update that is a multiple of ``every``, if there is one."""
+    return due_update(trainer.global_step + 1, min(count_of(trainer), updates_left(trainer)), every)
+
+
+def updates_per_epoch(trainer: L.Trainer) -> int:
+    return trainer.num_training_batches * count_of(trainer)
+
+
+class TrainingCurve:
+    """Every update's loss as a curve of fixed points: one every ``every`` updates, at that update,
+    the mean of the ``every`` updates up to it. The points are the same whatever K is (a Lightning
+    step may hold several points, or none). The open window is kept in checkpoints, so a resumed run
+    draws the same points too. Losses stay on their device until a point is due (one read per point)."""
+
+    def __init__(self, every: int):
+        self.every = max(1, int(every))
+        self.read: list[float] = []  # the open window's losses already read (restored from a checkpoint)
+        self.pending: list[torch.Tensor] = []  # ... and those still on the device
+
+    def add(self, losses: list[torch.Tensor], last_update: int) -> list[tuple[int, float]]:
+        """The losses of updates ``last_update - len(losses) + 1 .. last_update``; returns the points due."""
+        points = []
+        for update, loss in zip(range(last_update - len(losses) + 1, last_update + 1), losses):
+            self.pending.append(loss)
+            if update % self.every == 0:
+                values = self.state()
+                points.append((update, math.fsum(values) / len(values)))  # fsum: exact, whatever the order
+                self.read, self.pending = [], []
+        return points
+
+    def state(self) -> list[float]:
+        """The open window's losses, for a checkpoint."""
+        return self.read + (torch.stack(self.pending).float().tolist() if self.pending else [])
+
+    def restore(self, values: list[float]) -> None:
+        self.read, self.pending = [float(v) for v in values], []
 
 
 # --- updates_per_step: auto ------------------------------------------------------------------------
@@ -145,6 +200,11 @@ def resolve_updates_per_step(model, datamodule, val_every: int, checkpoint: dict
     inherited = os.environ.get(AUTO_COUNT_VARIABLE)
     if inherited and val_every % int(inherited) == 0:
         return int(inherited)
+    forced = os.environ.get(FORCED_AUTO_VARIABLE)
+    if forced:
+        if forced not in ("min", "max"):
+            raise ConfigError(f"{FORCED_AUTO_VARIABLE}={forced}: use min or max, or unset it")
+        return 1 if forced == "min" else val_every
     device, autocast = training_device(trainer_cfg or {})
     return choose_updates_per_step(measure_update_seconds(model, datamodule, device, autocast), val_every)
 

@@ -37,7 +37,7 @@ from genlab.lr_finder import find_learning_rate
 from genlab.outputs import write_metrics
 from genlab.runs import RunFolder, checkpoint_file, run_dir_of
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
-from genlab.steps import lightning_steps, resolve_updates_per_step, shared_with_processes
+from genlab.steps import lightning_steps, resolve_updates_per_step, shared_with_processes, use_count
 from genlab.stopping import GracefulStop, RunInterrupted
 from genlab.sweeps import run_sweep_job
 
@@ -87,7 +87,7 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     if hasattr(datamodule, "training_words"):
         model.training_words = sorted(datamodule.training_words())
     updates_per_step = resolve_updates_per_step(model, datamodule, cfg.val_every, checkpoint, cfg.trainer)
-    model.updates_per_step = datamodule.batches_per_step = updates_per_step
+    use_count(model, datamodule, updates_per_step)
     trainer = build_trainer(cfg, run_dir, updates_per_step, model.single_pass,
                             validates=is_overridden("validation_step", model), stop=stop)
     log_hparams(trainer.loggers, run_hparams(cfg, trainer.world_size), lr_figure)
@@ -146,7 +146,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, sin
         logger=loggers or False,
         default_root_dir=str(run_dir),
         val_check_interval=lightning_steps(val_every, updates_per_step),
-        log_every_n_steps=1,  # every Lightning step: the mean of its updates' losses (genlab.steps)
         check_val_every_n_epoch=None,
         **({"max_epochs": 1, "max_steps": -1} if single_pass else {}),
     )

@@ -1,4 +1,4 @@
-"""``activations.png`` and ``insight/saturated/<layer>``: the tanh layers a model declares
+"""``activations.png`` and ``network/saturated/<layer>``: the tanh layers a model declares
 (``tanh_layers()``), looked at on a fixed batch of validation sequences in eval mode."""
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ def saturation(activations: torch.Tensor) -> float:
 
 
 def log_activations(layers: dict, model, tb, step: int, histograms: bool) -> None:
+    """At update ``step`` (which need not end a Lightning step): written to the loggers directly."""
+    saturated = {f"network/saturated/{name}": saturation(post) for name, (pre, post) in layers.items()}
+    for logger in model.loggers:
+        logger.log_metrics(saturated, step=step)
     for name, (pre, post) in layers.items():
-        model.log(f"network/saturated/{name}", saturation(post))
         if tb is not None and histograms:
             add_histogram(tb, f"network/preactivation/{name}", pre, step)
             add_histogram(tb, f"network/activation/{name}", post, step)

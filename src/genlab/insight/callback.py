@@ -4,6 +4,7 @@ the modules beside this one; see the package's docstring)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from pathlib import Path
 
@@ -19,7 +20,18 @@ from genlab.insight.embedding import embedding_figure
 from genlab.insight.losses import loss_figure
 from genlab.insight.update_ratio import UpdateRatios
 from genlab.models.base import LanguageModel
-from genlab.steps import due_update
+from genlab.steps import next_due_update
+
+
+def after_update(optimizer, nth: int, action):
+    """Call ``action()`` right after the ``nth`` (1, 2, ...) step of ``optimizer`` from now; returns
+    the hook's handle, to remove once the Lightning step is over."""
+    calls = itertools.count(1)
+
+    def hook(opt, args, kwargs):
+        if next(calls) == nth:
+            action()
+    return optimizer.register_step_post_hook(hook)
 
 
 class Insight(L.Callback):
@@ -31,6 +43,7 @@ class Insight(L.Callback):
         self.val_losses: list[tuple[int, float]] = []
         self.update_ratios = UpdateRatios(self.timed)  # every model with an optimizer, the GAN's two too
         self.probe: ActivationProbe | None = None
+        self._activations_hook = None
         self.seconds = 0.0  # time spent in this callback during training (scripts/benchmark.py reports it)
 
     @contextlib.contextmanager
@@ -46,23 +59,30 @@ class Insight(L.Callback):
             x, y = next(iter(trainer.datamodule.val_dataloader()))  # a fixed batch to look at activations
             self.probe = ActivationProbe(x[:64].to(pl_module.device), y[:64] >= 0)
 
-    # --- per Lightning step: update ratios around the due update, every update's loss --------------
+    # --- per Lightning step: update ratios and activations at the due update, every update's loss ---
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with self.timed():
             self.update_ratios.arm(trainer, pl_module, self.every_n_steps)
+            due = next_due_update(trainer, self.every_n_steps) if self.probe is not None else None
+            if due is not None:  # measured right after that update, whichever of the step's updates it is
+                self._activations_hook = after_update(trainer.optimizers[0], due - trainer.global_step,
+                                                      lambda: self.look_at_activations(trainer, pl_module, due))
+
+    def look_at_activations(self, trainer, pl_module, update: int) -> None:
+        with self.timed():
+            tb = tensorboard(trainer) if trainer.is_global_zero else None
+            log_activations(self.probe.measure(pl_module), pl_module, tb, update, self.histograms)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         with self.timed():
             self.update_ratios.disarm()
+            if self._activations_hook is not None:
+                self._activations_hook.remove()
+                self._activations_hook = None
             after = trainer.global_step
             losses = pl_module.step_losses if isinstance(pl_module, LanguageModel) else []
-            before = after - max(len(losses), 1)
             if losses:
-                self.train_losses += zip(range(before + 1, after + 1), torch.stack(losses).float().tolist())
-                pl_module.step_losses = []
-            if self.probe is not None and due_update(before + 1, after - before, self.every_n_steps) is not None:
-                tb = tensorboard(trainer) if trainer.is_global_zero else None
-                log_activations(self.probe.measure(pl_module), pl_module, tb, after, self.histograms)
+                self.train_losses += zip(range(after - len(losses) + 1, after + 1), torch.stack(losses).float().tolist())
 
     def on_validation_end(self, trainer, pl_module):
         if "loss/val" in trainer.callback_metrics and not trainer.sanity_checking:

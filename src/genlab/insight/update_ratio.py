@@ -11,7 +11,7 @@ from pathlib import Path
 
 from genlab.figures import plot_curves
 from genlab.insight.board import tensorboard
-from genlab.steps import due_update
+from genlab.steps import next_due_update
 
 
 def weight_matrices(model, optimizer) -> dict:
@@ -29,11 +29,10 @@ class UpdateRatios:
 
     def arm(self, trainer, model, every_n_steps: int) -> None:
         """Before a Lightning step: if one of its updates is due, hook the optimizers around it."""
-        first = trainer.global_step + 1
-        due = due_update(first, getattr(model, "updates_per_step", 1), every_n_steps)
+        due = next_due_update(trainer, every_n_steps)
         if due is not None:
             for optimizer in trainer.optimizers:
-                self._measure(trainer, model, optimizer, calls_before=due - first, step=due)
+                self._measure(trainer, model, optimizer, calls_before=due - trainer.global_step - 1, step=due)
 
     def disarm(self) -> None:
         for hook in self._hooks:

@@ -7,7 +7,9 @@ exact validation and test losses, optimizers and schedulers from Hydra configs, 
 Speed: a tiny model's update takes well under a millisecond, less than Lightning's per-step
 bookkeeping. With ``updates_per_step = K`` the data module hands over K batches at once and one
 Lightning step makes K optimizer updates, each on its own batch, exactly as a plain loop would;
-``trainer.global_step`` still counts optimizer updates, so ``trainer.max_steps`` means updates.
+``trainer.global_step`` still counts optimizer updates, so ``trainer.max_steps`` means updates, and
+the training curves get a point every ``trainer.log_every_n_steps`` updates whatever K is
+(``genlab.steps``). A subclass never sees K.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from genlab.errors import TrainingDiverged
 from genlab.models.module import GenlabModule
 from genlab.models.compiled_update import CompiledUpdate
-from genlab.steps import count_update, updates_left
+from genlab.steps import TrainingCurve, count_update, updates_left
 
 
 # dense bf16 peak FLOP/s of common accelerators (vendor data sheets), for MFU
@@ -74,6 +76,8 @@ class LanguageModel(GenlabModule):
         self.step_losses: list[torch.Tensor] = []  # the losses of the last Lightning step's updates
         self.best_val_loss = math.inf  # the lowest validation loss so far (kept in checkpoints)
         self.compiled_update: CompiledUpdate | None = None  # compile=True: set at the start of training
+        self.curve = TrainingCurve(1)  # the training curves' points (set at the start of training)
+        self._curve_to_restore: list[float] = []  # a resumed run's open window of the curve
 
     # --- what the insight callback looks at (genlab.insight) ------------------------------------
     def tanh_layers(self) -> dict[str, torch.nn.Module]:
@@ -118,18 +122,33 @@ class LanguageModel(GenlabModule):
             losses.append(loss.detach())
         self.step_losses = losses  # every update's loss, for the insight callback's curves
         self.tokens_seen += int((batch[1][:updates] >= 0).sum())
-        if losses:
-            loss = torch.stack(losses).mean()
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the training loss became {loss.item()} at step {self.global_step}; lower the "
-                    "learning rate or clip gradients (model.grad_clip).", step=self.global_step)
-            self.log("loss/train", loss, prog_bar=True)
-            self.log("optimizer/lr", optimizer.param_groups[0]["lr"])
-            self.log_throughput()
-            self.log_step()
-            return loss  # Lightning's LR finder reads the loss from here
-        return None
+        if not losses:
+            return None
+        loss = torch.stack(losses).mean()
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss became {loss.item()} at step {self.global_step}; lower the "
+                "learning rate or clip gradients (model.grad_clip).", step=self.global_step)
+        points = self.curve.add(losses, self.global_step)
+        if points:
+            tokens_per_second = self.rate_since_last_point(self.tokens_seen)  # one figure for the step's points
+            for update, value in points:
+                self.log_training_point(update, value, optimizer.param_groups[0]["lr"], tokens_per_second)
+        return loss  # Lightning's LR finder reads the loss from here
+
+    def log_training_point(self, update: int, loss: float, lr: float, tokens_per_second: float | None) -> None:
+        """A point of the training curves (every ``trainer.log_every_n_steps`` updates, see
+        ``genlab.steps.TrainingCurve``), written at its update, whatever Lightning step it falls in;
+        the progress bar shows the latest."""
+        metrics = {"loss/train": loss, "optimizer/lr": lr}
+        if tokens_per_second is not None:
+            metrics["perf/tokens_per_second"] = tokens_per_second
+            peak = peak_flops(self.device)
+            if peak and hasattr(self, "flops_per_token"):
+                metrics["perf/mfu"] = self.flops_per_token() * tokens_per_second / peak
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=update)
+        self.log("loss/train", loss, prog_bar=True, logger=False)
 
     def training_inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple, dict]:
         """What ``forward`` takes in training (args, kwargs); a model that needs the targets' padding
@@ -157,6 +176,9 @@ class LanguageModel(GenlabModule):
     def on_train_start(self):
         super().on_train_start()
         self.compiled_update = None
+        self.curve = TrainingCurve(self.trainer.log_every_n_steps)
+        self.curve.restore(self._curve_to_restore)
+        self._curve_to_restore = []
         if self.compile_mode() and self.compiles_whole_update():
             optimizer = self.optimizers()
             widths = getattr(self.trainer.datamodule, "training_widths", lambda: None)()
@@ -165,13 +187,6 @@ class LanguageModel(GenlabModule):
 
     def compiled_modules(self):
         return [] if self.compiles_whole_update() else [self]
-
-    def log_throughput(self) -> None:
-        """Tokens per second between Lightning steps; on a GPU also the model FLOPs utilisation."""
-        tokens_per_second = self.log_rate("perf/tokens_per_second", self.tokens_seen)
-        peak = peak_flops(self.device)
-        if tokens_per_second is not None and peak and hasattr(self, "flops_per_token"):
-            self.log("perf/mfu", self.flops_per_token() * tokens_per_second / peak)
 
     def log_step(self) -> None:
         """Lightning's x-axis counts its own steps; a logged "step" makes it optimizer updates."""
@@ -262,8 +277,9 @@ class LanguageModel(GenlabModule):
     def checkpoint_extras(self) -> dict:
         # the count auto chose, kept for a resume (genlab.steps.resolve_updates_per_step)
         return {"training_words": self.training_words, "best_val_loss": self.best_val_loss,
-                "updates_per_step": self.updates_per_step}
+                "updates_per_step": self.updates_per_step, "curve_window": self.curve.state()}
 
     def on_load_checkpoint(self, checkpoint):
         super().on_load_checkpoint(checkpoint)
         self.best_val_loss = checkpoint.get("genlab", {}).get("best_val_loss", math.inf)
+        self._curve_to_restore = checkpoint.get("genlab", {}).get("curve_window", [])

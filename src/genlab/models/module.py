@@ -20,17 +20,20 @@ class GenlabModule(L.LightningModule):
 
     def __init__(self):
         super().__init__()
-        self._rate_clock = None  # (time, running total) at the previous log_rate
+        self._rate_clock = None  # (time, running total) at the previous rate_since_last_point
 
-    def log_rate(self, name: str, total: int) -> float | None:
-        """Log how fast the running ``total`` (tokens, images) grew since the previous call, per second."""
+    def rate_since_last_point(self, total: int) -> float | None:
+        """How fast the running ``total`` (tokens, images) grew since the previous call, per second."""
         now = time.perf_counter()
         previous, self._rate_clock = self._rate_clock, (now, total)
         if previous is None or now <= previous[0]:
             return None
-        rate = (total - previous[1]) / (now - previous[0])
-        self.log(name, rate)
-        return rate
+        return (total - previous[1]) / (now - previous[0])
+
+    def log_rate(self, name: str, total: int) -> None:
+        rate = self.rate_since_last_point(total)
+        if rate is not None:
+            self.log(name, rate)
 
     # --- optimizers from the config (optimizer=, scheduler=: Hydra partials in the hyper-parameters) --
     def configure_optimizers(self):
