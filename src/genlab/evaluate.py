@@ -17,7 +17,7 @@ from genlab.outputs import write_metrics
 from genlab.runs import checkpoint_file, run_dir_of
 from genlab.runtime import CONF_DIR
 
-USAGE = "usage: python eval.py ckpt_path=<run folder | .ckpt file | last> [accelerator=auto] [out=FILE]"
+USAGE = "usage: python eval.py ckpt_path=<run folder | .ckpt file | last> [accelerator=auto] [out=FILE] [model_class=null] [trust_checkpoint=false]"
 
 
 def run_data_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
@@ -37,7 +37,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt_path"):
         raise ConfigError(f"ckpt_path is missing: which checkpoint should be evaluated?\n{USAGE}")
     path = checkpoint_file(str(cfg.ckpt_path))
-    model, checkpoint = load_model(path)
+    model, checkpoint = load_model(path, trust=cfg.trust_checkpoint, named=cfg.model_class)
     if model.kind != "text":
         raise ConfigError(f"{path} holds a {type(model).__name__}, which has no validation or test loss; "
                           "eval.py measures language models (sample.py shows what an image model makes)")
