@@ -32,10 +32,10 @@ from genlab.runtime import choice
 TRUST = "trust_checkpoint=true"
 
 
-def unpickle(path: Path, source=None, trust: bool = False) -> object:
-    """``torch.load`` of ``path`` (or of ``source``, the same bytes in memory), safely unless ``trust``."""
+def unpickle(path: Path, trust: bool = False) -> object:
+    """``torch.load`` of ``path``, with the safe unpickler unless ``trust``."""
     try:
-        return torch.load(path if source is None else source, map_location="cpu", weights_only=not trust)
+        return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
         if rejected := rejected_globals(path, err):
             raise CheckpointError(
