@@ -19,7 +19,7 @@ from conftest import REPO, compose_config, run_training, snapshot
 from hydra import compose, initialize_config_dir
 
 from genlab.checkpoints import CheckpointWriteFailed, read_checkpoint
-from genlab.errors import CheckpointError
+from genlab.errors import CheckpointError, ConfigError
 from genlab.evaluate import evaluate
 from genlab.sample import sample
 from genlab.train import CONF_DIR, train
@@ -102,24 +102,27 @@ def test_a_checkpoint_naming_a_class_outside_genlab_is_refused_and_not_imported(
     torch.save(checkpoint, path)
     for command in ("sample", "eval"):
         with pytest.raises(CheckpointError, match=r"'planted\.Model', which is not one of genlab's models.*"
-                                                  r"model_class=planted\.Model"):
+                                                  r"name it yourself: model_class="):
             (sample if command == "sample" else evaluate)(command_config(command, [f"ckpt_path={path}"]))
     assert not marker.exists() and "planted" not in sys.modules
+    # named by the user it is imported (their choice), and used only if it is a genlab model
+    with pytest.raises(ConfigError, match=r"model_class=planted\.Model is not a genlab model"):
+        sample(command_config("sample", [f"ckpt_path={path}", "model_class=planted.Model"]))
 
 
-def test_checkpoints_under_mixed_precision_load_safely(names_file, text_file, tmp_path):
-    """Lightning adds the precision's state (a loss scaler's under 16-mixed) to the checkpoint."""
-    precisions = ["bf16-mixed", *(["16-mixed"] if torch.cuda.is_available() else [])]
-    for precision in precisions:
-        run_dir = tmp_path / precision
+def test_checkpoints_under_mixed_precision_load_safely(text_file, tmp_path):
+    """Lightning adds the precision's state to the checkpoint: a loss scaler's under 16-mixed (here
+    on the CPU, as a plugin: Lightning's precision=16-mixed takes bf16 on a CPU)."""
+    scaler = "+trainer.plugins=[{_target_: lightning.pytorch.plugins.MixedPrecision, precision: 16-mixed, device: cpu}]"
+    for name, precision in {"bf16": ["trainer.precision=bf16-mixed"], "16": ["trainer.precision=null", scaler]}.items():
+        run_dir = tmp_path / name
         run_training(run_dir, [f"data.path={text_file}", "data=divina", "model=gpt", "model.n_layer=1",
                                "model.n_embd=16", "model.n_head=2", "data.seq_len=16", "data.batch_size=4",
-                               "trainer.max_steps=2", "val_every=2", "num_samples=0", "logger=none",
-                               *(["trainer=gpu"] if precision == "16-mixed" else []),
-                               f"trainer.precision={precision}"])
+                               "trainer.max_steps=2", "val_every=2", "num_samples=0", "logger=none", *precision])
         path = run_dir / "checkpoints" / "last.ckpt"
         assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
-        assert read_checkpoint(path)["global_step"] == 2
+        checkpoint = read_checkpoint(path)
+        assert checkpoint["global_step"] == 2 and ("MixedPrecision" in checkpoint) == (name == "16")
 
 
 # --- a full disk ----------------------------------------------------------------------------------

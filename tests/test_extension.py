@@ -82,7 +82,7 @@ def test_sampling_a_model_of_ones_own_needs_its_class_named(names_file, tmp_path
     run_dir = tmp_path / "run"
     train_model({"_target_": "test_extension.TinyLM", "updates_per_step": 10}, run_dir,
                 [f"data.path={names_file}", "val_every=10", "trainer.max_steps=10"])
-    with pytest.raises(CheckpointError, match="model_class=test_extension.TinyLM"):
+    with pytest.raises(CheckpointError, match=r"'test_extension\.TinyLM', which is not one of genlab's models"):
         sample_from(run_dir)
     assert len(sample_from(run_dir, "num_samples=2", "model_class=test_extension.TinyLM")) == 2
 

@@ -23,8 +23,9 @@ from pathlib import Path
 import hydra
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import OmegaConf
 
-from genlab.errors import CheckpointError
+from genlab.errors import CheckpointError, ConfigError, instantiate
 from genlab.outputs import atomic_write_stream
 from genlab.runs import checkpoint_file, run_dir_of
 from genlab.runtime import choice
@@ -119,14 +120,18 @@ def model_class(checkpoint: dict, named: str | None = None) -> type:
     saved = checkpoint["genlab"]["class"]
     if cls := genlab_models().get(saved):
         return cls
-    if named and saved == named:
-        cls = hydra.utils.get_class(named)  # the user's own choice, not the file's
-        if isinstance(cls, type) and issubclass(cls, GenlabModule):
-            return cls
+    if named and saved == named:  # the user's own choice, not the file's
+        try:
+            cls = hydra.utils.get_class(named)
+        except Exception as err:  # noqa: BLE001 (no such module or class: say which)
+            raise ConfigError(f"model_class={named} cannot be imported ({str(err).splitlines()[0]})") from None
+        if not (isinstance(cls, type) and issubclass(cls, GenlabModule)):
+            raise ConfigError(f"model_class={named} is not a genlab model (a subclass of {class_name(GenlabModule)})")
+        return cls
     raise CheckpointError(
         f"{checkpoint['path']} names its model class {saved!r}, which is not one of genlab's models"
         + (f" nor model_class={named}" if named else "") + "; genlab imports no class that a checkpoint "
-        f"names. If it is a model of your own, name its class yourself: model_class={saved}")
+        "names. If it is a model class of your own that you trust, name it yourself: model_class=<module.Class>")
 
 
 def load_model(path: str | Path, map_location="cpu", trust: bool = False, named: str | None = None):
@@ -227,3 +232,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
         return super().load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)
+
+
+def trainer_plugins(trainer_cfg) -> list:
+    """``plugins=`` for a Trainer built from ``trainer_cfg``: the config's own (a precision plugin,
+    say), which a ``plugins`` argument would replace, and genlab's checkpoint files."""
+    own = trainer_cfg.get("plugins") or []
+    own = own if OmegaConf.is_list(own) or isinstance(own, list) else [own]
+    return [*(instantiate(p) if OmegaConf.is_config(p) else p for p in own), AtomicCheckpointIO()]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from genlab.checkpoints import AtomicCheckpointIO
+from genlab.checkpoints import trainer_plugins
 from genlab.errors import ConfigError, instantiate
 from genlab.figures import plt, save_figure
 from genlab.runtime import choice
@@ -25,7 +25,8 @@ def find_learning_rate(cfg: DictConfig, run_dir: Path, datamodule, model) -> tup
     model.updates_per_step = datamodule.batches_per_step = 1  # the finder moves the rate once per step
     search = cfg.lr_finder
     # the finder saves and restores the model around its search: through genlab's checkpoint files
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, plugins=[AtomicCheckpointIO()],
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+                          plugins=trainer_plugins(cfg.trainer),
                           enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                           default_root_dir=str(run_dir))
     finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=search.min_lr, max_lr=search.max_lr,

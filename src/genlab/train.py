@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genlab.callbacks import CheckpointAtEnd, Samples, TrainingClock, ValidateAtEnd
-from genlab.checkpoints import AtomicCheckpointIO, CheckpointWriteFailed, check_resume, read_checkpoint
+from genlab.checkpoints import CheckpointWriteFailed, check_resume, read_checkpoint, trainer_plugins
 from genlab.checks import check_config, validation_interval
 from genlab.console import UpdateProgress, result_summary, route_library_logs, run_summary
 from genlab.errors import TrainingDiverged, exit_on_user_error, instantiate
@@ -151,7 +151,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, sin
         logger=loggers or False,
         default_root_dir=str(run_dir),
         val_check_interval=lightning_steps(val_every, updates_per_step),
-        plugins=[AtomicCheckpointIO()],
+        plugins=trainer_plugins(cfg.trainer),
         log_every_n_steps=1,  # every Lightning step: the mean of its updates' losses (genlab.steps)
         check_val_every_n_epoch=None,
         **({"max_epochs": 1, "max_steps": -1} if single_pass else {}),
