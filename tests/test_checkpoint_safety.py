@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import REPO, compose_config, run_training, snapshot
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from genlab.checkpoints import CheckpointWriteFailed, read_checkpoint
 from genlab.errors import CheckpointError, ConfigError
@@ -108,6 +109,21 @@ def test_a_checkpoint_naming_a_class_outside_genlab_is_refused_and_not_imported(
     # named by the user it is imported (their choice), and used only if it is a genlab model
     with pytest.raises(ConfigError, match=r"model_class=planted\.Model is not a genlab model"):
         sample(command_config("sample", [f"ckpt_path={path}", "model_class=planted.Model"]))
+
+
+def test_an_older_checkpoint_holding_other_types_is_refused_until_trusted(mlp_run, names_file):
+    """genlab once kept OmegaConf containers in the hyper-parameters: such a file says what to do."""
+    path = mlp_run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["optimizer"] = OmegaConf.create(checkpoint["hyper_parameters"]["optimizer"])
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=r"holds .*omegaconf\.dictconfig\.DictConfig.*trust_checkpoint=true"):
+        sample(command_config("sample", [f"ckpt_path={path}"]))
+    assert len(sample(command_config("sample", [f"ckpt_path={path}", "num_samples=3", "trust_checkpoint=true"]))) == 3
+    resume = [f"data.path={names_file}", "trainer.max_steps=20", "val_every=10", *TINY, f"ckpt_path={mlp_run}"]
+    with pytest.raises(CheckpointError, match="trust_checkpoint=true"):
+        train(compose_config(resume, mlp_run))
+    assert run_training(mlp_run, [*resume, "trust_checkpoint=true"])["steps"] == 20
 
 
 def test_checkpoints_under_mixed_precision_load_safely(text_file, tmp_path):
