@@ -64,7 +64,8 @@ def test_the_crafted_checkpoint_runs_its_command_when_trusted(crafted):
 def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(command, crafted, names_file, tmp_path):
     path, marker = crafted
     before = snapshot(tmp_path)
-    with pytest.raises(CheckpointError, match=r"holds posix\.system, which torch's safe unpickler.*trust_checkpoint=true"):
+    refusal = r"holds posix\.system, which torch's safe unpickler.*trust_checkpoint=true"
+    with pytest.raises(CheckpointError, match=refusal):
         if command == "sample":
             sample(command_config("sample", [f"ckpt_path={path}"]))
         elif command == "eval":
@@ -109,6 +110,21 @@ def test_a_checkpoint_naming_a_class_outside_genlab_is_refused_and_not_imported(
     # named by the user it is imported (their choice), and used only if it is a genlab model
     with pytest.raises(ConfigError, match=r"model_class=planted\.Model is not a genlab model"):
         sample(command_config("sample", [f"ckpt_path={path}", "model_class=planted.Model"]))
+
+
+def test_eval_builds_only_genlab_data_modules_from_a_run_folder_it_was_given(mlp_run, tmp_path):
+    """eval.py rebuilds the data from the run's recorded config, which Hydra instantiates: Hydra
+    blocks some targets (os.system), not all (os.makedirs, which writes where the record says)."""
+    marker, recorded = tmp_path / "made-by-the-record", mlp_run / ".hydra" / "config.yaml"
+    config = OmegaConf.load(recorded)
+    config.data.hook = {"_target_": "os.makedirs", "name": str(marker)}
+    OmegaConf.save(config, recorded)
+    with pytest.raises(CheckpointError, match=r"names data targets \['genlab.data.names.NamesDataModule', 'os.makedirs'\]"):
+        evaluate(command_config("eval", [f"ckpt_path={mlp_run}"]))
+    assert not marker.exists()
+    with pytest.raises(Exception):  # trusted, it is built as recorded: the folder is made (then the data fails)
+        evaluate(command_config("eval", [f"ckpt_path={mlp_run}", "trust_checkpoint=true"]))
+    assert marker.exists()
 
 
 def test_an_older_checkpoint_holding_other_types_is_refused_until_trusted(mlp_run, names_file):

@@ -96,20 +96,24 @@ def class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def genlab_models() -> dict[str, type]:
-    """genlab's own model classes by the name a checkpoint stores (``genlab.models.gpt.GPT``)."""
-    import genlab.models
-    from genlab.models.module import GenlabModule
-
-    for module in pkgutil.iter_modules(genlab.models.__path__):
-        importlib.import_module(f"genlab.models.{module.name}")
-    found, todo = {}, [GenlabModule]
+def genlab_classes(package: str, base: type) -> dict[str, type]:
+    """The subclasses of ``base`` that genlab's ``package`` defines, by their dotted names."""
+    for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        importlib.import_module(f"{package}.{module.name}")
+    found, todo = {}, [base]
     while todo:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
-        if cls.__module__.startswith("genlab."):
+        if cls.__module__.startswith(f"{package}."):
             found[class_name(cls)] = cls
     return found
+
+
+def genlab_models() -> dict[str, type]:
+    """genlab's own model classes by the name a checkpoint stores (``genlab.models.gpt.GPT``)."""
+    from genlab.models.module import GenlabModule
+
+    return genlab_classes("genlab.models", GenlabModule)
 
 
 def model_class(checkpoint: dict, named: str | None = None) -> type:
