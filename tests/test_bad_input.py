@@ -68,7 +68,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
                           "trainer.max_steps=200", "num_samples=0", "logger=none"], run_dir)
     with pytest.raises(TrainingDiverged, match="became (nan|inf) at step 30"):
         train(cfg)
-    good = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    good = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert good["global_step"] == 20
     assert all(torch.isfinite(v).all() for v in good["state_dict"].values())
     assert not (run_dir / "metrics.json").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compose_config
@@ -16,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from genlab.checkpoints import read_checkpoint
+from genlab.errors import CheckpointError
 from genlab.models.base import LanguageModel
 from genlab.models.image import ImageModel
 from genlab.sample import sample
@@ -75,6 +77,16 @@ def sample_from(run_dir, *overrides):
         return sample(compose("sample", overrides=[f"ckpt_path={run_dir}", *overrides]))
 
 
+def test_sampling_a_model_of_ones_own_needs_its_class_named(names_file, tmp_path):
+    """genlab imports no class that a checkpoint names: the user names their own (model_class=)."""
+    run_dir = tmp_path / "run"
+    train_model({"_target_": "test_extension.TinyLM", "updates_per_step": 10}, run_dir,
+                [f"data.path={names_file}", "val_every=10", "trainer.max_steps=10"])
+    with pytest.raises(CheckpointError, match=r"'test_extension\.TinyLM', which is not one of genlab's models"):
+        sample_from(run_dir)
+    assert len(sample_from(run_dir, "num_samples=2", "model_class=test_extension.TinyLM")) == 2
+
+
 def test_a_language_model_defined_outside_the_package(names_file, tmp_path):
     run_dir, model = tmp_path / "run", {"_target_": "test_extension.TinyLM", "n_embd": 8, "updates_per_step": 10}
     data = [f"data.path={names_file}", "val_every=20"]
@@ -83,7 +95,7 @@ def test_a_language_model_defined_outside_the_package(names_file, tmp_path):
     resumed = train_model(model, run_dir, [*data, "trainer.max_steps=40", f"ckpt_path={run_dir}"])
     assert resumed["steps"] == 40 and read_checkpoint(run_dir)["global_step"] == 40
     assert len((run_dir / "samples.txt").read_text().splitlines()) == 3
-    names = sample_from(run_dir, "num_samples=5", "prompt=a")
+    names = sample_from(run_dir, "num_samples=5", "prompt=a", "model_class=test_extension.TinyLM")
     assert len(names) == 5 and all(n.startswith("a") for n in names)
 
 
@@ -101,5 +113,5 @@ def test_an_image_model_defined_outside_the_package(tmp_path):
     resumed = train_model(model, run_dir, [*data, "trainer.max_steps=4", f"ckpt_path={run_dir}"])
     assert resumed["steps"] == 4 and len(read_checkpoint(run_dir)["genlab"]["history"]) == 4
     assert (run_dir / "progress.gif").exists() and (run_dir / "losses.png").exists()
-    grid = sample_from(run_dir, "num_samples=6", "interpolate=true")
+    grid = sample_from(run_dir, "num_samples=6", "interpolate=true", "model_class=test_extension.TinyVAE")
     assert Image.open(grid).size == (2 + 6 * 10, 2 + 1 * 10)  # six 8-pixel images in a row

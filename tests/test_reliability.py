@@ -26,7 +26,7 @@ MODELS = {
 
 
 def weights(run_dir):
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -93,7 +93,7 @@ def test_a_signal_saves_a_checkpoint_prints_the_resume_command_and_resumes(signu
     assert process.returncode == 128 + signum, err[-2000:]
     assert f"stopped by {name} at step" in err and f"ckpt_path={run_dir}" in err
     assert not (run_dir / "metrics.json").exists()  # an interrupted run has no final metrics
-    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] > 0
     command = err.split("Resume with:")[1].strip().split()
     resume = [sys.executable, *command[1:]]
@@ -121,7 +121,7 @@ def test_sigterm_in_training_validation_or_test_saves_exits_143_and_the_run_resu
     err = capsys.readouterr().err
     assert f"stopped by SIGTERM at step {saved_step}; saved {run_dir / 'checkpoints' / 'last.ckpt'}" in err
     assert f"ckpt_path={run_dir}" in err
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == saved_step
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == saved_step
     assert not (run_dir / "metrics.json").exists()  # an interrupted run has no final figures
     metrics = run_training(run_dir, common + [f"ckpt_path={run_dir}"])  # the resume (same max_steps)
     assert metrics["status"] == "completed" and metrics["steps"] == 60 and metrics["test_loss"] > 0
@@ -160,7 +160,7 @@ def test_a_second_run_in_a_folder_holding_a_run_is_refused_unless_it_overwrites(
 
     (run_dir / "notes.txt").write_text("mine")  # something of the user's beside the run
     run_training(run_dir, [f"data.path={names_file}", *SMALL, "optimizer.lr=0.05", "overwrite=true"])
-    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["hyper_parameters"]["optimizer"]["lr"] == 0.05
     assert "lr: 0.05" in (run_dir / ".hydra" / "config.yaml").read_text()
     assert (run_dir / "notes.txt").read_text() == "mine"

@@ -68,7 +68,7 @@ def test_updates_per_step_does_not_change_training(names_file, tmp_path):
     for k in (1, 5):
         run_dir = tmp_path / f"k{k}"
         run_training(run_dir, common + [f"model.updates_per_step={k}"])
-        state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
         assert state["global_step"] == 45
         weights.append(state["state_dict"])
     for key in weights[0]:
@@ -172,7 +172,7 @@ def test_compiled_model_checkpoints_without_compiler_prefixes(names_file, tmp_pa
     run_training(run_dir, [f"data.path={names_file}", "model=gpt", "model.n_layer=1", "model.n_embd=32",
                            "model.n_head=2", "model.compile=true", "trainer.max_steps=10", "val_every=10",
                            "num_samples=3", "logger=none"])
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not any("_orig_mod" in key for key in state)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("sample", overrides=[f"ckpt_path={run_dir}", "num_samples=4"])
@@ -202,7 +202,7 @@ def test_a_checkpoint_saved_under_the_older_names_loads_and_resumes(names_file, 
               "model.updates_per_step=10", "val_every=10", "num_samples=0", "logger=none", "callbacks.insight=null"]
     run_training(run, [*common, "trainer.max_steps=10"])
     path = run / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(path, weights_only=False)
+    checkpoint = torch.load(path, weights_only=True)
     hparams = checkpoint["hyper_parameters"]
     hparams["context"], hparams["contiguous"] = hparams.pop("block_size"), hparams.pop("sequential")
     torch.save(checkpoint, path)

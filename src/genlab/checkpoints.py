@@ -1,31 +1,76 @@
-"""Reading checkpoints with clear errors (not a checkpoint, truncated), and checking that a resume
-can continue one (the same model, vocabulary and sizes, updates left to make)."""
+"""Reading checkpoints safely and with clear errors (not a checkpoint, truncated, needing more
+than data to load), writing them atomically where they land, and checking that a resume can
+continue one (the same model, vocabulary and sizes, updates left to make).
+
+A checkpoint is data: tensors, numbers, strings, lists and dicts. Every load goes through torch's
+safe unpickler (``weights_only=True``), so a file that would call anything while loading (which
+can run any code) is refused before it runs; ``trust_checkpoint=true`` loads a file the user
+trusts the unsafe way. The model class a checkpoint names is looked up among genlab's models and
+the class the user names, never imported from the file."""
 
 from __future__ import annotations
 
+import errno
+import importlib
 import io
 import json
+import pickle
+import pkgutil
+import re
+import shutil
 from pathlib import Path
 
 import hydra
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import OmegaConf
 
-from genlab.errors import CheckpointError
+from genlab.errors import CheckpointError, ConfigError, instantiate
+from genlab.outputs import atomic_write_stream
 from genlab.runs import checkpoint_file, run_dir_of
 from genlab.runtime import choice
 
+TRUST = "trust_checkpoint=true"
 
-def read_checkpoint(path: str | Path) -> dict:
-    path = checkpoint_file(str(path))  # a file or a run folder
+
+def unpickle(path: Path, trust: bool = False) -> object:
+    """``torch.load`` of ``path``, with the safe unpickler unless ``trust``."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as err:
+        if rejected := rejected_globals(path, err):
+            raise CheckpointError(
+                f"{path} is refused: it holds {', '.join(rejected)}, which torch's safe unpickler does not load "
+                "(loading it would run code that the file chooses). genlab's checkpoints hold only tensors, "
+                "numbers, strings, lists and dicts; nothing in this file was run. If you trust it (you made it, "
+                f"e.g. with an earlier genlab), load it with {TRUST}") from None
+        raise unreadable(path, err) from None
     except Exception as err:  # a cut-short zip, random bytes, an empty file, ...
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({err.__class__.__name__}: {str(err)[:120]}); it may be "
-            "truncated by an interrupted copy or not a checkpoint at all. Use another one, e.g. "
-            "checkpoints/best.ckpt of the same run."
-        ) from None
-    if not isinstance(checkpoint, dict) or "genlab" not in checkpoint or "state_dict" not in checkpoint:
+        raise unreadable(path, err) from None
+
+
+def rejected_globals(path: Path, err: Exception) -> list[str]:
+    """What the safe unpickler refused to load: every global the file names that is not allowed
+    (a scan of the pickle, which runs nothing), else the one torch's error names (older formats)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # the pre-zip format cannot be scanned
+        found = []
+    return found or re.findall(r"GLOBAL ([\w.]+)", str(err))[:1]
+
+
+def unreadable(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable checkpoint ({err.__class__.__name__}: {str(err)[:120]}); it may be "
+        "truncated by an interrupted copy or not a checkpoint at all. Use another one, e.g. "
+        "checkpoints/best.ckpt of the same run.")
+
+
+def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
+    path = checkpoint_file(str(path))  # a file or a run folder
+    checkpoint = unpickle(path, trust=trust)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("genlab"), dict) \
+            or not isinstance(checkpoint["genlab"].get("class"), str) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a genlab checkpoint (no model class and weights in it).")
     checkpoint["path"] = str(path)
     checkpoint["renamed"] = upgrade_hyperparameters(checkpoint)
@@ -47,20 +92,62 @@ def upgrade_hyperparameters(checkpoint: dict) -> bool:
     return bool(old)
 
 
-def model_class(checkpoint: dict):
-    return hydra.utils.get_class(checkpoint["genlab"]["class"])
+def class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def load_model(path: str | Path, map_location="cpu"):
+def genlab_classes(package: str, base: type) -> dict[str, type]:
+    """The subclasses of ``base`` that genlab's ``package`` defines, by their dotted names."""
+    for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        importlib.import_module(f"{package}.{module.name}")
+    found, todo = {}, [base]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__.startswith(f"{package}."):
+            found[class_name(cls)] = cls
+    return found
+
+
+def genlab_models() -> dict[str, type]:
+    """genlab's own model classes by the name a checkpoint stores (``genlab.models.gpt.GPT``)."""
+    from genlab.models.module import GenlabModule
+
+    return genlab_classes("genlab.models", GenlabModule)
+
+
+def model_class(checkpoint: dict, named: str | None = None) -> type:
+    """The class of the checkpoint's model: one of genlab's, or ``named``, the class the user's
+    own config names (``model_class=``), if the checkpoint names that one."""
+    from genlab.models.module import GenlabModule
+
+    saved = checkpoint["genlab"]["class"]
+    if cls := genlab_models().get(saved):
+        return cls
+    if named and saved == named:  # the user's own choice, not the file's
+        try:
+            cls = hydra.utils.get_class(named)
+        except Exception as err:  # noqa: BLE001 (no such module or class: say which)
+            raise ConfigError(f"model_class={named} cannot be imported ({str(err).splitlines()[0]})") from None
+        if not (isinstance(cls, type) and issubclass(cls, GenlabModule)):
+            raise ConfigError(f"model_class={named} is not a genlab model (a subclass of {class_name(GenlabModule)})")
+        return cls
+    raise CheckpointError(
+        f"{checkpoint['path']} names its model class {saved!r}, which is not one of genlab's models"
+        + (f" nor model_class={named}" if named else "") + "; genlab imports no class that a checkpoint "
+        "names. If it is a model class of your own that you trust, name it yourself: model_class=<module.Class>")
+
+
+def load_model(path: str | Path, map_location="cpu", trust: bool = False, named: str | None = None):
     """The model of a checkpoint, from the checkpoint alone (its class, sizes and vocabulary)."""
-    checkpoint = read_checkpoint(path)
-    cls = model_class(checkpoint)
+    checkpoint = read_checkpoint(path, trust)
+    cls = model_class(checkpoint, named)
     source = checkpoint["path"]
     if checkpoint["renamed"]:  # Lightning builds the model from the file's hyper-parameters: give it the renamed ones
         source = io.BytesIO()
         torch.save({k: v for k, v in checkpoint.items() if k not in ("path", "renamed")}, source)
         source.seek(0)
-    model = cls.load_from_checkpoint(source, map_location=map_location, weights_only=False)
+    model = cls.load_from_checkpoint(source, map_location=map_location, weights_only=not trust)
     return model, checkpoint
 
 
@@ -72,8 +159,8 @@ def check_resume(checkpoint: dict, model, max_steps: int) -> None:
     """Refuse a checkpoint this command cannot continue: another model, vocabulary or size, or a
     run that has already trained every update asked for. Names what differs and what to do."""
     path = checkpoint["path"]
-    saved_class = checkpoint["genlab"]["class"]
-    wanted = f"{type(model).__module__}.{type(model).__qualname__}"
+    saved_class = checkpoint["genlab"]["class"]  # compared as a name: nothing is imported from the file
+    wanted = class_name(type(model))
     if saved_class != wanted:
         raise CheckpointError(f"{path} holds a {saved_class.rsplit('.', 1)[-1]} model, but model={choice('model')} "
                               f"is a {wanted.rsplit('.', 1)[-1]}; pass the model= the checkpoint was trained with")
@@ -106,3 +193,54 @@ def finished_at(folder: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return metrics.get("steps") if isinstance(metrics, dict) and metrics.get("status") == "completed" else None
+
+
+# --- writing ---------------------------------------------------------------------------------------
+class CheckpointWriteFailed(CheckpointError):
+    """The disk holding a checkpoint's folder filled while the checkpoint was written."""
+
+
+def write_checkpoint(checkpoint: dict, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, flushed, then renamed over it: a full
+    disk, a kill or a crash mid-write leaves the previous checkpoint whole (a temporary file in
+    the system's temp folder would be copied over it, across filesystems)."""
+    path = Path(path)
+    data = io.BytesIO()
+    torch.save(checkpoint, data)
+    data.seek(0)
+    try:
+        atomic_write_stream(path, data)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        kept = f"the previous {path.name} is whole" if path.exists() else f"no earlier {path.name} was there"
+        raise CheckpointWriteFailed(
+            f"the disk holding {path.parent} is full ({err.strerror}): writing {path.name} needs "
+            f"{size(data.getbuffer().nbytes)} free beside the old one, and {size(free)} are free; {kept}.") from None
+
+
+def size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB ({n:,} bytes)"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writes and reads for every genlab run: written atomically where
+    they land (``write_checkpoint``), read with the safe unpickler unless told otherwise (the
+    LR finder's restore, for one, does not say)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("genlab's checkpoints take no storage_options")
+        write_checkpoint(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        return super().load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)
+
+
+def trainer_plugins(trainer_cfg) -> list:
+    """``plugins=`` for a Trainer built from ``trainer_cfg``: the config's own (a precision plugin,
+    say), which a ``plugins`` argument would replace, and genlab's checkpoint files."""
+    own = trainer_cfg.get("plugins") or []
+    own = own if OmegaConf.is_list(own) or isinstance(own, list) else [own]
+    return [*(instantiate(p) if OmegaConf.is_config(p) else p for p in own), AtomicCheckpointIO()]

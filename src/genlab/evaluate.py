@@ -10,14 +10,15 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from genlab.checkpoints import load_model
+from genlab.checkpoints import genlab_classes, load_model
 from genlab.console import route_library_logs
 from genlab.errors import CheckpointError, ConfigError, exit_on_user_error, instantiate
 from genlab.outputs import write_metrics
 from genlab.runs import checkpoint_file, run_dir_of
 from genlab.runtime import CONF_DIR
 
-USAGE = "usage: python eval.py ckpt_path=<run folder | .ckpt file | last> [accelerator=auto] [out=FILE]"
+USAGE = ("usage: python eval.py ckpt_path=<run folder | .ckpt file | last> [accelerator=auto] [out=FILE]\n"
+         "                      [model_class=null] [trust_checkpoint=false]")
 
 
 def run_data_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
@@ -27,9 +28,32 @@ def run_data_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
         raise CheckpointError(f"{recorded} is missing: eval.py rebuilds the run's data from its recorded config, "
                               "so the checkpoint must stay inside its run folder (<run>/checkpoints/*.ckpt)")
     data = OmegaConf.load(recorded).data
+    if not cfg.trust_checkpoint:
+        check_data_targets(recorded, data)
     with open_dict(data):
         data.data_dir, data.mirror = cfg.paths.data_dir, cfg.paths.data_mirror
     return data
+
+
+def check_data_targets(recorded: Path, data: DictConfig) -> None:
+    """Building the data calls what the record's ``_target_`` names: a shared run folder may name
+    anything, so only genlab's own data modules are built from it (and nothing nested)."""
+    targets = targets_in(OmegaConf.to_container(data))
+    known = genlab_classes("genlab.data", L.LightningDataModule)
+    if targets != [data.get("_target_")] or targets[0] not in known:
+        raise CheckpointError(
+            f"{recorded} names data targets {targets}, and eval.py builds only genlab's own data modules "
+            f"({', '.join(sorted(known))}) from a run's record, since building one calls what it names. If you "
+            "trust this run folder, evaluate it with trust_checkpoint=true")
+
+
+def targets_in(node) -> list:
+    """Every ``_target_`` of a config, however deep (lists too: Hydra builds those as well)."""
+    if isinstance(node, dict):
+        return [*([node["_target_"]] if "_target_" in node else []), *(t for v in node.values() for t in targets_in(v))]
+    if isinstance(node, list):
+        return [t for v in node for t in targets_in(v)]
+    return []
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -37,7 +61,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt_path"):
         raise ConfigError(f"ckpt_path is missing: which checkpoint should be evaluated?\n{USAGE}")
     path = checkpoint_file(str(cfg.ckpt_path))
-    model, checkpoint = load_model(path)
+    model, checkpoint = load_model(path, trust=cfg.trust_checkpoint, named=cfg.model_class)
     if model.kind != "text":
         raise ConfigError(f"{path} holds a {type(model).__name__}, which has no validation or test loss; "
                           "eval.py measures language models (sample.py shows what an image model makes)")

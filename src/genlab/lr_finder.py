@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from genlab.checkpoints import trainer_plugins
 from genlab.errors import ConfigError, instantiate
 from genlab.figures import plt, save_figure
 from genlab.runtime import choice
@@ -24,7 +25,9 @@ def find_learning_rate(cfg: DictConfig, run_dir: Path, datamodule, model) -> tup
                           f"model={choice('model')} has none to search")
     use_count(model, datamodule, 1)  # the finder moves the rate once per step
     search = cfg.lr_finder
+    # the finder saves and restores the model around its search: through genlab's checkpoint files
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+                          plugins=trainer_plugins(cfg.trainer),
                           enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                           default_root_dir=str(run_dir))
     finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=search.min_lr, max_lr=search.max_lr,

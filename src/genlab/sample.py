@@ -24,7 +24,8 @@ from genlab.outputs import atomic_write_text
 from genlab.runtime import CONF_DIR
 
 USAGE = """usage: python sample.py ckpt_path=<run folder | .ckpt file | last> [num_samples=20] [temperature=1.0]
-                        [top_k=null] [seed=0] [prompt=TEXT] [max_new_tokens=500] [interpolate=false] [out=FILE]"""
+                        [top_k=null] [seed=0] [prompt=TEXT] [max_new_tokens=500] [interpolate=false] [out=FILE]
+                        [model_class=null] [trust_checkpoint=false]"""
 MAX_NEW_TOKENS = 100_000  # a bound on what one command generates (a GPT on a CPU: minutes per thousand)
 MAX_SAMPLES = 10_000
 
@@ -50,7 +51,7 @@ def check_sampling_args(cfg: DictConfig) -> None:
 
 def sample(cfg: DictConfig) -> list[str] | Path:
     check_sampling_args(cfg)
-    model, checkpoint = load_model(cfg.ckpt_path)
+    model, checkpoint = load_model(cfg.ckpt_path, trust=cfg.trust_checkpoint, named=cfg.model_class)
     if model.kind == "image":
         return sample_images(model, checkpoint, cfg)
     tokenizer = tokenizer_from_config(model.hparams.tokenizer, cfg.paths.data_mirror)

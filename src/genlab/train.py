@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genlab.callbacks import CheckpointAtEnd, Samples, TrainingClock, ValidateAtEnd
-from genlab.checkpoints import check_resume, read_checkpoint
+from genlab.checkpoints import CheckpointWriteFailed, check_resume, read_checkpoint, trainer_plugins
 from genlab.checks import check_config, validation_interval
 from genlab.console import UpdateProgress, result_summary, route_library_logs, run_summary
 from genlab.errors import TrainingDiverged, exit_on_user_error, instantiate
@@ -58,9 +58,15 @@ def train(cfg: DictConfig) -> float | None:
             report_stop(stop, run_dir)
         except TrainingDiverged as err:
             raise TrainingDiverged(f"{err} {last_good_state(run_dir)}", step=err.step) from None
+        except CheckpointWriteFailed as err:
+            raise CheckpointWriteFailed(f"{err} Free some space (or move the run's folder), then "
+                                        f"{how_to_continue(run_dir)}") from None
 
 
 def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, ckpt_path: Path | None) -> float | None:
+    trust = bool(cfg.get("trust_checkpoint"))
+    # first of all: a checkpoint that is refused is refused before anything is built or written
+    checkpoint = read_checkpoint(ckpt_path, trust) if ckpt_path is not None else None
     set_threads(cfg)
     skip_failing_nvml_check()
     L.seed_everything(cfg.seed, workers=True)
@@ -69,7 +75,6 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     fixed = getattr(model, "updates_per_step", 1)
     with open_dict(cfg):  # recorded with the run's config: the interval it really used (auto: K divides it)
         cfg.val_every = validation_interval(cfg, 1 if fixed == "auto" else fixed)
-    checkpoint = read_checkpoint(ckpt_path) if ckpt_path is not None else None
     if checkpoint is not None:
         check_resume(checkpoint, model, cfg.trainer.max_steps)
     folder.claim(cfg, overwrite=cfg.overwrite)
@@ -95,7 +100,7 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
 
     start = time.perf_counter()
     with shared_with_processes(updates_per_step):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
     train_seconds = time.perf_counter() - start
     if stop.stop_requested:
         report_stop(stop, run_dir)
@@ -146,6 +151,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, sin
         logger=loggers or False,
         default_root_dir=str(run_dir),
         val_check_interval=lightning_steps(val_every, updates_per_step),
+        plugins=trainer_plugins(cfg.trainer),
         check_val_every_n_epoch=None,
         **({"max_epochs": 1, "max_steps": -1} if single_pass else {}),
     )
@@ -195,14 +201,24 @@ def report_stop(stop: GracefulStop, run_dir: Path) -> NoReturn:
     """After a signal: what was saved and the command that continues, then exit 128 + signal."""
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if checkpoint.exists():
-        step = torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+        step = read_checkpoint(checkpoint)["global_step"]
         print(f"\nstopped by {stop.name} at step {step}; saved {checkpoint}.\nResume with:\n  {resume_command(run_dir)}",
               file=sys.stderr)
     else:
-        command = " ".join(["python train.py", *task_overrides()])
         print(f"\nstopped by {stop.name} before the first checkpoint; nothing to resume. Start again with:\n"
-              f"  {command}", file=sys.stderr)
+              f"  {start_command()}", file=sys.stderr)
     sys.exit(stop.exit_status)
+
+
+def how_to_continue(run_dir: Path) -> str:
+    """The command that continues from the run's last good state, or starts it again if it has none."""
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        return f"resume with:\n  {resume_command(run_dir)}"
+    return f"start again with:\n  {start_command()}"
+
+
+def start_command() -> str:
+    return " ".join(["python train.py", *task_overrides()])
 
 
 def resume_command(run_dir: Path) -> str:
