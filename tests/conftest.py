@@ -52,6 +52,20 @@ def text_file(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """Fakes the machine's CUDA GPUs for code that asks torch about them (not for training):
+    ``fake_gpus([("Tesla T4", (7, 5)), ...])``, each a name and a compute capability."""
+    import torch
+
+    def install(cards: list[tuple[str, tuple[int, int]]]) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(cards))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=0: cards[device or 0][0])
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: cards[device or 0][1])
+    return install
+
+
 def compose_config(overrides: list[str], run_dir: Path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(

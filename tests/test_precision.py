@@ -19,22 +19,11 @@ from genlab.precision import resolve_precision
 from genlab.train import train
 
 
-@pytest.fixture
-def gpus(monkeypatch):
-    """Fakes the machine's CUDA GPUs: ``gpus([("Tesla T4", (7, 5)), ...])``."""
-    def install(cards: list[tuple[str, tuple[int, int]]]):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(cards))
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: cards[i][0])
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: cards[i][1])
-    return install
-
-
 @pytest.mark.parametrize("card, capability, chosen", [
     ("NVIDIA H200", (9, 0), "bf16-mixed"), ("NVIDIA A100-SXM4-40GB", (8, 0), "bf16-mixed"),
     ("NVIDIA GeForce RTX 2080", (7, 5), "16-mixed"), ("Tesla V100-SXM2-16GB", (7, 0), "16-mixed")])
-def test_trainer_gpu_takes_bf16_where_the_card_runs_it_natively_else_fp16(card, capability, chosen, gpus, tmp_path):
-    gpus([(card, capability)])
+def test_trainer_gpu_takes_bf16_where_the_card_runs_it_natively_else_fp16(card, capability, chosen, fake_gpus, tmp_path):
+    fake_gpus([(card, capability)])
     cfg = compose_config(["trainer=gpu"], tmp_path / "run")
     assert cfg.trainer.precision == "auto"
     words = resolve_precision(cfg)
@@ -47,27 +36,27 @@ def test_trainer_gpu_takes_bf16_where_the_card_runs_it_natively_else_fp16(card, 
 
 
 @pytest.mark.parametrize("trainer", ["ddp", "multinode"])
-def test_ddp_takes_the_precision_of_the_least_capable_card(trainer, gpus, tmp_path):
-    gpus([("NVIDIA A100-SXM4-80GB", (8, 0)), ("Tesla T4", (7, 5)), ("NVIDIA H100", (9, 0))])
+def test_ddp_takes_the_precision_of_the_least_capable_card(trainer, fake_gpus, tmp_path):
+    fake_gpus([("NVIDIA A100-SXM4-80GB", (8, 0)), ("Tesla T4", (7, 5)), ("NVIDIA H100", (9, 0))])
     cfg = compose_config([f"trainer={trainer}"], tmp_path / "run")
     assert "Tesla T4" in resolve_precision(cfg) and cfg.trainer.precision == "16-mixed"
 
 
-def test_trainer_precision_given_is_kept_and_bf16_on_an_old_card_is_called_slow(gpus, tmp_path):
-    gpus([("Tesla T4", (7, 5))])
+def test_trainer_precision_given_is_kept_and_bf16_on_an_old_card_is_called_slow(fake_gpus, tmp_path):
+    fake_gpus([("Tesla T4", (7, 5))])
     cfg = compose_config(["trainer=gpu", "trainer.precision=32-true"], tmp_path / "run")
     assert resolve_precision(cfg) == "32-true from trainer.precision" and cfg.trainer.precision == "32-true"
     cfg = compose_config(["trainer=gpu", "trainer.precision=bf16-mixed"], tmp_path / "run")
     assert resolve_precision(cfg) == ("bf16-mixed from trainer.precision; Tesla T4 at compute capability 7.5 "
                                       "emulates bfloat16: slow")
     assert cfg.trainer.precision == "bf16-mixed"
-    gpus([("NVIDIA H100 80GB HBM3", (9, 0))])
+    fake_gpus([("NVIDIA H100 80GB HBM3", (9, 0))])
     cfg = compose_config(["trainer=gpu", "trainer.precision=16-mixed"], tmp_path / "run")
     assert resolve_precision(cfg) == "16-mixed from trainer.precision" and cfg.trainer.precision == "16-mixed"
 
 
-def test_the_run_summary_names_the_precision_and_why(gpus, tmp_path):
-    gpus([("Tesla T4", (7, 5))])
+def test_the_run_summary_names_the_precision_and_why(fake_gpus, tmp_path):
+    fake_gpus([("Tesla T4", (7, 5))])
     cfg = compose_config(["trainer=gpu"], tmp_path / "run")
     words = resolve_precision(cfg)
     model = torch.nn.Linear(10, 10)  # 110 parameters
