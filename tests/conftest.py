@@ -75,6 +75,32 @@ def compose_config(overrides: list[str], run_dir: Path):
         )
 
 
+# How far below ln V (the loss of predicting every token alike) a test's short run must end to count
+# as having learned, in nats. An untrained language model scores ln V within a few hundredths
+# (measured: 0.04 below it at most); the tests' runs of 5-60 updates end 0.46 or more below it.
+# Their losses do not depend on the machine: they fix model.updates_per_step.
+LEARNED = 0.25
+
+
+def untrained_loss(run_dir: Path) -> float:
+    """ln V for the vocabulary in the run's checkpoint."""
+    import math
+
+    import torch
+
+    from genlab.models.base import vocab_size_of
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return math.log(vocab_size_of(checkpoint["hyper_parameters"]["tokenizer"]))
+
+
+def assert_learned(metrics: dict, run_dir: Path) -> None:
+    """The run's final validation loss is clearly below an untrained model's."""
+    untrained = untrained_loss(run_dir)
+    assert metrics["val_loss"] < untrained - LEARNED, (
+        f"val_loss {metrics['val_loss']:.3f}: not {LEARNED} below an untrained model's ln V = {untrained:.3f}")
+
+
 def run_training(run_dir: Path, overrides: list[str]) -> dict:
     """Train in-process and return metrics.json."""
     cfg = compose_config(overrides, run_dir)
