@@ -122,8 +122,8 @@ def run(name: str, out: Path) -> bool:
         rate = SteadyClock.latest.rate
         if rate is None:
             raise RuntimeError("the run made too few Lightning steps to time after its warm-up; raise its steps")
-        line = result_line(name, rate, metrics, flops, peak_flops(torch.device("cuda")), torch.cuda.max_memory_allocated(),
-                           checkpoint.get("genlab", {}).get("updates_per_step"))
+        line = result_line(name, rate, metrics, flops, peak_flops(torch.device("cuda")),
+                           torch.cuda.max_memory_allocated(), checkpoint.get("genlab", {}).get("updates_per_step"))
         print(f"{line}; {time.perf_counter() - started:.0f} s in all", flush=True)
         return True
     except BaseException:  # everything, SystemExit included: the report goes on with the next run

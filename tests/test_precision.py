@@ -22,7 +22,8 @@ from genlab.train import train
 @pytest.mark.parametrize("card, capability, chosen", [
     ("NVIDIA H200", (9, 0), "bf16-mixed"), ("NVIDIA A100-SXM4-40GB", (8, 0), "bf16-mixed"),
     ("NVIDIA GeForce RTX 2080", (7, 5), "16-mixed"), ("Tesla V100-SXM2-16GB", (7, 0), "16-mixed")])
-def test_trainer_gpu_takes_bf16_where_the_card_runs_it_natively_else_fp16(card, capability, chosen, fake_gpus, tmp_path):
+def test_trainer_gpu_takes_bf16_where_the_card_runs_it_natively_else_fp16(card, capability, chosen, fake_gpus,
+                                                                         tmp_path):
     fake_gpus([(card, capability)])
     cfg = compose_config(["trainer=gpu"], tmp_path / "run")
     assert cfg.trainer.precision == "auto"

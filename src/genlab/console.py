@@ -70,7 +70,8 @@ def count(n: int) -> str:
     return str(n)
 
 
-def run_summary(choices: dict, model: L.LightningModule, trainer: L.Trainer, run_dir, precision: str | None = None) -> str:
+def run_summary(choices: dict, model: L.LightningModule, trainer: L.Trainer, run_dir,
+                precision: str | None = None) -> str:
     """One line: what trains on what, how big, where (``precision``: its words for the precision,
     genlab.precision), how long, and where the run writes."""
     parameters = sum(p.numel() for p in model.parameters())

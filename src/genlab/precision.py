@@ -38,23 +38,26 @@ def card_precision() -> tuple[str, str]:
     card = f"{name} at compute capability {capability[0]}.{capability[1]}"
     if capability >= NATIVE_BF16:
         return "bf16-mixed", f"bf16-mixed, as {card} runs bfloat16 natively"
-    return "16-mixed", f"16-mixed with loss scaling, as {card} has no native bfloat16 ({NATIVE_BF16[0]}.{NATIVE_BF16[1]} and up)"
+    native = f"{NATIVE_BF16[0]}.{NATIVE_BF16[1]}"
+    return "16-mixed", f"16-mixed with loss scaling, as {card} has no native bfloat16 ({native} and up)"
 
 
-def resolve_precision(cfg: DictConfig) -> str:
+def resolve_precision(cfg: DictConfig) -> str | None:
     """Replace ``trainer.precision: auto`` in ``cfg`` by the precision chosen for this machine (the
-    run's recorded config then says what it trained with); return the words the run's summary line
-    shows for it: the precision, and on a GPU why it is that one."""
+    run's recorded config then says what it trained with). On a GPU, return the words the run's
+    summary line shows for it: the precision and why it is that one; elsewhere None (the summary
+    shows Lightning's precision)."""
     trainer = cfg.trainer
-    setting = str(trainer.get("precision", "32-true"))
+    setting = trainer.get("precision")
     cuda = uses_cuda(trainer)
     if setting == AUTO:
-        chosen, words = card_precision() if cuda else ("32-true", "32-true")
+        chosen, words = card_precision() if cuda else ("32-true", None)
         with open_dict(cfg):
             trainer.precision = chosen
         return words
-    if not cuda:
-        return setting
+    if setting is None or not cuda:  # None: a precision plugin in trainer.plugins decides
+        return None
+    setting = str(setting)
     if "bf16" in setting and card_precision()[0] != "bf16-mixed":  # used as asked; the user should know the cost
         name, (major, minor) = least_capable_gpu()
         return f"{setting} from trainer.precision; {name} at compute capability {major}.{minor} emulates bfloat16: slow"
