@@ -53,6 +53,7 @@ def test_every_run_of_the_check_composes_and_passes_the_checks_on_a_gpu(fake_gpu
         cfg = run_config(name, tmp_path)
         check_config(cfg)
         assert resolve_precision(cfg).startswith("bf16-mixed, as NVIDIA H200") and cfg.trainer.accelerator == "gpu"
+        assert cfg.trainer.max_steps == 300  # the command line's count, not the preset's
         compiled[name] = cfg.model.compile
     assert sorted(map(str, compiled.values())) == ["False", "False", "False", "True", "reduce-overhead"]
     assert len({run_config(name, tmp_path).paths.output_dir for name in RUNS}) == len(RUNS)

@@ -84,6 +84,13 @@ def test_trainer_mps_without_an_apple_gpu_is_refused_in_one_line(names_file, tmp
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
+def test_trainer_gpu_on_a_mac_points_to_trainer_mps(names_file, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(MPSAccelerator, "is_available", staticmethod(lambda: True))
+    with pytest.raises(ConfigError, match=r"needs a CUDA GPU.*; use trainer=cpu or trainer=mps \(this Mac's GPU\)$"):
+        check_config(compose_config([f"data.path={names_file}", "trainer=gpu"], tmp_path / "run"))
+
+
 @pytest.mark.parametrize("override, refusal", [
     ("model.compile=true", "model.compile=True does not run on trainer=mps.*set model.compile=false"),
     ("model.compile=reduce-overhead", "model.compile=reduce-overhead does not run on trainer=mps"),

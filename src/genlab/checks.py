@@ -96,8 +96,11 @@ def check_compatible(cfg: DictConfig) -> None:
                 "DDP launcher re-runs the command for each process, which a sweep cannot do (dropped in "
                 "Lightning 1.8). Sweep with hydra/launcher=slurm, or run each configuration as its own command")
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        from lightning.pytorch.accelerators import MPSAccelerator
+
+        mac = " or trainer=mps (this Mac's GPU)" if MPSAccelerator.is_available() else ""
         raise ConfigError(f"trainer={choice('trainer')} needs a CUDA GPU, and this machine shows none "
-                          "(torch.cuda.is_available() is False); use trainer=cpu")
+                          f"(torch.cuda.is_available() is False); use trainer=cpu{mac}")
     if cfg.trainer.get("accelerator") == "mps":
         check_mps(cfg)
     if "optimizer" in cfg.model:  # the model builds its own optimizers: optimizer=... would be ignored
