@@ -40,6 +40,7 @@ from omegaconf import open_dict
 from genlab.callbacks import TrainingClock
 from genlab.insight import Insight
 from genlab.models.compiled_update import CompiledUpdate
+from genlab.precision import resolve_precision
 from genlab.steps import resolve_updates_per_step
 from genlab.train import CONF_DIR, build_model, build_trainer, skip_failing_nvml_check
 
@@ -265,6 +266,7 @@ def main(argv: list[str]) -> None:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides + ["hydra.run.dir=."], return_hydra_config=False)
     skip_failing_nvml_check()  # as train.py does: both sides' Adam updates without a needless check
+    resolve_precision(cfg)  # trainer=gpu: its precision: auto, as train.py resolves it
     torch.manual_seed(cfg.seed)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = build_model(cfg, datamodule)

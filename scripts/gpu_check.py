@@ -1,20 +1,26 @@
 """``make gpu-check``: a short, offline check of genlab on one CUDA GPU (data from the mirror).
 
-Runs, each through ``genlab.train.train`` in this process:
+Runs, each through ``genlab.train.train`` in this process, with ``trainer=gpu`` (its precision
+chosen by the card, ``model.updates_per_step: auto`` timed on it):
 
-- ``experiment=notebook_gpt trainer=gpu`` for ``GPT_UPDATES`` updates, eager and with ``model.compile=true``;
-- ``experiment=notebook_dcgan trainer=gpu`` for ``DCGAN_STEPS`` steps;
+- ``experiment=notebook_gpt`` for ``GPT_UPDATES`` updates: eager, with ``model.compile=true`` (the
+  whole update compiled ahead of time) and with ``model.compile=reduce-overhead`` (CUDA graphs);
+- ``experiment=notebook_dcgan`` for ``DCGAN_STEPS`` steps: with ``data.num_workers=auto`` and with 4;
 
-and prints one line each: tokens/s and MFU (bf16 peak of the card) for the GPT, images/s for the
-DCGAN, and the peak GPU memory. Speeds are steady-state: timed (``SteadyClock``) from a third of the
-way in to the last update, GPU work finished at both ends, so compilation and warm-up are left out. A run that fails prints its traceback in full and the check goes on;
-the exit status is 1 if any failed. Without CUDA it says so in one line and exits 1.
-Runs write into a temporary folder."""
+The first line names the card, its compute capability and the precision chosen, torch's version
+and genlab's commit; then one line per run: tokens/s and MFU (the card's bf16 peak) for the GPT,
+images/s for the DCGAN, the peak GPU memory, the count ``auto`` chose, and the run's wall time
+with start-up and compilation. Speeds are steady-state: timed (``SteadyClock``) from a third of
+the way in to the last update, GPU work finished at both ends, so compilation and warm-up are
+left out. A run that fails prints its traceback in full and the check goes on; the exit status
+is 1 if any failed. Without CUDA it says so in one line and exits 1. Runs write into a temporary
+folder."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -88,18 +94,27 @@ def result_line(name: str, rate: float, metrics: dict, flops_per_token: float | 
     return f"{name}: {rate:,.0f} images/s, {memory}"
 
 
-def run(name: str, overrides: list[str], out: Path) -> bool:
+def run_config(name: str, out: Path):
+    """The config of the run ``name`` of ``RUNS``, writing into a folder of ``out``."""
     from hydra import compose, initialize_config_dir
 
+    from genlab.runtime import CONF_DIR
+
+    folder = out / "".join(c if c.isalnum() else "_" for c in name)  # a comma would be a Hydra sweep
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=[*RUNS[name], *COMMON, f"paths.output_dir={folder}"])
+
+
+def run(name: str, out: Path) -> bool:
     from genlab.checkpoints import load_model
     from genlab.models.base import peak_flops
-    from genlab.train import CONF_DIR, train
+    from genlab.train import train
 
-    run_dir = out / name.replace(" ", "_")
     torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=[*overrides, *COMMON, f"paths.output_dir={run_dir}"])
+        cfg = run_config(name, out)
+        run_dir = Path(cfg.paths.output_dir)
         train(cfg)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         model, checkpoint = load_model(run_dir / "checkpoints" / "last.ckpt")
@@ -107,12 +122,31 @@ def run(name: str, overrides: list[str], out: Path) -> bool:
         rate = SteadyClock.latest.rate
         if rate is None:
             raise RuntimeError("the run made too few Lightning steps to time after its warm-up; raise its steps")
-        print(result_line(name, rate, metrics, flops, peak_flops(torch.device("cuda")), torch.cuda.max_memory_allocated(),
-                          checkpoint.get("genlab", {}).get("updates_per_step")), flush=True)
+        line = result_line(name, rate, metrics, flops, peak_flops(torch.device("cuda")),
+                           torch.cuda.max_memory_allocated(), checkpoint.get("genlab", {}).get("updates_per_step"))
+        print(f"{line}; {time.perf_counter() - started:.0f} s in all", flush=True)
         return True
     except BaseException:  # everything, SystemExit included: the report goes on with the next run
         print(f"{name}: FAILED\n{traceback.format_exc()}", flush=True)
         return False
+
+
+def commit() -> str:
+    """genlab's commit (``-dirty`` with uncommitted changes), for the record a figure comes from."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "an unknown commit"
+    return f"commit {done.stdout.strip()}" if done.returncode == 0 else "an unknown commit (not a git checkout)"
+
+
+def header() -> str:
+    from genlab.precision import card_precision
+
+    major, minor = torch.cuda.get_device_capability()
+    return (f"gpu-check on {torch.cuda.get_device_name()} (compute capability {major}.{minor}: "
+            f"{card_precision()[0]}), torch {torch.__version__}, genlab at {commit()}")
 
 
 def main() -> int:
@@ -120,9 +154,9 @@ def main() -> int:
         print("gpu-check: no CUDA GPU on this machine (torch.cuda.is_available() is False); run it where there is one")
         return 1
     os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
-    print(f"gpu-check on {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    print(header(), flush=True)
     with tempfile.TemporaryDirectory() as out:
-        passed = [run(name, overrides, Path(out)) for name, overrides in RUNS.items()]
+        passed = [run(name, Path(out)) for name in RUNS]
     return 0 if all(passed) else 1
 
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
+from conftest import assert_learned, compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
@@ -89,9 +89,10 @@ def test_sampling_a_model_of_ones_own_needs_its_class_named(names_file, tmp_path
 
 def test_a_language_model_defined_outside_the_package(names_file, tmp_path):
     run_dir, model = tmp_path / "run", {"_target_": "test_extension.TinyLM", "n_embd": 8, "updates_per_step": 10}
-    data = [f"data.path={names_file}", "val_every=20"]
+    data = [f"data.path={names_file}", "val_every=20", "optimizer.lr=0.03"]
     first = train_model(model, run_dir, [*data, "trainer.max_steps=20"])
-    assert first["status"] == "completed" and first["val_loss"] < 3.0
+    assert first["status"] == "completed"
+    assert_learned(first, run_dir)
     resumed = train_model(model, run_dir, [*data, "trainer.max_steps=40", f"ckpt_path={run_dir}"])
     assert resumed["steps"] == 40 and read_checkpoint(run_dir)["global_step"] == 40
     assert len((run_dir / "samples.txt").read_text().splitlines()) == 3

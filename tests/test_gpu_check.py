@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, run_training
 
 sys.path.insert(0, str(REPO / "scripts"))
-from gpu_check import SteadyClock, result_line  # noqa: E402
+from gpu_check import RUNS, SteadyClock, result_line, run_config  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
@@ -39,3 +39,21 @@ def test_steady_clock_times_the_last_two_thirds_of_a_run(tmp_path, names_file):
     clock = SteadyClock.latest
     assert clock.start is not None and clock.rate is not None and clock.rate > 0
     assert metrics["steps"] == 60
+
+
+def test_every_run_of_the_check_composes_and_passes_the_checks_on_a_gpu(fake_gpus, tmp_path):
+    """What a GPU session would otherwise find out first: each run's overrides compose (a comma in a
+    folder name would read as a Hydra sweep) and pass genlab's checks, on an H200 (faked)."""
+    from genlab.checks import check_config
+    from genlab.precision import resolve_precision
+
+    fake_gpus([("NVIDIA H200", (9, 0))])
+    compiled = {}
+    for name in RUNS:
+        cfg = run_config(name, tmp_path)
+        check_config(cfg)
+        assert resolve_precision(cfg).startswith("bf16-mixed, as NVIDIA H200") and cfg.trainer.accelerator == "gpu"
+        assert cfg.trainer.max_steps == 300  # the command line's count, not the preset's
+        compiled[name] = cfg.model.compile
+    assert sorted(map(str, compiled.values())) == ["False", "False", "False", "True", "reduce-overhead"]
+    assert len({run_config(name, tmp_path).paths.output_dir for name in RUNS}) == len(RUNS)

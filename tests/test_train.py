@@ -11,14 +11,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, compose_config, run_training
+from conftest import REPO, assert_learned, compose_config, run_training
 from genlab.errors import DataError
 from genlab.sample import sample
 from genlab.train import CONF_DIR, NVML_CHECK, skip_failing_nvml_check, train
 
 TINY = {
     "bigram": ["model=bigram"],
-    "bigram-gradient": ["model=bigram", "model.counting=false"],
+    # the notebook trains its bigram network at a large rate (SGD 50): at AdamW's 3e-3 it barely moves in a short run
+    "bigram-gradient": ["model=bigram", "model.counting=false", "optimizer.lr=0.1"],
     "mlp": ["model=mlp", "model.n_hidden=32"],
     "wavenet": ["model=wavenet", "model.block_size=4", "model.n_hidden=16"],
     "rnn": ["model=rnn", "model.n_hidden=32"],
@@ -35,7 +36,7 @@ def test_a_few_training_steps_write_a_complete_run(name, names_file, tmp_path):
                               "trainer.max_steps=60", "val_every=20", "num_samples=5"]
     metrics = run_training(run_dir, overrides)
     assert set(metrics) >= {"val_loss", "best_val_loss", "test_loss", "steps", "train_seconds", "tokens_per_second"}
-    assert metrics["val_loss"] < 3.0  # ln(V) is about 2.8 for this vocabulary; better after training
+    assert_learned(metrics, run_dir)
     assert metrics["best_val_loss"] <= metrics["val_loss"]
     if name == "bigram":  # the counting model counts each training batch once: one pass
         assert metrics["steps"] == 240 // 8
@@ -56,7 +57,8 @@ def test_every_model_trains_on_text(name, text_file, tmp_path):
                                          "data.batch_size=4", "model.updates_per_step=1", "trainer.max_steps=30",
                                          "val_every=15", "logger=none"]
     metrics = run_training(tmp_path / "run", overrides)
-    assert metrics["steps"] == 30 and metrics["val_loss"] < 3.0  # ln(V) = 2.9 for these 18 symbols
+    assert metrics["steps"] == 30
+    assert_learned(metrics, tmp_path / "run")
     assert metrics["test_loss"] is None  # no test split asked for
 
 
@@ -143,17 +145,20 @@ def test_sampling_text_with_a_prompt(text_file, tmp_path, capsys):
 def test_a_few_gpt_steps_on_the_real_text(data, mirror, tmp_path):
     metrics = run_training(tmp_path / "run", ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
                                               f"data={data}", "data.seq_len=32", "data.batch_size=8",
-                                              "trainer.max_steps=20", "val_every=20", "logger=none",
-                                              f"paths.data_mirror={mirror}"])
-    assert metrics["steps"] == 20 and metrics["val_loss"] < 4.0
+                                              "model.updates_per_step=1", "trainer.max_steps=20", "val_every=20",
+                                              "logger=none", f"paths.data_mirror={mirror}"])
+    assert metrics["steps"] == 20
+    assert_learned(metrics, tmp_path / "run")
 
 
 def test_gpt_trains_on_gpt2_tokens(text_file, mirror, tmp_path):
     metrics = run_training(tmp_path / "run", ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
                                               "data=divina", f"data.path={text_file}", "data.tokenizer=gpt2",
-                                              "data.seq_len=8", "data.batch_size=4", "trainer.max_steps=5",
-                                              "val_every=5", "logger=none", f"paths.data_mirror={mirror}"])
-    assert metrics["steps"] == 5 and metrics["val_loss"] < 11.0  # ln(50257) = 10.8
+                                              "data.seq_len=8", "data.batch_size=4", "model.updates_per_step=1",
+                                              "trainer.max_steps=5", "val_every=5", "logger=none",
+                                              f"paths.data_mirror={mirror}"])
+    assert metrics["steps"] == 5
+    assert_learned(metrics, tmp_path / "run")  # V = 50,257: the model learns which few tokens the text uses
 
 
 def test_trainer_gpu_without_cuda_says_so(names_file, tmp_path):

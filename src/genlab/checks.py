@@ -96,13 +96,39 @@ def check_compatible(cfg: DictConfig) -> None:
                 "DDP launcher re-runs the command for each process, which a sweep cannot do (dropped in "
                 "Lightning 1.8). Sweep with hydra/launcher=slurm, or run each configuration as its own command")
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        from lightning.pytorch.accelerators import MPSAccelerator
+
+        mac = " or trainer=mps (this Mac's GPU)" if MPSAccelerator.is_available() else ""
         raise ConfigError(f"trainer={choice('trainer')} needs a CUDA GPU, and this machine shows none "
-                          "(torch.cuda.is_available() is False); use trainer=cpu")
+                          f"(torch.cuda.is_available() is False); use trainer=cpu{mac}")
+    if cfg.trainer.get("accelerator") == "mps":
+        check_mps(cfg)
     if "optimizer" in cfg.model:  # the model builds its own optimizers: optimizer=... would be ignored
         ignored = [o for o in task_overrides() if o.lstrip("+~").startswith(("optimizer", "scheduler"))]
         if ignored:
             raise ConfigError(f"model={choice('model')} sets its optimizers in model.optimizer, so {' '.join(ignored)} "
                               "would have no effect; use model.optimizer.lr=... (and model.optimizer.betas=...)")
+
+
+def check_mps(cfg: DictConfig) -> None:
+    """trainer=mps: an Apple-silicon GPU must be there, and what does not run on it is refused."""
+    from lightning.pytorch.accelerators import MPSAccelerator
+
+    if not MPSAccelerator.is_available():
+        raise ConfigError("trainer=mps needs the GPU of an Apple-silicon Mac (Metal), and this machine shows none "
+                          "(torch.backends.mps.is_available() is False, or not an arm64 Mac); use trainer=cpu")
+    mode = compile_mode(cfg.model.get("compile"))
+    if mode is not None:
+        raise ConfigError(f"model.compile={cfg.model.compile} does not run on trainer=mps: torch.compile's Metal "
+                          "backend is a prototype (and CUDA graphs are CUDA's); set model.compile=false")
+    precision = str(cfg.trainer.get("precision"))
+    if "bf16" in precision:
+        raise ConfigError(f"trainer.precision={precision} does not run on trainer=mps: bfloat16 on Metal depends on "
+                          "the macOS version and fails in some kernels; use trainer.precision=32-true or 16-mixed")
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if "ddp" in str(cfg.trainer.get("strategy", "")) or devices not in (1, "1", "auto") or nodes != 1:
+        raise ConfigError("trainer=mps trains on one device: a Mac has one GPU and Lightning runs no DDP on MPS; "
+                          "drop trainer.strategy/devices/num_nodes (or use trainer=ddp_cpu)")
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -35,6 +35,7 @@ from genlab.errors import TrainingDiverged, exit_on_user_error, instantiate
 from genlab.hparams import log_hparams, run_hparams
 from genlab.lr_finder import find_learning_rate
 from genlab.outputs import write_metrics
+from genlab.precision import resolve_precision
 from genlab.runs import RunFolder, checkpoint_file, run_dir_of
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
 from genlab.steps import lightning_steps, resolve_updates_per_step, shared_with_processes, use_count
@@ -69,6 +70,7 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     checkpoint = read_checkpoint(ckpt_path, trust) if ckpt_path is not None else None
     set_threads(cfg)
     skip_failing_nvml_check()
+    precision = resolve_precision(cfg)  # trainer.precision: auto -> the card's (recorded with the run)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
@@ -96,7 +98,8 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     trainer = build_trainer(cfg, run_dir, updates_per_step, model.single_pass,
                             validates=is_overridden("validation_step", model), stop=stop)
     log_hparams(trainer.loggers, run_hparams(cfg, trainer.world_size), lr_figure)
-    log.info(run_summary({group: choice(group) for group in ("model", "data", "trainer")}, model, trainer, run_dir))
+    log.info(run_summary({group: choice(group) for group in ("model", "data", "trainer")}, model, trainer, run_dir,
+                         precision))
 
     start = time.perf_counter()
     with shared_with_processes(updates_per_step):
