@@ -190,3 +190,17 @@ def test_characters_covered_by_bpe_windows_are_exact(tmp_path, mirror):
     windows = [dm.tokens[s + 1 : s + 9].tolist() for s in dm._window_starts("val")]
     # a window that starts inside a character (U+FFFD when decoded) covers none of it
     assert len(windows) == 2 and sample == sum(len(dm.tokenizer.decode(w).strip("\ufffd")) for w in windows)
+
+
+@pytest.mark.parametrize("final_whole_split", [False, True])
+def test_metrics_say_what_the_final_figures_cover(text_file, tmp_path, final_whole_split):
+    from conftest import run_training
+
+    metrics = run_training(tmp_path / "run", [
+        "model=gpt", "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "data=divina", f"data.path={text_file}",
+        "data.seq_len=16", "data.batch_size=4", "data.val_tokens=64", f"data.final_whole_split={final_whole_split}",
+        "trainer.max_steps=2", "val_every=2", "logger=none", "num_samples=0"])
+    dm = TextDataModule(path=str(text_file), data_dir=tmp_path / "data", seq_len=16)
+    whole = dm.evaluation_scope("val")["tokens"]
+    assert metrics["val_whole_split"] is final_whole_split
+    assert metrics["val_tokens"] == (whole if final_whole_split else 64)
