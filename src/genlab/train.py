@@ -35,6 +35,7 @@ from genlab.errors import TrainingDiverged, exit_on_user_error, instantiate
 from genlab.hparams import log_hparams, run_hparams
 from genlab.lr_finder import find_learning_rate
 from genlab.outputs import write_metrics
+from genlab.overrides import checked_command_line
 from genlab.runs import RunFolder, checkpoint_file, run_dir_of
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
 from genlab.steps import lightning_steps, resolve_updates_per_step, shared_with_processes
@@ -267,6 +268,7 @@ def skip_failing_nvml_check() -> None:
         del os.environ[NVML_CHECK]
 
 
+@checked_command_line("train")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     if in_sweep():  # a job's failure is recorded in its folder and the sweep goes on
