@@ -1,5 +1,7 @@
 """Text data: normalisation, tokenizers, cache, windows."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -204,3 +206,48 @@ def test_metrics_say_what_the_final_figures_cover(text_file, tmp_path, final_who
     whole = dm.evaluation_scope("val")["tokens"]
     assert metrics["val_whole_split"] is final_whole_split
     assert metrics["val_tokens"] == (whole if final_whole_split else 64)
+
+
+def peak_memory_of_training(text: Path, data_dir: Path, run_dir: Path) -> int:
+    """Train a tiny GPT on ``text`` for 2 updates in a child process; its peak RSS in bytes."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    child = (
+        "import resource, runpy, sys\n"
+        "sys.argv = ['train.py', *sys.argv[1:]]\n"
+        "try:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as stop:\n"
+        "    assert not stop.code, stop.code\n"
+        "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child, "model=gpt", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",
+         "data=divina", f"data.path={text}", "data.seq_len=64", "data.batch_size=8", "data.val_tokens=100000",
+         "trainer.max_steps=2", "val_every=2", "logger=none", "num_samples=0", f"paths.data_dir={data_dir}",
+         f"paths.output_dir={run_dir}", "trainer.enable_progress_bar=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return int(done.stdout.split("peak")[-1])
+
+
+@pytest.mark.slow
+def test_training_on_a_large_text_reads_it_through_a_memory_map(tmp_path):
+    """Hundreds of MB of text: the peak memory of a run (tokenising it, training, validating)
+    grows by far less than the text's size over a run on a small text."""
+    import random
+
+    lines = [" ".join(random.Random(i).choices(["nel", "mezzo", "del", "cammin", "di", "nostra", "vita", "selva"],
+                                                k=12)) for i in range(1000)]
+    block = ("\n".join(lines) + "\n").encode()
+    small, large = tmp_path / "small.txt", tmp_path / "large.txt"
+    small.write_bytes(block * 20)  # 1.4 MB
+    with open(large, "wb") as f:
+        for _ in range(300_000_000 // len(block)):  # 300 MB
+            f.write(block)
+    baseline = peak_memory_of_training(small, tmp_path / "data", tmp_path / "run-small")
+    cold = peak_memory_of_training(large, tmp_path / "data", tmp_path / "run-large")
+    warm = peak_memory_of_training(large, tmp_path / "data", tmp_path / "run-warm")  # the cached token file
+    size = large.stat().st_size
+    assert cold - baseline < size / 5 and warm - baseline < size / 5, (baseline, cold, warm, size)

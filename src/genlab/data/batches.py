@@ -11,6 +11,8 @@ tensors cost Lightning far less to hand over than a list of K pairs.
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -123,15 +125,39 @@ class SequenceBatches(BatchStream):
         return self.x[idx], self.y[idx]
 
 
+# Each page fault on a file mapping maps the pages around it too (Linux: 64 KiB), so random windows
+# would map a large token file whole, a copy of it counted in the process's memory. Past this many
+# bytes' worth of windows the mapping's pages are let go (the page cache keeps them).
+MAPPED_BYTES = 16 << 20
+FAULT_AROUND = 64 << 10
+_windows_since_release: dict[int, int] = {}
+
+
+def release_pages(tokens: np.ndarray, windows: int) -> None:
+    """Count ``windows`` just read from ``tokens``; past ``MAPPED_BYTES`` unmap the pages of a
+    token file larger than that (``madvise(MADV_DONTNEED)``: a read-only mapping reads them back
+    from the page cache when touched again)."""
+    mapping = getattr(tokens, "_mmap", None)  # a numpy memmap or a view of one
+    if mapping is None or len(mapping) <= MAPPED_BYTES or not hasattr(mapping, "madvise"):
+        return
+    seen = _windows_since_release.get(id(mapping), 0) + windows
+    if seen * FAULT_AROUND >= MAPPED_BYTES:
+        mapping.madvise(mmap.MADV_DONTNEED)
+        seen = 0
+    _windows_since_release[id(mapping)] = seen
+
+
 def read_windows(tokens: np.ndarray, starts: np.ndarray, length: int, end: int | None = None) -> torch.Tensor:
     """Windows ``tokens[s : s + length]`` for each start, as int64 (B, length), read by indexing:
     from a memory map only these pages are touched, never a copy of the split. Positions from
     ``end`` on read as -1."""
     index = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length)
     if end is None:
-        return torch.from_numpy(tokens[index].astype(np.int64))
-    window = torch.from_numpy(tokens[np.minimum(index, end - 1)].astype(np.int64))
-    window[torch.from_numpy(index >= end)] = -1
+        window = torch.from_numpy(tokens[index].astype(np.int64))
+    else:
+        window = torch.from_numpy(tokens[np.minimum(index, end - 1)].astype(np.int64))
+        window[torch.from_numpy(index >= end)] = -1
+    release_pages(tokens, len(index))
     return window
 
 
@@ -141,7 +167,7 @@ class WindowBatches(BatchStream):
 
     def __init__(self, tokens, seq_len, batch_size, steps_per_epoch, batches_per_step=1, seed=0, start=None,
                  replica=(0, 1)):
-        self.tokens = np.asarray(tokens)
+        self.tokens = np.asanyarray(tokens)  # a memory map stays one
         self.rank, self.world = replica
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -170,7 +196,7 @@ class StreamBatches(BatchStream):
     ``tokens`` may be a memory map: each batch reads its windows from it."""
 
     def __init__(self, tokens, seq_len, batch_size, batches_per_step=1, start=None, replica=(0, 1)):
-        self.tokens = np.asarray(tokens)
+        self.tokens = np.asanyarray(tokens)  # a memory map stays one
         self.seq_len, self.batches_per_step = seq_len, batches_per_step
         self.start = start or self.start
         rank, world = replica

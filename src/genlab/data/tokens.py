@@ -24,7 +24,7 @@ from genlab.outputs import atomic_write_chunks
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 22  # 4 MiB of text per task: big enough to amortise a call, small enough to stream
+CHUNK_BYTES = 1 << 20  # 1 MiB of text per task: far more than a call costs, little memory in flight
 END_OF_DOCUMENT = None  # what ``pieces`` yields between two files of a folder
 _BPE_CUT = re.compile(rb"[!-~][ \n][!-~]")  # x, one space or newline, y: GPT-2's regex splits before it
 UNICODE_SIZE = 0x110000
