@@ -384,6 +384,6 @@ def test_an_option_for_text_models_is_refused_for_an_image_checkpoint(tmp_path):
     run_training(run, gan_overrides(make_faces.__wrapped__(tmp_path), "trainer.max_steps=1", "logger=none"))
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("sample", overrides=[f"ckpt_path={run}", "prompt=ciao"])
-    with pytest.raises(ConfigError, match="prompt apply to text models, and .* is an image model's checkpoint; drop prompt="):
+    with pytest.raises(ConfigError, match="prompt: only for text models, and .* is an image model's checkpoint; drop prompt="):
         sample(cfg)
     assert not (run / "samples.png").exists()

@@ -251,3 +251,41 @@ def test_training_on_a_large_text_reads_it_through_a_memory_map(tmp_path):
     warm = peak_memory_of_training(large, tmp_path / "data", tmp_path / "run-warm")  # the cached token file
     size = large.stat().st_size
     assert cold - baseline < size / 5 and warm - baseline < size / 5, (baseline, cold, warm, size)
+
+
+def test_evaluation_windows_are_shared_between_ranks_each_target_once(text_file, tmp_path):
+    from genlab.data.batches import FixedWindows
+
+    dm = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, eval_batch_size=3)
+    start, end = dm.ranges["val"]
+    shards = [list(FixedWindows(dm.tokens, dm._window_starts("val"), 16, end, 3, replica=(r, 2))) for r in range(2)]
+    assert len(shards[0]) == len(shards[1])  # every rank runs as many batches (each a collective call)
+    in_order = torch.cat([shards[r][i][1].flatten() for i in range(len(shards[0])) for r in range(2)])
+    expected = torch.from_numpy(dm.tokens[start + 1 : end].astype("int64"))
+    assert torch.equal(in_order[in_order >= 0], expected)  # batch i of rank r is global batch 2i + r
+
+
+def mapped_megabytes(path: Path) -> float:
+    """How much of ``path`` is mapped into this process now (Linux: /proc/self/smaps)."""
+    import re
+
+    blocks = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text())
+    return sum(int(re.search(r"\nRss:\s+(\d+)", b).group(1)) for b in blocks if b.split("\n")[0].endswith(str(path))) / 1024
+
+
+def test_a_large_token_file_is_not_mapped_whole_by_random_windows(tmp_path, monkeypatch):
+    from genlab.data import batches
+
+    path = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 60, 16 << 20, dtype=np.uint16).tofile(path)  # 32 MB
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    stream = batches.WindowBatches(tokens[: 15 << 20], 64, 32, 100)  # a view of the map, as a split is
+    for budget, most in ((1 << 40, None), (1 << 20, 2.0)):  # mapped whole allowed; then past 1 MB
+        monkeypatch.setattr(batches, "MAPPED_BYTES", budget)
+        for position in range(300):
+            x, y = stream.batch(position)
+        assert torch.equal(x[:, 1:], y[:, :-1])  # windows read right after their pages were let go
+        if most is None:
+            assert mapped_megabytes(path) > 8  # 9,600 windows touch much of the file
+        else:
+            assert mapped_megabytes(path) < most

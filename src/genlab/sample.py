@@ -86,7 +86,7 @@ def check_options_apply(kind: str, cfg: DictConfig) -> None:
     for other, options in ONLY_FOR.items():
         if other != kind and (wrong := [o for o in options if o in given]):
             article = "an" if kind[0] in "aeiou" else "a"
-            raise ConfigError(f"{', '.join(wrong)} apply to {other} models, and {cfg.ckpt_path} is {article} {kind} "
+            raise ConfigError(f"{', '.join(wrong)}: only for {other} models, and {cfg.ckpt_path} is {article} {kind} "
                               f"model's checkpoint; drop {' and '.join(w + '=' for w in wrong)}")
 
 

@@ -125,26 +125,21 @@ class SequenceBatches(BatchStream):
         return self.x[idx], self.y[idx]
 
 
-# Each page fault on a file mapping maps the pages around it too (Linux: 64 KiB), so random windows
-# would map a large token file whole, a copy of it counted in the process's memory. Past this many
-# bytes' worth of windows the mapping's pages are let go (the page cache keeps them).
-MAPPED_BYTES = 16 << 20
-FAULT_AROUND = 64 << 10
-_windows_since_release: dict[int, int] = {}
+# A page fault on a file mapping maps a stretch of the file around the page (fault-around, large
+# folios), so random windows would map a large token file whole over a run: a copy of it counted
+# in the process's memory. A token file up to this size may be mapped whole (the fastest reads);
+# a larger one lets go of its pages after every read (each window then costs a page fault).
+MAPPED_BYTES = 256 << 20
 
 
-def release_pages(tokens: np.ndarray, windows: int) -> None:
-    """Count ``windows`` just read from ``tokens``; past ``MAPPED_BYTES`` unmap the pages of a
-    token file larger than that (``madvise(MADV_DONTNEED)``: a read-only mapping reads them back
-    from the page cache when touched again)."""
+def release_pages(tokens: np.ndarray) -> None:
+    """Unmap the pages that reading windows mapped, for a token file over ``MAPPED_BYTES``
+    (``madvise(MADV_DONTNEED)``: a read-only mapping reads them back from the page cache when
+    touched again; the windows were copied out already). As nanoGPT opening its memmap anew for
+    every batch, without the cost of a new mapping."""
     mapping = getattr(tokens, "_mmap", None)  # a numpy memmap or a view of one
-    if mapping is None or len(mapping) <= MAPPED_BYTES or not hasattr(mapping, "madvise"):
-        return
-    seen = _windows_since_release.get(id(mapping), 0) + windows
-    if seen * FAULT_AROUND >= MAPPED_BYTES:
+    if mapping is not None and len(mapping) > MAPPED_BYTES and hasattr(mapping, "madvise"):
         mapping.madvise(mmap.MADV_DONTNEED)
-        seen = 0
-    _windows_since_release[id(mapping)] = seen
 
 
 def read_windows(tokens: np.ndarray, starts: np.ndarray, length: int, end: int | None = None) -> torch.Tensor:
@@ -157,7 +152,7 @@ def read_windows(tokens: np.ndarray, starts: np.ndarray, length: int, end: int |
     else:
         window = torch.from_numpy(tokens[np.minimum(index, end - 1)].astype(np.int64))
         window[torch.from_numpy(index >= end)] = -1
-    release_pages(tokens, len(index))
+    release_pages(tokens)
     return window
 
 

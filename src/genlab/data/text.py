@@ -191,6 +191,8 @@ class TextDataModule(L.LightningDataModule):
             log.info("%s: %s", self.name, self.evaluation_scope(split)["description"])
 
     def _tokenise(self, source: Source, source_sha256: str, bin_path: Path, meta_path: Path) -> dict:
+        if source.size < 100:
+            raise DataError(f"{self.path or self.name} holds only {source.size} bytes of text; give a longer file.")
         check_writable_folder(bin_path.parent, DataError, "set paths.data_dir to a folder you can write")
         passes = 2 if self.tokenizer_name == "char" else 1  # characters: find the vocabulary, then encode
         progress = Progress(self.name, passes * source.size)
