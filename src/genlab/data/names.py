@@ -64,7 +64,8 @@ def is_gist_name(entry: str) -> bool:
     return any(c.isalpha() for c in entry) and all(c == "-" or (c.isalpha() and c.isascii()) for c in entry)
 
 
-def clean_names(text: str, gist: bool = False, lowercase: bool = True, max_length: int = 50) -> tuple[list[str], CleaningReport]:
+def clean_names(text: str, gist: bool = False, lowercase: bool = True,
+                max_length: int = 50) -> tuple[list[str], CleaningReport]:
     """Clean a word list, one entry per line: drop blank lines, join whitespace inside an entry
     with '-', lower-case (``lowercase``), keep entries of letters (any script), '-' and
     apostrophes; drop entries longer than ``max_length`` characters (every name is padded to the
