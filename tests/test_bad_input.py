@@ -322,3 +322,68 @@ def test_fewer_images_than_one_batch_is_refused(tmp_path):
         Image.new("RGB", (20, 20), (i, 0, 0)).save(tmp_path / f"{i}.png")
     with pytest.raises(DataError, match="has 3 readable images, fewer than one batch of data.batch_size=8"):
         ImageFolderDataModule(root=str(tmp_path), batch_size=8, num_workers=0)
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["model=gpt", "model.n_embed=64"], r"model.n_embed is not a setting; did you mean model.n_embd\b"),
+    (["sed=3"], r"sed is not a setting; did you mean seed\b"),
+    (["-m", "model.n_embd=5,10", "optimizer.lrr=1e-3,3e-4"], r"optimizer.lrr is not a setting; did you mean optimizer.lr\b"),
+    (["data=divina", "data.seq_length=64", "trainer.max_step=3"],
+     r"did you mean data.seq_len\b.*; trainer.max_step is not a setting; did you mean trainer.max_steps"),
+])
+def test_a_key_that_does_not_exist_gets_the_closest_keys_of_its_group(args, pattern):
+    from genlab.overrides import check_command_line
+
+    with pytest.raises(ConfigError, match=pattern):
+        check_command_line("train", args)
+    check_command_line("train", ["model=gpt", "model.n_embd=64", "+model.extra=1"])  # real keys pass
+
+
+def test_a_mistyped_key_stops_train_before_anything_loads_or_is_written(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "model=gpt", "model.n_embed=64",
+                           f"paths.data_dir={tmp_path / 'data'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "+model.n_embed" not in done.stderr
+    assert "did you mean model.n_embd" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no data, no run folder
+
+
+def test_a_seed_that_is_not_a_number(names_file, tmp_path):
+    expect_error(tmp_path, [f"data.path={names_file}", "seed=abc"], ConfigError, "seed must be a whole number.*'abc'")
+
+
+def test_a_sweep_storage_that_cannot_be_written_or_reached(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from genlab.overrides import check_command_line
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "hparams_search=names_mlp_optuna",
+                           f"hydra.sweeper.storage=sqlite:///{blocker}/x.db"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "sqlalchemy" not in done.stderr.lower()
+    assert f"the folder {blocker} does not exist" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    with pytest.raises(ConfigError, match="cannot reach it .*use a file: sqlite:///"):
+        check_command_line("train", ["hparams_search=names_mlp_optuna",
+                                     "hydra.sweeper.storage=postgresql://nobody@127.0.0.1:1/study"])
+    check_command_line("train", ["hparams_search=names_mlp_optuna", f"hydra.sweeper.storage=sqlite:///{tmp_path}/x.db"])
+
+
+def test_an_option_for_text_models_is_refused_for_an_image_checkpoint(tmp_path):
+    from test_dcgan import faces as make_faces, gan_overrides
+
+    run = tmp_path / "run"
+    run_training(run, gan_overrides(make_faces.__wrapped__(tmp_path), "trainer.max_steps=1", "logger=none"))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt_path={run}", "prompt=ciao"])
+    with pytest.raises(ConfigError, match="prompt: only for text models, and .* is an image model's checkpoint; drop prompt="):
+        sample(cfg)
+    assert not (run / "samples.png").exists()

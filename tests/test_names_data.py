@@ -9,10 +9,23 @@ def test_cleaning_rules_on_a_small_list():
         "-- DISCLAIMER --", "made automatically", "----------------", "",
         "maria", "gian  luca", "felicit‡", "niccolÚ", "niccolo", "fatima  ap.", "nicolo'", "", "maria", "  anna ",
     ])
-    names, report = clean_names(raw, has_header=True)  # the gist's disclaimer, ended by a line of dashes
+    names, report = clean_names(raw, gist=True)  # the gist's disclaimer, ended by a line of dashes
     assert names == ["maria", "gian-luca", "felicita", "niccolo", "anna"]
-    assert report == CleaningReport(raw=9, repaired=2, punctuation=2, too_long=0, duplicates=2, kept=5)
-    assert "9 entries -> 5 names" in str(report)
+    assert report == CleaningReport(raw=9, repaired=2, punctuation=2, digits=0, too_long=0, duplicates=2, kept=5)
+    assert str(report) == ("names: 9 entries -> 5 names (repaired mis-encoded accents in 2; dropped 2 with "
+                           "punctuation or symbols, 2 duplicates)")
+
+
+def test_a_word_list_of_your_own_keeps_its_letters():
+    raw = "\n".join(["José", "Zoë", "Jürgen", "Ñandú", "李", "Αλέξανδρος", "Дмитрий", "अनीता", "O'Brien",
+                     "Jose\u0301",  # José spelt with a combining accent: the same name
+                     "anna2", "r2d2", "j.r.", "ann@", "zoë", "", "Mary Ann"])
+    names, report = clean_names(raw)
+    assert names == ["josé", "zoë", "jürgen", "ñandú", "李", "αλέξανδρος", "дмитрий", "अनीता", "o'brien", "mary-ann"]
+    assert report == CleaningReport(raw=16, repaired=0, punctuation=2, digits=2, too_long=0, duplicates=2, kept=10)
+    assert "dropped 2 with punctuation or symbols, 2 with digits, 2 duplicates" in str(report)
+    cased, _ = clean_names(raw, lowercase=False)
+    assert cased[:2] == ["José", "Zoë"] and "zoë" in cased  # Zoë and zoë: two names
 
 
 def test_real_names_match_the_documented_clean_list(tmp_path, mirror):
@@ -78,3 +91,24 @@ def test_unknown_sampling_is_refused(names_file, tmp_path):
 
     with pytest.raises(ConfigError, match="data.sampling=chunks"):
         NamesDataModule(data_dir=str(tmp_path), path=str(names_file), sampling="chunks")
+
+
+def test_accented_and_non_latin_names_sample_back_with_their_letters(tmp_path):
+    from conftest import run_training
+    from genlab.sample import sample
+    from hydra import compose, initialize_config_dir
+    from genlab.train import CONF_DIR
+
+    stems = ["josé", "zoë", "jürgen", "ñandú", "李白", "王芳", "дмитрий", "αλέξανδρος", "अनीता", "anna"]
+    names = [a + "-" + b for a in stems for b in stems if a != b]  # 90 names over their letters
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join(names) + "\n", encoding="utf-8")
+    run_training(tmp_path / "run", ["model=bigram", f"data.path={path}", "data.batch_size=8", "trainer.max_steps=300",
+                                    "val_every=300", "logger=none", "num_samples=0", "optimizer.lr=0.3"])
+    letters = set("".join(names))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt_path={tmp_path / 'run'}", "num_samples=200"])
+    samples = sample(cfg)
+    sampled = set("".join(samples))
+    assert sampled <= letters  # nothing but the list's own characters
+    assert {"é", "ë", "ü", "ñ", "李", "д", "λ", "अ"} <= sampled  # accented and non-Latin letters come back

@@ -48,6 +48,8 @@ def compile_mode(value) -> str | None:
 
 
 def check_values(cfg: DictConfig) -> None:
+    if not is_whole_number(cfg.seed):
+        raise ConfigError(f"seed must be a whole number (e.g. seed=42), got {cfg.seed!r}")
     compile_mode(cfg.model.get("compile"))
     if cfg.val_every is not None:
         check_positive_whole("val_every", cfg.val_every)

@@ -14,6 +14,7 @@ from genlab.checkpoints import genlab_classes, load_model
 from genlab.console import route_library_logs
 from genlab.errors import CheckpointError, ConfigError, exit_on_user_error, instantiate
 from genlab.outputs import write_metrics
+from genlab.overrides import checked_command_line
 from genlab.runs import checkpoint_file, run_dir_of
 from genlab.runtime import CONF_DIR
 
@@ -80,6 +81,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
+@checked_command_line("eval")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

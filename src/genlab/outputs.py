@@ -9,10 +9,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
 
 def default_file_mode() -> int:
@@ -23,11 +22,17 @@ def default_file_mode() -> int:
 
 def atomic_write_stream(path: str | Path, source: BinaryIO) -> None:
     """Copy a readable binary stream (a file, an HTTP response) to ``path`` atomically."""
+    atomic_write_chunks(path, iter(lambda: source.read(1 << 20), b""))
+
+
+def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes]) -> None:
+    """Write the bytes ``chunks`` yields to ``path`` atomically, holding one chunk at a time."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
         try:
-            shutil.copyfileobj(source, tmp)
+            for chunk in chunks:
+                tmp.write(chunk)
             tmp.flush()
             os.fsync(tmp.fileno())
             os.fchmod(tmp.fileno(), default_file_mode())

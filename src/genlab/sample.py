@@ -21,7 +21,8 @@ from genlab.data.tokenizer import tokenizer_from_config
 from genlab.errors import ConfigError, exit_on_user_error
 from genlab.figures import image_grid, save_png
 from genlab.outputs import atomic_write_text
-from genlab.runtime import CONF_DIR
+from genlab.overrides import checked_command_line
+from genlab.runtime import CONF_DIR, task_overrides
 
 USAGE = """usage: python sample.py ckpt_path=<run folder | .ckpt file | last> [num_samples=20] [temperature=1.0]
                         [top_k=null] [seed=0] [prompt=TEXT] [max_new_tokens=500] [interpolate=false] [out=FILE]
@@ -52,6 +53,7 @@ def check_sampling_args(cfg: DictConfig) -> None:
 def sample(cfg: DictConfig) -> list[str] | Path:
     check_sampling_args(cfg)
     model, checkpoint = load_model(cfg.ckpt_path, trust=cfg.trust_checkpoint, named=cfg.model_class)
+    check_options_apply(model.kind, cfg)
     if model.kind == "image":
         return sample_images(model, checkpoint, cfg)
     tokenizer = tokenizer_from_config(model.hparams.tokenizer, cfg.paths.data_mirror)
@@ -71,6 +73,22 @@ def sample(cfg: DictConfig) -> list[str] | Path:
     if cfg.out:
         atomic_write_text(Path(cfg.out), text + "\n")
     return samples
+
+
+# options that only one kind of model takes
+ONLY_FOR = {"text": ("prompt", "temperature", "top_k", "max_new_tokens"), "image": ("interpolate",)}
+
+
+def check_options_apply(kind: str, cfg: DictConfig) -> None:
+    """Refuse an option given for another kind of model (``prompt=`` for the DCGAN)."""
+    given = {o.lstrip("+~").split("=")[0] for o in task_overrides()}
+    given |= {"prompt"} if cfg.prompt is not None else set()
+    given |= {"interpolate"} if cfg.interpolate else set()
+    for other, options in ONLY_FOR.items():
+        if other != kind and (wrong := [o for o in options if o in given]):
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ConfigError(f"{', '.join(wrong)}: only for {other} models, and {cfg.ckpt_path} is {article} {kind} "
+                              f"model's checkpoint; drop {' and '.join(w + '=' for w in wrong)}")
 
 
 def check_prompt(model, tokenizer, prompt: str) -> None:
@@ -145,6 +163,7 @@ def sample_images(model, checkpoint: dict, cfg: DictConfig) -> Path:
     return out
 
 
+@checked_command_line("sample")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

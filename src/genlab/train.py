@@ -35,6 +35,7 @@ from genlab.errors import TrainingDiverged, exit_on_user_error, instantiate
 from genlab.hparams import log_hparams, run_hparams
 from genlab.lr_finder import find_learning_rate
 from genlab.outputs import write_metrics
+from genlab.overrides import checked_command_line
 from genlab.precision import resolve_precision
 from genlab.runs import RunFolder, checkpoint_file, run_dir_of
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
@@ -182,14 +183,29 @@ def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds:
 
 
 def evaluate_language_model(trainer: L.Trainer, model, datamodule) -> dict:
-    """Final and best validation loss, and the test loss where the data has a test split."""
-    if "loss/val" not in trainer.callback_metrics:  # a resumed run whose training had ended: validate now
+    """Final and best validation loss, and the test loss where the data has a test split, with
+    what each covers (the whole split or a fixed sample, and how many tokens)."""
+    whole_at_end = getattr(datamodule, "final_whole_split", False) and not datamodule.evaluation_scope("val")["whole_split"]
+    if whole_at_end:
+        datamodule.whole_split = True  # data.final_whole_split: the final figures cover whole splits
+    if whole_at_end or "loss/val" not in trainer.callback_metrics:  # or a resumed run whose training had ended
         trainer.validate(model, datamodule=datamodule, verbose=False)
     val = float(trainer.callback_metrics["loss/val"])  # ValidateAtEnd: measured after the last update
-    test = None  # text data has a test split only when data.test_fraction > 0
-    if getattr(datamodule, "has_test", True):
-        test = float(trainer.test(model, datamodule=datamodule, verbose=False)[0]["loss/test"])
-    return {"val_loss": val, "best_val_loss": min(model.best_val_loss, val), "test_loss": test}
+    metrics = {"val_loss": val, "best_val_loss": min(model.best_val_loss, val), "test_loss": None}
+    metrics.update(evaluation_scope(datamodule, "val"))
+    if getattr(datamodule, "has_test", True):  # text data has a test split only when data.test_fraction > 0
+        metrics["test_loss"] = float(trainer.test(model, datamodule=datamodule, verbose=False)[0]["loss/test"])
+        metrics.update(evaluation_scope(datamodule, getattr(datamodule, "test_split", "test"), "test"))
+    return metrics
+
+
+def evaluation_scope(datamodule, split: str, name: str | None = None) -> dict:
+    """``{name}_tokens`` and ``{name}_whole_split`` for metrics.json, and the same said in the log."""
+    if not hasattr(datamodule, "evaluation_scope"):
+        return {}
+    scope = datamodule.evaluation_scope(split)
+    log.info("final %s loss over %s", name or split, scope["description"].split(": ", 1)[1])
+    return {f"{name or split}_tokens": scope["tokens"], f"{name or split}_whole_split": scope["whole_split"]}
 
 
 def print_samples(trainer: L.Trainer) -> None:
@@ -270,6 +286,7 @@ def skip_failing_nvml_check() -> None:
         del os.environ[NVML_CHECK]
 
 
+@checked_command_line("train")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     if in_sweep():  # a job's failure is recorded in its folder and the sweep goes on

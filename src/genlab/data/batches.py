@@ -1,4 +1,5 @@
-"""In-memory batching: whole splits live as tensors and batches are cut by indexing.
+"""Batching by indexing: names live as tensors, text as a memory-mapped token file, and batches
+are cut from them by indexing.
 
 A per-sample ``Dataset`` with the default collate costs more than a tiny model's step, so these
 iterables hand Lightning ready-made batches. Training items are groups of K = ``batches_per_step``
@@ -10,6 +11,9 @@ tensors cost Lightning far less to hand over than a list of K pairs.
 
 from __future__ import annotations
 
+import mmap
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -121,13 +125,44 @@ class SequenceBatches(BatchStream):
         return self.x[idx], self.y[idx]
 
 
+# A page fault on a file mapping maps a stretch of the file around the page (fault-around, large
+# folios), so random windows would map a large token file whole over a run: a copy of it counted
+# in the process's memory. A token file up to this size may be mapped whole (the fastest reads);
+# a larger one lets go of its pages after every read (each window then costs a page fault).
+MAPPED_BYTES = 256 << 20
+
+
+def release_pages(tokens: np.ndarray) -> None:
+    """Unmap the pages that reading windows mapped, for a token file over ``MAPPED_BYTES``
+    (``madvise(MADV_DONTNEED)``: a read-only mapping reads them back from the page cache when
+    touched again; the windows were copied out already). As nanoGPT opening its memmap anew for
+    every batch, without the cost of a new mapping."""
+    mapping = getattr(tokens, "_mmap", None)  # a numpy memmap or a view of one
+    if mapping is not None and len(mapping) > MAPPED_BYTES and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def read_windows(tokens: np.ndarray, starts: np.ndarray, length: int, end: int | None = None) -> torch.Tensor:
+    """Windows ``tokens[s : s + length]`` for each start, as int64 (B, length), read by indexing:
+    from a memory map only these pages are touched, never a copy of the split. Positions from
+    ``end`` on read as -1."""
+    index = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length)
+    if end is None:
+        window = torch.from_numpy(tokens[index].astype(np.int64))
+    else:
+        window = torch.from_numpy(tokens[np.minimum(index, end - 1)].astype(np.int64))
+        window[torch.from_numpy(index >= end)] = -1
+    release_pages(tokens)
+    return window
+
+
 class WindowBatches(BatchStream):
     """Random windows of ``seq_len + 1`` tokens from one long token stream (training on text); a
-    Lightning epoch is ``steps_per_epoch`` items."""
+    Lightning epoch is ``steps_per_epoch`` items. ``tokens`` may be a memory map."""
 
     def __init__(self, tokens, seq_len, batch_size, steps_per_epoch, batches_per_step=1, seed=0, start=None,
                  replica=(0, 1)):
-        self.tokens = torch.as_tensor(tokens)
+        self.tokens = np.asanyarray(tokens)  # a memory map stays one
         self.rank, self.world = replica
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -135,7 +170,6 @@ class WindowBatches(BatchStream):
         self.batches_per_step = batches_per_step
         self.seed = seed
         self.start = start or self.start
-        self.offsets = torch.arange(seq_len + 1)
         if len(self.tokens) <= seq_len + 1:
             raise DataError(f"the training text has {len(self.tokens)} tokens, too few for windows of {seq_len + 1}")
 
@@ -144,8 +178,8 @@ class WindowBatches(BatchStream):
 
     def batch(self, position: int):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + position)
-        starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size, 1), generator=g)
-        window = self.tokens[starts + self.offsets].long()
+        starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=g)
+        window = read_windows(self.tokens, starts.numpy(), self.seq_len + 1)
         return window[:, :-1], window[:, 1:]
 
 
@@ -153,9 +187,11 @@ class StreamBatches(BatchStream):
     """The training text read in order by ``batch_size`` parallel streams (for recurrent models
     that carry their state): row b of consecutive batches continues the same stretch of text, so
     the state after one chunk is the right start for the next. Wraps around at the end. Under
-    distributed training each rank reads its own ``batch_size`` of the ``world * batch_size`` streams."""
+    distributed training each rank reads its own ``batch_size`` of the ``world * batch_size`` streams.
+    ``tokens`` may be a memory map: each batch reads its windows from it."""
 
     def __init__(self, tokens, seq_len, batch_size, batches_per_step=1, start=None, replica=(0, 1)):
+        self.tokens = np.asanyarray(tokens)  # a memory map stays one
         self.seq_len, self.batches_per_step = seq_len, batches_per_step
         self.start = start or self.start
         rank, world = replica
@@ -163,9 +199,7 @@ class StreamBatches(BatchStream):
         if self.chunks == 0:
             raise DataError(f"the training text has {len(tokens)} tokens, too few for {batch_size} streams "
                             f"of {seq_len}; lower data.batch_size or data.seq_len")
-        length = self.chunks * seq_len
-        starts = (torch.arange(batch_size) + rank * batch_size) * length
-        self.streams = torch.stack([torch.as_tensor(tokens[s : s + length + 1]) for s in starts.tolist()]).long()
+        self.starts = (np.arange(batch_size) + rank * batch_size) * self.chunks * seq_len
 
     def __len__(self) -> int:
         return -(-self.chunks // self.batches_per_step)
@@ -174,8 +208,7 @@ class StreamBatches(BatchStream):
         return position  # the streams are this rank's own already
 
     def batch(self, position: int):
-        start = (position % self.chunks) * self.seq_len
-        window = self.streams[:, start : start + self.seq_len + 1]
+        window = read_windows(self.tokens, self.starts + (position % self.chunks) * self.seq_len, self.seq_len + 1)
         return window[:, :-1], window[:, 1:]
 
 
@@ -190,13 +223,39 @@ class FixedBatches:
         self.x, self.y, self.batch_size = x, y, batch_size
         self.rank, self.world = replica
 
+    def count(self) -> int:
+        return len(self.x)
+
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[start:stop], self.y[start:stop]
+
     def __len__(self) -> int:
-        return -(-len(self.x) // (self.world * self.batch_size))
+        return -(-self.count() // (self.world * self.batch_size))
 
     def __iter__(self):
         for i in range(len(self)):
             start = (i * self.world + self.rank) * self.batch_size
-            if start >= len(self.x):  # nothing left for this rank: targets -1 count for nothing
-                yield self.x[:1], torch.full_like(self.y[:1], -1)
+            if start >= self.count():  # nothing left for this rank: targets -1 count for nothing
+                x, y = self.rows(0, 1)
+                yield x, torch.full_like(y, -1)
                 continue
-            yield trim(self.x[start : start + self.batch_size], self.y[start : start + self.batch_size])
+            yield trim(*self.rows(start, start + self.batch_size))
+
+
+class FixedWindows(FixedBatches):
+    """Evaluation windows read from a (memory-mapped) token stream: window i takes inputs
+    ``tokens[s : s + seq_len]`` and targets one further, for s = ``starts[i]``; targets at or
+    past ``end`` (the split's end) are padding."""
+
+    def __init__(self, tokens, starts, seq_len, end, batch_size, replica=(0, 1)):
+        self.tokens, self.starts, self.seq_len, self.end = tokens, np.asarray(starts), seq_len, end
+        self.batch_size = batch_size
+        self.rank, self.world = replica
+
+    def count(self) -> int:
+        return len(self.starts)
+
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        window = read_windows(self.tokens, self.starts[start:stop], self.seq_len + 1, self.end)
+        x = window[:, :-1].clamp(min=0)  # an input past the end is padding too (its target is -1)
+        return x, window[:, 1:]

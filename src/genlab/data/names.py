@@ -33,49 +33,65 @@ MOJIBAKE = str.maketrans({"‡": "à", "˘": "ù", "Ú": "ò", "Ï": "ì", "Ë":
 @dataclass
 class CleaningReport:
     raw: int
-    repaired: int
-    punctuation: int
+    repaired: int  # the gist only: mis-encoded accents repaired
+    punctuation: int  # entries holding punctuation or symbols (or '.', the start/end token)
+    digits: int
     too_long: int
     duplicates: int
     kept: int
 
     def __str__(self) -> str:
-        return (
-            f"names: {self.raw:,} entries -> {self.kept:,} names "
-            f"(repaired mis-encoded accents in {self.repaired}, dropped {self.punctuation} with "
-            f"punctuation or digits, {self.too_long} too long and {self.duplicates} duplicates)"
-        )
+        dropped = [f"{n} {why}" for n, why in ((self.punctuation, "with punctuation or symbols"),
+                                               (self.digits, "with digits"), (self.too_long, "too long"),
+                                               (self.duplicates, "duplicates")) if n]
+        repaired = f"repaired mis-encoded accents in {self.repaired}; " if self.repaired else ""
+        return (f"names: {self.raw:,} entries -> {self.kept:,} names "
+                f"({repaired}dropped {', '.join(dropped) if dropped else 'none'})")
 
 
 def strip_accents(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
 
 
-def is_name(entry: str) -> bool:
-    """Letters a-z and '-' only, with at least one letter (a line of dashes is no name)."""
+def is_word(entry: str) -> bool:
+    """Letters (any script, with their combining marks), '-' and apostrophes, with at least one letter."""
+    return any(c.isalpha() for c in entry) and all(
+        c.isalpha() or c in "-'’" or unicodedata.category(c).startswith("M") for c in entry)
+
+
+def is_gist_name(entry: str) -> bool:
+    """The course's alphabet: letters a-z and '-' only, with at least one letter."""
     return any(c.isalpha() for c in entry) and all(c == "-" or (c.isalpha() and c.isascii()) for c in entry)
 
 
-def clean_names(text: str, has_header: bool = False, max_length: int = 50) -> tuple[list[str], CleaningReport]:
-    """Clean a word list, one entry per line, into names over '-' and lower-case letters.
+def clean_names(text: str, gist: bool = False, lowercase: bool = True,
+                max_length: int = 50) -> tuple[list[str], CleaningReport]:
+    """Clean a word list, one entry per line: drop blank lines, join whitespace inside an entry
+    with '-', lower-case (``lowercase``), keep entries of letters (any script), '-' and
+    apostrophes; drop entries longer than ``max_length`` characters (every name is padded to the
+    longest: one 20,000-letter line would make every batch that wide) and duplicates, keeping
+    the first. The vocabulary is then the characters the list uses.
 
-    Rules (those of ``nomi_italiani.clean.txt`` in the data README): with ``has_header`` (the gist),
-    drop its disclaimer, which ends with a line of dashes; drop blank lines; join whitespace inside
-    an entry with '-'; repair the gist's mis-encoded accents, then strip accents; drop entries
-    holding anything but letters and '-'; drop entries longer than ``max_length`` characters
-    (every name is padded to the longest: one 20,000-letter line would make every batch that
-    wide); drop duplicates, keeping the first."""
+    ``gist``: the Italian gist's own rules (those of ``nomi_italiani.clean.txt`` in the data
+    README): drop its disclaimer, which ends with a line of dashes; repair its mis-encoded
+    accents, then strip accents; keep a-z and '-' only (the course's 27 symbols)."""
     lines = text.splitlines()
-    header_end = next((i for i, line in enumerate(lines[:20]) if line.strip().startswith("----")), -1) if has_header else -1
+    header_end = next((i for i, line in enumerate(lines[:20]) if line.strip().startswith("----")), -1) if gist else -1
     entries = ["-".join(line.split()) for line in lines[header_end + 1 :] if line.strip()]
-    repaired = sum(1 for e in entries if e != e.translate(MOJIBAKE))
-    # repair before lower-casing: the mojibake characters are upper-case letters
-    entries = [strip_accents(e.translate(MOJIBAKE).lower()) for e in entries]
-    letters = [e for e in entries if is_name(e)]
-    short = [e for e in letters if len(e) <= max_length]
+    repaired = sum(1 for e in entries if e != e.translate(MOJIBAKE)) if gist else 0
+    if gist:  # repair before lower-casing: the mojibake characters are upper-case letters
+        entries = [strip_accents(e.translate(MOJIBAKE)) for e in entries]
+    else:  # one code for é, whether the file spells it as one character or e + accent
+        entries = [unicodedata.normalize("NFC", e) for e in entries]
+    if lowercase or gist:
+        entries = [e.lower() for e in entries]
+    keep = is_gist_name if gist else is_word
+    words = [e for e in entries if keep(e)]
+    digits = sum(1 for e in entries if not keep(e) and any(c.isdigit() for c in e))
+    short = [e for e in words if len(e) <= max_length]
     unique = list(dict.fromkeys(short))
-    report = CleaningReport(len(entries), repaired, len(entries) - len(letters), len(letters) - len(short),
-                            len(short) - len(unique), len(unique))
+    report = CleaningReport(len(entries), repaired, len(entries) - len(words) - digits, digits,
+                            len(words) - len(short), len(short) - len(unique), len(unique))
     return unique, report
 
 
@@ -93,7 +109,7 @@ def encode_names(names: list[str], tokenizer: CharTokenizer, width: int):
 class NamesDataModule(L.LightningDataModule):
     """Names as sequences: batch ``(x, y)`` of shape (B, T) with T the longest name + 1, trimmed per
     batch to its own longest name. Splits 80/10/10 from ``seed``; the vocabulary is '.' + the
-    characters of all names."""
+    characters of all names (a list of your own keeps its letters, accents and scripts)."""
 
     kind = "text"
 
@@ -109,6 +125,7 @@ class NamesDataModule(L.LightningDataModule):
         sampling: str = "names",
         block_size: int = 8,
         max_name_length: int = 50,
+        lowercase: bool = True,
     ):
         super().__init__()
         self.data_dir = data_dir
@@ -123,6 +140,7 @@ class NamesDataModule(L.LightningDataModule):
                               "(batches of random context windows, as the notebook samples)")
         self.sampling, self.block_size = sampling, block_size
         self.max_name_length = max_name_length
+        self.lowercase = lowercase
         self.batches_per_step = 1  # set by the trainer set-up from the model (see models.base)
         self._load()
 
@@ -137,7 +155,7 @@ class NamesDataModule(L.LightningDataModule):
             text = source.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first name
         except UnicodeDecodeError as err:
             raise DataError(f"{source} is not UTF-8 text ({err}); convert it with iconv -t utf-8.") from None
-        names, report = clean_names(text, has_header=not self.path, max_length=self.max_name_length)
+        names, report = clean_names(text, gist=not self.path, lowercase=self.lowercase, max_length=self.max_name_length)
         if not names:
             raise DataError(f"{source} holds no usable names ({report}); give a list with one name per line.")
         log.info("%s", report)
@@ -197,6 +215,11 @@ class NamesDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return FixedBatches(*self.tensors["test"], self.eval_batch_size, replica(self))
+
+    def evaluated_characters(self, split: str) -> int:
+        """Characters the evaluated targets of ``split`` cover: each name's letters and its end
+        token (a name's line ending in the file)."""
+        return int((self.tensors[split][1] >= 0).sum())
 
     def training_words(self) -> set[str]:
         """What sampling compares against to measure novelty."""

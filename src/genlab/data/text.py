@@ -1,19 +1,21 @@
-"""Running text (``data=divina``, ``data=shakespeare``, or any UTF-8 file through ``data.path``),
-as characters or GPT-2 BPE tokens.
+"""Running text (``data=divina``, ``data=shakespeare``, or your own: ``data.path`` names a UTF-8
+file or a folder of ``.txt`` files), as characters or GPT-2 BPE tokens.
 
-The tokenised corpus is cached in ``<data_dir>/tokens/`` as a ``uint16`` file plus a JSON with the
-vocabulary, so a second run starts at once. An entry is named by a hash of what it was made from
-(the source file's bytes, its normalisation and the tokenizer), so no two sources share one. The split is by position: the
-first 90% trains, the rest validates (``test_fraction`` > 0 carves a test split off the end).
-Training batches are random windows of ``seq_len + 1`` tokens (``sampling=sequential``: the
-text in order, for recurrent models that carry their state); validation reads the whole
-validation split in consecutive windows, so its loss is exact and the same every time.
+The tokenised corpus is cached in ``<data_dir>/tokens/`` as a flat file of ``uint16`` (``uint32``
+for a vocabulary above 65,536 symbols) plus a JSON with the vocabulary; it is made by streaming the
+source in chunks over the cores (``genlab.data.tokens``) and read back as a memory map, so memory
+does not grow with the corpus. An entry is named by a hash of what it was made from (the source's
+bytes, its normalisation and the tokenizer), so no two sources share one. The split is by
+position: the first 90% trains, the rest validates (``test_fraction`` > 0 carves a test split off
+the end). Training batches are random windows of ``seq_len + 1`` tokens (``sampling=sequential``:
+the text in order, for recurrent models that carry their state); an evaluation reads the split in
+consecutive windows, or where it holds more than ``val_tokens`` tokens a fixed, evenly spread
+sample of them, the same every time.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
@@ -25,11 +27,13 @@ import lightning as L
 import numpy as np
 import torch
 
-from genlab.data.batches import FixedBatches, StreamBatches, WindowBatches, overfitting, replica, resume_position
+from genlab.data.batches import FixedWindows, StreamBatches, WindowBatches, overfitting, replica, resume_position
 from genlab.data.fetch import RemoteFile, fetch, sha256_of
 from genlab.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from genlab.errors import ConfigError, DataError
-from genlab.outputs import atomic_write_stream, atomic_write_text, check_writable_folder
+from genlab.data.tokens import (Progress, Source, char_lengths, characters_of, dtype_for, text_files,
+                                write_bpe_tokens, write_char_tokens)
+from genlab.outputs import atomic_write_text, check_writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +84,22 @@ def normalise_divina(text: str) -> str:
 
 
 # part of every cache entry's name: raise it when a normalisation or the cache layout changes
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 SOURCES = {
     "divina": (DIVINA, normalise_divina),
     "shakespeare": (SHAKESPEARE, lambda text: text),  # unchanged, to compare with nanoGPT
 }
 
+# a validation evaluates at most this many tokens unless data.val_tokens says otherwise
+VAL_TOKENS = 2_000_000
+
 
 def cached_meta(bin_path: Path, meta_path: Path) -> dict | None:
     """The description of a complete cache entry, or None (missing, unreadable or cut short)."""
     try:
         meta = json.loads(meta_path.read_text())
-        complete = bin_path.stat().st_size == 2 * meta["tokens"]
+        complete = bin_path.stat().st_size == np.dtype(meta["dtype"]).itemsize * meta["tokens"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return meta if complete else None
@@ -115,12 +122,17 @@ class TextDataModule(L.LightningDataModule):
         test_fraction: float = 0.0,
         sampling: str = "random",
         seed: int = 42,
+        val_tokens: int | None = VAL_TOKENS,
+        final_whole_split: bool = False,
     ):
         super().__init__()
         if tokenizer not in ("char", "gpt2"):
             raise ConfigError(f"data.tokenizer={tokenizer} is not known; use char or gpt2")
         if not path and name not in SOURCES:
             raise ConfigError(f"data.name={name} is not a known text ({', '.join(SOURCES)}); or give data.path=FILE")
+        if val_tokens is not None and (not isinstance(val_tokens, int) or isinstance(val_tokens, bool) or val_tokens < 1):
+            raise ConfigError(f"data.val_tokens must be a whole number of at least 1 (or null: the whole split), "
+                              f"got {val_tokens!r}")
         self.name = Path(path).stem if path else name
         self.data_dir, self.mirror, self.path = Path(data_dir), mirror, path
         self.tokenizer_name = tokenizer
@@ -132,36 +144,42 @@ class TextDataModule(L.LightningDataModule):
                               "sequential (the text in order, for recurrent models that carry their state)")
         self.sequential = sampling == "sequential"
         self.seed = seed
+        self.val_tokens = val_tokens
+        # True: the final figures (metrics.json) cover the whole split even where validations sample it
+        self.final_whole_split = final_whole_split
+        self.whole_split = False  # evaluate whole splits now (set for the final figures)
         self.batches_per_step = 1
+        self._char_lengths = None
         self._load()
 
-    def _source(self) -> tuple[Path, Callable[[str], str], str]:
-        """(the source file, how its text is normalised, that normalisation's name)."""
+    def _source(self) -> tuple[Source, str, str]:
+        """(the source, its normalisation's name, what its content hash is of)."""
         if self.path:
-            source = Path(self.path).expanduser()
-            if not source.is_file():
-                raise DataError(f"data.path={self.path}: no such file; give a UTF-8 text file.")
-            return source, (lambda text: text), "as-is"  # your own text is used as it is
+            files = text_files(Path(self.path).expanduser())  # your own text is used as it is
+            digest = hashlib.sha256()
+            for file in files:  # a folder: every file's name and content, in order
+                digest.update(f"{file.name if len(files) > 1 else ''}|{sha256_of(file)}|".encode())
+            return Source(files), "as-is", digest.hexdigest()
         remote, normalise = SOURCES[self.name]
-        return fetch(remote, self.data_dir, self.mirror), normalise, self.name
+        file = fetch(remote, self.data_dir, self.mirror)
+        return _NormalisedSource(file, normalise), self.name, sha256_of(file)
 
     def _load(self) -> None:
-        source, normalise, normalisation = self._source()
+        source, normalisation, source_sha256 = self._source()
         # the cache entry is named by what it is made from, never by a file name: the source's bytes,
         # their normalisation and the tokenizer (two texts called divina.txt never share an entry)
-        source_sha256 = sha256_of(source)
         made_from = f"{source_sha256}|{normalisation}|{self.tokenizer_name}|{CACHE_FORMAT}"
         stem = f"{self.name}.{self.tokenizer_name}.{hashlib.sha256(made_from.encode()).hexdigest()[:16]}"
         bin_path, meta_path = self.data_dir / "tokens" / f"{stem}.bin", self.data_dir / "tokens" / f"{stem}.json"
         meta = cached_meta(bin_path, meta_path)
         if meta is None:
-            meta = self._tokenise(source, normalise, source_sha256, bin_path, meta_path)
+            meta = self._tokenise(source, source_sha256, bin_path, meta_path)
         else:
             log.info("%s: using the cached tokens %s", self.name, bin_path)
         self.tokenizer = (
             CharTokenizer(meta["chars"]) if self.tokenizer_name == "char" else GPT2Tokenizer(self.mirror)
         )
-        self.tokens = np.memmap(bin_path, dtype=np.uint16, mode="r")
+        self.tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
         n = len(self.tokens)
         n_train = int(n * (1 - self.val_fraction - self.test_fraction))
         n_val = int(n * self.val_fraction)
@@ -169,28 +187,30 @@ class TextDataModule(L.LightningDataModule):
         if n_val <= self.seq_len:
             raise DataError(f"the validation split has {n_val} tokens, not more than data.seq_len={self.seq_len}; "
                             "use a longer text or a smaller data.seq_len")
+        for split in ("val", "test") if self.has_test else ("val",):
+            log.info("%s: %s", self.name, self.evaluation_scope(split)["description"])
 
-    def _tokenise(self, source: Path, normalise, source_sha256: str, bin_path: Path, meta_path: Path) -> dict:
-        try:
-            text = source.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
-        except UnicodeDecodeError as err:
-            raise DataError(f"{source} is not UTF-8 text ({err}); convert it, e.g. iconv -f latin1 -t utf-8.") from None
-        text = normalise(text)
-        if len(text) < 100:
-            raise DataError(f"{source} holds only {len(text)} characters of text; give a longer file.")
-        if self.tokenizer_name == "char":
-            tokenizer = CharTokenizer.from_text(text)
-            meta = {"chars": tokenizer.chars}
-        else:
-            tokenizer = GPT2Tokenizer(self.mirror)
-            meta = {}
-        ids = np.array(tokenizer.encode(text), dtype=np.uint16)  # GPT-2's 50,257 ids fit in 16 bits
+    def _tokenise(self, source: Source, source_sha256: str, bin_path: Path, meta_path: Path) -> dict:
+        if source.size < 100:
+            raise DataError(f"{self.path or self.name} holds only {source.size} bytes of text; give a longer file.")
         check_writable_folder(bin_path.parent, DataError, "set paths.data_dir to a folder you can write")
-        atomic_write_stream(bin_path, io.BytesIO(ids.tobytes()))
-        meta.update(characters=len(text), tokens=len(ids), source=str(source), source_sha256=source_sha256)
+        passes = 2 if self.tokenizer_name == "char" else 1  # characters: find the vocabulary, then encode
+        progress = Progress(self.name, passes * source.size)
+        if self.tokenizer_name == "char":
+            chars = characters_of(source, progress)
+            count = write_char_tokens(source, chars, bin_path, progress)
+            meta = {"chars": chars, "dtype": dtype_for(len(chars)).name}
+        else:
+            encoding = GPT2Tokenizer(self.mirror).encoding
+            count = write_bpe_tokens(source, encoding, encoding.eot_token, bin_path, progress)
+            meta = {"dtype": dtype_for(encoding.n_vocab).name}
+        if count < 100:
+            bin_path.unlink()
+            raise DataError(f"{self.path or self.name} holds only {count} tokens of text; give a longer file.")
+        meta.update(tokens=count, source=str(self.path or self.name), source_sha256=source_sha256)
         atomic_write_text(meta_path, json.dumps(meta))
-        log.info("%s: %s characters -> %s %s tokens, cached in %s", self.name, f"{len(text):,}",
-                 f"{len(ids):,}", self.tokenizer_name, bin_path)
+        log.info("%s: %s MB -> %s %s tokens (%s) in %.1f s, cached in %s", self.name, f"{source.size / 1e6:,.1f}",
+                 f"{count:,}", self.tokenizer_name, meta["dtype"], progress.seconds, bin_path)
         return meta
 
     @property
@@ -202,9 +222,10 @@ class TextDataModule(L.LightningDataModule):
         start, end = self.ranges["test"]
         return end - start > self.seq_len
 
-    def split_tokens(self, split: str) -> torch.Tensor:
+    def split_tokens(self, split: str) -> np.ndarray:
+        """The split's tokens: a view of the memory map (nothing is read until indexed)."""
         start, end = self.ranges[split]
-        return torch.from_numpy(self.tokens[start:end].astype(np.int64))
+        return self.tokens[start:end]
 
     def train_dataloader(self):
         tokens = self.split_tokens("train")
@@ -223,18 +244,65 @@ class TextDataModule(L.LightningDataModule):
         """The widths a training batch can have: always ``seq_len``."""
         return [self.seq_len]
 
-    def _fixed_windows(self, split: str) -> FixedBatches:
-        tokens = self.split_tokens(split)
-        n = -(-(len(tokens) - 1) // self.seq_len)  # windows that cover every target once
-        x = torch.zeros(n, self.seq_len, dtype=torch.long)
-        y = torch.full((n, self.seq_len), -1, dtype=torch.long)
-        inputs, targets = tokens[:-1], tokens[1:]
-        x.view(-1)[: len(inputs)] = inputs
-        y.view(-1)[: len(targets)] = targets
-        return FixedBatches(x, y, self.eval_batch_size, replica(self))
+    def _samples(self, split: str) -> bool:
+        """Whether an evaluation of ``split`` takes a sample: it has more than ``val_tokens`` targets."""
+        start, end = self.ranges[split]
+        return not self.whole_split and self.val_tokens is not None and end - start - 1 > self.val_tokens
+
+    def _window_starts(self, split: str) -> np.ndarray:
+        """Where the evaluation windows of ``split`` start: consecutive windows covering every target
+        once, or in a sample ``val_tokens`` tokens' worth of whole windows spread evenly over the
+        split (the same at every validation)."""
+        start, end = self.ranges[split]
+        if not self._samples(split):
+            return np.arange(start, end - 1, self.seq_len)
+        windows = max(1, self.val_tokens // self.seq_len)
+        return np.linspace(start, end - 1 - self.seq_len, windows).round().astype(np.int64)
+
+    def _fixed_windows(self, split: str) -> FixedWindows:
+        return FixedWindows(self.tokens, self._window_starts(split), self.seq_len, self.ranges[split][1],
+                            self.eval_batch_size, replica(self))
+
+    def evaluation_scope(self, split: str) -> dict:
+        """What an evaluation of ``split`` covers now: ``{"tokens", "whole_split", "description"}``."""
+        start, end = self.ranges[split]
+        targets = end - start - 1
+        if not self._samples(split):
+            return {"tokens": targets, "whole_split": True, "description": f"{split}: the whole split, {targets:,} tokens"}
+        tokens = len(self._window_starts(split)) * self.seq_len
+        return {"tokens": tokens, "whole_split": False,
+                "description": f"{split}: a fixed sample of {tokens:,} of its {targets:,} tokens (data.val_tokens)"}
+
+    def evaluated_characters(self, split: str) -> int:
+        """Characters of the text that the evaluated targets of ``split`` cover (the windows
+        ``val_dataloader`` / ``test_dataloader`` give now): exact, since each character counts
+        for the token that holds its first byte (for characters: one per target)."""
+        if self._char_lengths is None:
+            self._char_lengths = char_lengths(self.tokenizer)
+        end = self.ranges[split][1]
+        starts, total = self._window_starts(split), 0
+        for i in range(0, len(starts), 1 << 12):  # a few thousand windows at a time: bounded memory
+            index = (starts[i : i + (1 << 12), None] + 1 + np.arange(self.seq_len)).ravel()
+            total += int(self._char_lengths[self.tokens[index[index < end]]].sum())
+        return total
 
     def val_dataloader(self):
         return self._fixed_windows("val")
 
     def test_dataloader(self):
-        return self._fixed_windows("test" if self.has_test else "val")
+        return self._fixed_windows(self.test_split)
+
+    @property
+    def test_split(self) -> str:
+        return "test" if self.has_test else "val"
+
+
+class _NormalisedSource(Source):
+    """A named source (the Divina, tinyshakespeare): small, read whole to be normalised."""
+
+    def __init__(self, file: Path, normalise: Callable[[str], str]):
+        try:
+            text = file.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
+        except UnicodeDecodeError as err:
+            raise DataError(f"{file} is not UTF-8 text ({err}); convert it, e.g. iconv -f latin1 -t utf-8.") from None
+        super().__init__(text=normalise(text))
