@@ -40,6 +40,10 @@ def faces(tmp_path):
 
 
 def gan_overrides(faces, *extra):
+    """A tiny DCGAN run; without FID unless ``metrics.images`` is given (the tests that measure it
+    stand in a small extractor for InceptionV3)."""
+    if not any(e.startswith("metrics.images=") for e in extra):
+        extra = ("metrics.images=0", *extra)
     return ["model=dcgan", "data=celeba", f"data.root={faces}", "data.image_size=16", "data.batch_size=8",
             "data.num_workers=0", "model.ngf=8", "model.ndf=8", "model.nz=12", "model.grid_every=2",
             "model.grid_size=4", "val_every=2", "trainer.max_steps=4", "data.val_fraction=0.25", *extra]
@@ -174,7 +178,7 @@ def test_configs_that_cannot_work_name_their_options(overrides, message, faces, 
 
 
 def test_a_gan_config_without_hydra_runs_through_train(faces, tmp_path):
-    """``train`` returns no validation loss for a model that has none (sweeps skip it)."""
+    """``train`` returns no figure for a run without one (no FID here; sweeps skip it)."""
     cfg = compose_config(gan_overrides(faces, "trainer.max_steps=1"), tmp_path / "run")
     assert train(cfg) is None
 
@@ -291,17 +295,17 @@ def test_a_run_writes_fid_and_kid_curves_and_keeps_the_best_fid(faces, tmp_path,
 
 def test_the_real_features_are_cached_by_content_size_and_extractor(faces, tmp_path, extractor, caplog):
     cache = tmp_path / "data" / "quality"
-    run_training(tmp_path / "a", gan_overrides(faces, "trainer.max_steps=2", "logger=none"))
+    run_training(tmp_path / "a", gan_overrides(faces, "trainer.max_steps=2", "logger=none", "metrics.images=6"))
     assert len(list(cache.iterdir())) == 1
     with caplog.at_level(logging.INFO, logger="genlab"):
-        run_training(tmp_path / "b", gan_overrides(faces, "trainer.max_steps=2", "logger=none"))
+        run_training(tmp_path / "b", gan_overrides(faces, "trainer.max_steps=2", "logger=none", "metrics.images=6"))
     assert "the real images' features from" in caplog.text and len(list(cache.iterdir())) == 1
-    run_training(tmp_path / "c", gan_overrides(faces, "trainer.max_steps=2", "logger=none", "data.image_size=8"))
+    run_training(tmp_path / "c", gan_overrides(faces, "trainer.max_steps=2", "logger=none", "metrics.images=6", "data.image_size=8"))
     assert len(list(cache.iterdir())) == 2  # another size: other features
     held_out = ImageFolderDataModule(root=str(faces), image_size=16, batch_size=8, num_workers=0,
                                      val_fraction=0.25).val_paths[0]
     Image.new("RGB", (20, 20), "white").save(held_out)  # the same name, other pixels
-    run_training(tmp_path / "d", gan_overrides(faces, "trainer.max_steps=2", "logger=none"))
+    run_training(tmp_path / "d", gan_overrides(faces, "trainer.max_steps=2", "logger=none", "metrics.images=6"))
     assert len(list(cache.iterdir())) == 3
 
 
@@ -327,7 +331,7 @@ def test_a_resumed_run_continues_the_same_fid_curve(faces, tmp_path, extractor):
 def test_without_the_weights_a_run_says_so_once_and_trains_on(faces, tmp_path, no_weights, caplog):
     run = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="genlab"):
-        returned = train(compose_config(gan_overrides(faces), run))
+        returned = train(compose_config(gan_overrides(faces, "metrics.images=6"), run))
     said = [r.getMessage() for r in caplog.records if "no FID or KID" in r.getMessage()]
     assert len(said) == 1
     assert str(tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth") in said[0]
@@ -339,7 +343,7 @@ def test_without_the_weights_a_run_says_so_once_and_trains_on(faces, tmp_path, n
 
 def test_a_weights_file_that_is_not_there_is_refused_before_anything_is_written(faces, tmp_path):
     run = tmp_path / "run"
-    cfg = compose_config(gan_overrides(faces, f"paths.inception_weights={tmp_path}/nowhere.pth"), run)
+    cfg = compose_config(gan_overrides(faces, "metrics.images=6", f"paths.inception_weights={tmp_path}/nowhere.pth"), run)
     with pytest.raises(ConfigError, match=r"paths.inception_weights=.*nowhere.pth: no such file"):
         train(cfg)
     assert not run.exists() or snapshot(run) == {}

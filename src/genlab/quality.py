@@ -189,14 +189,13 @@ class ImageQuality:
 def image_quality(cfg, datamodule) -> ImageQuality | None:
     """The run's quality measure, or None (no held-out images, ``metrics.images=0``, no weights)."""
     images = cfg.metrics.images
-    if not isinstance(images, int) or isinstance(images, bool) or images < 0:
-        raise ConfigError(f"metrics.images={images!r}: give how many images FID and KID compare (0: none)")
-    if images < 2 or not getattr(datamodule, "val_paths", None):
-        if images >= 2:
-            log.warning("no FID or KID in this run: data.val_fraction=%s holds out no images", cfg.data.get("val_fraction"))
+    if not isinstance(images, int) or isinstance(images, bool) or images < 0 or images == 1:
+        raise ConfigError(f"metrics.images={images!r}: give how many images FID and KID compare, at least 2 "
+                          "(0: none)")
+    if images == 0:
         return None
-    if len(datamodule.val_paths) < 2:
-        log.warning("no FID or KID in this run: data.val_fraction=%s holds out %d image; raise it",
+    if len(datamodule.val_paths) < 2:  # FID needs two images a side for a covariance
+        log.warning("no FID or KID in this run: data.val_fraction=%s holds out %d images; raise it",
                     cfg.data.get("val_fraction"), len(datamodule.val_paths))
         return None
     extractor = inception_extractor(cfg.paths.get("inception_weights"))

@@ -156,12 +156,13 @@ class ImageModel(GenlabModule):
         return self.quality.noise_batches(self.latent_shape) if self.quality is not None else []
 
     def validation_step(self, z: torch.Tensor, batch_idx: int) -> None:
-        self._fake.append(self.quality.features(self.generate(z)))
+        if not self.trainer.sanity_checking:  # Lightning's check before training: the step runs, no more
+            self._fake.append(self.quality.features(self.generate(z)))
 
     def on_validation_epoch_end(self) -> None:
-        fake, self._fake = torch.cat(self._fake), []
-        if self.trainer.sanity_checking:
+        if not self._fake:
             return
+        fake, self._fake = torch.cat(self._fake), []
         self.scores = self.quality.score(fake)
         self.best_fid = min(self.best_fid, self.scores["fid"])
         self.log_dict({"quality/fid": self.scores["fid"], "quality/kid": self.scores["kid_mean"],
