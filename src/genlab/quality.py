@@ -79,6 +79,7 @@ def require_weights(weights: str | None) -> None:
     """Before a study that minimises FID: the weights must be there (downloading them if it can)."""
     if not weights and not hub_file().exists():
         try:
+            hub_file().parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(INCEPTION_URL, str(hub_file()), progress=False)
         except Exception as err:
             sys.exit(f"error: this study minimises FID, but {missing_weights_message(err)}.")

@@ -7,8 +7,8 @@
 3. fit; Ctrl-C or SIGTERM finish the step, save and exit with the resume command (``genlab.stopping``);
 4. the wrap-up: final validation and test losses, ``metrics.json`` (samples come after every validation).
 
-Returns the final validation loss (an image model's: its FID), which a sweep minimises (a sweep job's failure is recorded in
-its folder and the sweep goes on: ``genlab.sweeps``)."""
+Returns the final validation loss (an image model's: its FID), which a sweep minimises (a sweep
+job's failure is recorded in its folder and the sweep goes on: ``genlab.sweeps``)."""
 
 from __future__ import annotations
 
@@ -129,8 +129,9 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
 def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, single_pass: bool = False,
                   validates: bool = True, stop: GracefulStop | None = None, monitor: str = "loss/val") -> L.Trainer:
     val_every = validation_interval(cfg, updates_per_step)
-    callbacks = [instantiate(c, **({"monitor": monitor} if "monitor" in c else {}))  # the model's figure: best.ckpt
-                 for c in (cfg.get("callbacks") or {}).values() if c is not None]  # x=null: off
+    # x=null: off; a callback that watches a figure (best.ckpt's) watches the model's: loss/val, quality/fid
+    callbacks = [instantiate(c, **({"monitor": monitor} if "monitor" in c else {}))
+                 for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if validates:
         callbacks.append(ValidateAtEnd())
     else:  # nothing to validate (the GAN): keep last.ckpt every val_every steps
