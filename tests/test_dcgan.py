@@ -292,6 +292,14 @@ def test_a_run_writes_fid_and_kid_curves_and_keeps_the_best_fid(faces, tmp_path,
     assert best["global_step"] == min(fid, key=fid.get)  # the best FID's model
     assert best["genlab"]["best_fid"] == pytest.approx(min(fid.values()))
 
+    # the figure depends on the model alone: the same fixed noise, the same held-out images
+    from genlab.train import instantiate
+
+    model, _ = load_model(run / "checkpoints" / "best.ckpt")
+    measure = quality.ImageQuality(TinyFeatures(), instantiate(cfg.data), images=5, seed=cfg.seed)
+    generated = model.generate(torch.cat(list(measure.noise_batches(model.latent_shape))))
+    assert measure.score(measure.features(generated))["fid"] == pytest.approx(min(fid.values()), rel=1e-5)
+
 
 def test_the_real_features_are_cached_by_content_size_and_extractor(faces, tmp_path, extractor, caplog):
     cache = tmp_path / "data" / "quality"

@@ -139,7 +139,9 @@ class ImageQuality:
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, D) features of images in [-1, 1], on the images' device."""
         self.extractor.to(images.device)
-        return torch.cat([self.extractor(to_uint8(chunk)) for chunk in images.split(BATCH)]).double()
+        # in float32 whatever the run's precision: the real images' features are, and FID compares the two
+        with torch.autocast(images.device.type, enabled=False):
+            return torch.cat([self.extractor(to_uint8(chunk)) for chunk in images.split(BATCH)]).double()
 
     def cache_file(self, paths: list[Path]) -> Path:
         made_from = hashlib.sha256()

@@ -113,8 +113,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.paths = [p for i, p in enumerate(paths) if i not in held_out]  # the training images
         self.val_paths = [p for i, p in enumerate(paths) if i in held_out]
         if len(self.paths) < batch_size:  # batches are whole (drop_last): fewer images would train 0 steps
-            raise DataError(f"{self.root} has {len(self.paths)} readable images for training (data.val_fraction="
-                            f"{val_fraction} of {len(paths)} held out), fewer than one batch of "
+            raise DataError(f"{self.root} has {len(paths)} readable images, {len(self.paths)} of them for training "
+                            f"(data.val_fraction={val_fraction} held out), fewer than one batch of "
                             f"data.batch_size={batch_size}; add images or lower data.batch_size")
         self.skipped = bad
         self.transform = transforms.Compose([

@@ -194,8 +194,9 @@ class LanguageModel(GenlabModule):
         x, y = batch
         summed = self.loss(self(x), y, reduction="sum")
         real = y >= 0
-        # characters of the targets evaluated (a sample of a split counts the sample's own)
-        characters = self.characters_per_token()[y[real]].sum()
+        # characters of the targets evaluated (a sample of a split counts the sample's own); masked,
+        # not indexed by the mask, which would wait for the GPU
+        characters = (self.characters_per_token()[y.clamp(min=0)] * real).sum()
         totals = torch.stack([summed.double(), real.sum().double(), characters])
         self._eval_totals = totals if self._eval_totals is None else self._eval_totals + totals
 
