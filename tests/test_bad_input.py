@@ -320,7 +320,8 @@ def test_fewer_images_than_one_batch_is_refused(tmp_path):
 
     for i in range(3):
         Image.new("RGB", (20, 20), (i, 0, 0)).save(tmp_path / f"{i}.png")
-    with pytest.raises(DataError, match="has 3 readable images, fewer than one batch of data.batch_size=8"):
+    message = r"has 3 readable images, 3 of them for training \(data.val_fraction=0.05 held out\), fewer than one batch"
+    with pytest.raises(DataError, match=message + " of data.batch_size=8"):
         ImageFolderDataModule(root=str(tmp_path), batch_size=8, num_workers=0)
 
 

@@ -1,17 +1,26 @@
 """The DCGAN: network shapes, one step training both networks, step counting, what a run writes,
-resume, sampling from a checkpoint, and configs that cannot work."""
+resume, sampling from a checkpoint, configs that cannot work, and its quality figures (FID, KID)
+with a small feature extractor standing in for InceptionV3, whose weights these machines lack."""
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import subprocess
 import sys
+import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_config, run_training
+from conftest import REPO, compose_config, run_training, snapshot
 from PIL import Image
+from torch import nn
 
+from genlab import quality
 from genlab.checkpoints import load_model, read_checkpoint
+from genlab.data.images import ImageFolderDataModule
 from genlab.errors import ConfigError, TrainingDiverged
 from genlab.models.dcgan import DCGAN, Discriminator, Generator
 from genlab.train import train
@@ -31,9 +40,13 @@ def faces(tmp_path):
 
 
 def gan_overrides(faces, *extra):
+    """A tiny DCGAN run; without FID unless ``metrics.images`` is given (the tests that measure it
+    stand in a small extractor for InceptionV3)."""
+    if not any(e.startswith("metrics.images=") for e in extra):
+        extra = ("metrics.images=0", *extra)
     return ["model=dcgan", "data=celeba", f"data.root={faces}", "data.image_size=16", "data.batch_size=8",
             "data.num_workers=0", "model.ngf=8", "model.ndf=8", "model.nz=12", "model.grid_every=2",
-            "model.grid_size=4", "val_every=2", "trainer.max_steps=4", *extra]
+            "model.grid_size=4", "val_every=2", "trainer.max_steps=4", "data.val_fraction=0.25", *extra]
 
 
 @pytest.mark.parametrize("size", [16, 32, 64])
@@ -165,17 +178,18 @@ def test_configs_that_cannot_work_name_their_options(overrides, message, faces, 
 
 
 def test_a_gan_config_without_hydra_runs_through_train(faces, tmp_path):
-    """``train`` returns no validation loss for a model that has none (sweeps skip it)."""
+    """``train`` returns no figure for a run without one (no FID here; sweeps skip it)."""
     cfg = compose_config(gan_overrides(faces, "trainer.max_steps=1"), tmp_path / "run")
     assert train(cfg) is None
 
 
 def test_epochs_count_whole_passes_over_the_images(faces, tmp_path):
-    """notebook_dcgan trains by epochs (max_steps=-1): 24 images in batches of 8 are 3 steps an epoch."""
+    """notebook_dcgan trains by epochs (max_steps=-1): the 18 training images of 24 (a quarter held
+    out) in batches of 8 are 2 steps an epoch."""
     run = tmp_path / "run"
     metrics = run_training(run, gan_overrides(faces, "trainer.max_steps=-1", "trainer.max_epochs=2"))
-    assert metrics["steps"] == 6
-    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+    assert metrics["steps"] == 4
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
 def test_a_run_shorter_than_its_checkpoint_interval_leaves_one_last_checkpoint(faces, tmp_path):
@@ -199,3 +213,159 @@ def test_a_bad_worker_count_is_refused_before_the_images_are_read(tmp_path):
 
     with pytest.raises(ConfigError, match="data.num_workers='many': give a number .* or auto"):
         ImageFolderDataModule(root=str(tmp_path / "nowhere"), num_workers="many")
+
+
+# --- quality: FID and KID ------------------------------------------------------------------------
+class TinyFeatures(nn.Module):
+    """A small fixed feature extractor standing in for InceptionV3: uint8 images -> 16 features
+    (the mean and spread of 8 random filters' responses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        with torch.no_grad():
+            weights = torch.randn(self.conv.weight.numel() + 8, generator=torch.Generator().manual_seed(0))
+            self.conv.weight.copy_(weights[:-8].view_as(self.conv.weight))
+            self.conv.bias.copy_(weights[-8:])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        responses = torch.relu(self.conv(images.float() / 127.5 - 1))
+        return torch.cat([responses.mean((2, 3)), responses.std((2, 3))], 1)
+
+
+@pytest.fixture
+def extractor(monkeypatch):
+    """Runs measure FID and KID on TinyFeatures."""
+    monkeypatch.setattr(quality, "inception_extractor", lambda weights: TinyFeatures())
+
+
+@pytest.fixture
+def no_weights(monkeypatch, tmp_path):
+    """As offline: an empty torch hub cache, and every download fails."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+
+
+def test_fid_is_zero_for_the_real_split_against_itself_and_large_against_noise(mirror, tmp_path):
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for source in sorted((Path(mirror) / "faces" / "celeba").rglob("*.jpg"))[:40]:
+        shutil.copy(source, faces)
+    data = ImageFolderDataModule(root=str(faces), data_dir=str(tmp_path / "data"), image_size=32, batch_size=8,
+                                 num_workers=0, val_fraction=0.25)
+    measure = quality.ImageQuality(TinyFeatures(), data, images=100)
+    assert measure.real_count == 10  # all there are: a quarter of 40
+    real = measure.real_features(torch.device("cpu"))
+    other_faces = measure.features(torch.stack([data.transform(Image.open(p).convert("RGB")) for p in data.paths[:10]]))
+    noise = measure.features(torch.rand(10, 3, 32, 32) * 2 - 1)
+
+    itself, faces_score, noise_score = measure.score(real), measure.score(other_faces), measure.score(noise)
+    assert abs(itself["fid"]) < 1e-6
+    assert noise_score["fid"] > 5 * faces_score["fid"] > 0
+    # KID's subsets are as large as the 10 images allow (torchmetrics' default, 1000, would refuse)
+    assert noise_score["kid_mean"] > 5 * abs(faces_score["kid_mean"])
+    assert measure.score(noise) == noise_score  # the same subsets every time
+
+
+def test_a_run_writes_fid_and_kid_curves_and_keeps_the_best_fid(faces, tmp_path, extractor):
+    run = tmp_path / "run"
+    cfg = compose_config(gan_overrides(faces, "metrics.images=5"), run)
+    returned = train(cfg)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert returned == metrics["fid"] > 0  # what a study minimises
+    assert metrics["fid_images"] == 5 and metrics["fid_real_images"] == 5  # 6 held out, 5 asked for
+    assert metrics["kid_std"] >= 0 and metrics["best_fid"] <= metrics["fid"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    fid = {e.step: e.value for e in events.Scalars("quality/fid")}
+    assert sorted(fid) == [2, 4] and fid[4] == pytest.approx(metrics["fid"])
+    assert [e.step for e in events.Scalars("quality/kid")] == [2, 4]
+    best = read_checkpoint(run / "checkpoints" / "best.ckpt")
+    assert best["global_step"] == min(fid, key=fid.get)  # the best FID's model
+    assert best["genlab"]["best_fid"] == pytest.approx(min(fid.values()))
+
+    # the figure depends on the model alone: the same fixed noise, the same held-out images
+    from genlab.train import instantiate
+
+    model, _ = load_model(run / "checkpoints" / "best.ckpt")
+    measure = quality.ImageQuality(TinyFeatures(), instantiate(cfg.data), images=5, seed=cfg.seed)
+    generated = model.generate(torch.cat(list(measure.noise_batches(model.latent_shape))))
+    assert measure.score(measure.features(generated))["fid"] == pytest.approx(min(fid.values()), rel=1e-5)
+
+
+def test_the_real_features_are_cached_by_content_size_and_extractor(faces, tmp_path, extractor, caplog):
+    cache = tmp_path / "data" / "quality"
+    run_training(tmp_path / "a", gan_overrides(faces, "trainer.max_steps=2", "logger=none", "metrics.images=6"))
+    assert len(list(cache.iterdir())) == 1
+    with caplog.at_level(logging.INFO, logger="genlab"):
+        run_training(tmp_path / "b", gan_overrides(faces, "trainer.max_steps=2", "logger=none", "metrics.images=6"))
+    assert "the real images' features from" in caplog.text and len(list(cache.iterdir())) == 1
+    run_training(tmp_path / "c", gan_overrides(faces, "trainer.max_steps=2", "logger=none", "metrics.images=6", "data.image_size=8"))
+    assert len(list(cache.iterdir())) == 2  # another size: other features
+    held_out = ImageFolderDataModule(root=str(faces), image_size=16, batch_size=8, num_workers=0,
+                                     val_fraction=0.25).val_paths[0]
+    Image.new("RGB", (20, 20), "white").save(held_out)  # the same name, other pixels
+    run_training(tmp_path / "d", gan_overrides(faces, "trainer.max_steps=2", "logger=none", "metrics.images=6"))
+    assert len(list(cache.iterdir())) == 3
+
+
+def test_a_resumed_run_continues_the_same_fid_curve(faces, tmp_path, extractor):
+    # one batch an epoch (the 18 training images), so the resumed half sees the batches the straight run did
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    overrides = ["data.batch_size=18", "metrics.images=6"]
+    run_training(straight, gan_overrides(faces, *overrides))
+    run_training(halves, gan_overrides(faces, *overrides, "trainer.max_steps=2"))
+    resumed = run_training(halves, gan_overrides(faces, *overrides, f"ckpt_path={halves}"))
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def curve(run):
+        events = EventAccumulator(str(run / "tensorboard"), purge_orphaned_data=False).Reload()
+        return {e.step: e.value for e in events.Scalars("quality/fid")}
+
+    assert sorted(curve(halves)) == [2, 4]
+    assert curve(halves) == pytest.approx(curve(straight), rel=1e-4)
+    assert resumed["best_fid"] == pytest.approx(min(curve(straight).values()), rel=1e-4)
+
+
+def test_without_the_weights_a_run_says_so_once_and_trains_on(faces, tmp_path, no_weights, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="genlab"):
+        returned = train(compose_config(gan_overrides(faces, "metrics.images=6"), run))
+    said = [r.getMessage() for r in caplog.records if "no FID or KID" in r.getMessage()]
+    assert len(said) == 1
+    assert str(tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth") in said[0]
+    assert "paths.inception_weights=" in said[0] and quality.INCEPTION_URL in said[0]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert returned is None and metrics["status"] == "completed" and "fid" not in metrics
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
+
+
+def test_a_weights_file_that_is_not_there_is_refused_before_anything_is_written(faces, tmp_path):
+    run = tmp_path / "run"
+    cfg = compose_config(gan_overrides(faces, "metrics.images=6", f"paths.inception_weights={tmp_path}/nowhere.pth"), run)
+    with pytest.raises(ConfigError, match=r"paths.inception_weights=.*nowhere.pth: no such file"):
+        train(cfg)
+    assert not run.exists() or snapshot(run) == {}
+
+
+def test_a_study_that_minimises_fid_refuses_to_start_without_the_weights(faces, tmp_path, no_weights, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from genlab.sweeps import SWEPT_KEYS, SweepReport
+    from genlab.train import CONF_DIR
+
+    monkeypatch.delenv(SWEPT_KEYS, raising=False)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=faces_dcgan_optuna", f"data.root={faces}"],
+                      return_hydra_config=True)
+    with pytest.raises(SystemExit, match="this study minimises FID, but the InceptionV3 weights .* Fetch https://"):
+        SweepReport().on_multirun_start(cfg)

@@ -34,6 +34,8 @@ def test_eval_gives_the_losses_the_run_reported(names_file, tmp_path):
     result = evaluate([f"ckpt_path={run}"], tmp_path)
     assert result["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
     assert result["test_loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)
+    assert result["val_bpc"] == pytest.approx(metrics["val_bpc"], rel=1e-6)
+    assert result["test_bpc"] == pytest.approx(metrics["test_bpc"], rel=1e-6)
     assert json.loads((run / "eval.json").read_text())["step"] == 40
 
 

@@ -99,7 +99,6 @@ def test_validation_covers_every_target_once_in_order(text_file, tmp_path):
     assert torch.equal(targets[targets >= 0], expected)
     assert dm.evaluation_scope("val") == {"tokens": len(expected), "whole_split": True,
                                           "description": f"val: the whole split, {len(expected):,} tokens"}
-    assert dm.evaluated_characters("val") == len(expected)
     assert len(list(dm.val_dataloader())) == len(xs)  # the same batches every time
 
 
@@ -175,26 +174,23 @@ def test_a_large_split_is_sampled_the_same_way_every_time(text_file, tmp_path):
     assert scope["tokens"] == 192 and not scope["whole_split"] and f"of its {end - start - 1:,} tokens" in scope["description"]
     starts = dm._window_starts("val")
     assert starts[0] == start and starts[-1] == end - 17 and (np.diff(starts) >= 16).all()  # spread over the split
-    assert dm.evaluated_characters("val") == 192
     dm.whole_split = True  # data.final_whole_split: the final figures
-    assert dm.evaluation_scope("val")["whole_split"] and dm.evaluated_characters("val") == end - start - 1
+    assert dm.evaluation_scope("val") == {"tokens": end - start - 1, "whole_split": True,
+                                          "description": f"val: the whole split, {end - start - 1:,} tokens"}
 
 
 def test_characters_covered_by_bpe_windows_are_exact(tmp_path, mirror):
+    """Bits per character count the characters of the evaluated targets (the model sums
+    ``characters_per_token`` over them): over a whole split that is the split's text, exactly."""
     source = tmp_path / "mixed.txt"
     source.write_text(MIXED * 40, encoding="utf-8")
     dm = TextDataModule(path=str(source), data_dir=tmp_path, seq_len=8, tokenizer="gpt2", mirror=mirror)
     start, end = dm.ranges["val"]
     covered = dm.tokenizer.decode(dm.tokens[start + 1 : end].tolist())  # every target of the split
-    assert dm.evaluated_characters("val") == len(covered)
-    dm.val_tokens = 16  # a sample of two windows of 8: their own characters
-    sample = dm.evaluated_characters("val")
-    windows = [dm.tokens[s + 1 : s + 9].tolist() for s in dm._window_starts("val")]
-    # a window that starts inside a character (U+FFFD when decoded) covers none of it
-    assert len(windows) == 2 and sample == sum(len(dm.tokenizer.decode(w).strip("\ufffd")) for w in windows)
+    table = dm.tokenizer.characters_per_token()
+    targets = torch.cat([y.flatten() for _, y in dm.val_dataloader()])
+    assert sum(table[t] for t in targets[targets >= 0].tolist()) == len(covered)
 
-
-@pytest.mark.parametrize("final_whole_split", [False, True])
 def test_metrics_say_what_the_final_figures_cover(text_file, tmp_path, final_whole_split):
     from conftest import run_training
 

@@ -1,16 +1,23 @@
 """Compare finished runs: every folder under a root that holds a ``metrics.json`` (a multirun
 sweep, an Optuna study, single runs, or a mix). The swept parameters are the config values that
 really differ between the runs: the chosen model and data, and a model's or data's own setting only
-between runs of that same model or data (a GPT's n_layer is not "swept" against an MLP). Prints a
-table sorted by validation loss and writes ``comparison.csv`` (every swept key) and
-``comparison.png`` (val loss against each of the first swept parameters, and every run's val-loss
-curve); the printed table and the figure stay a readable size however many runs and keys."""
+between runs of that same model or data (a GPT's n_layer is not "swept" against an MLP).
+
+Runs are ranked by the figure their kind has: language models by validation loss, or by bits per
+character where their tokenizers differ (nats per token are not one scale then); image models by
+FID. Runs that differ only in ``seed`` are replicates: the table then shows each group once, with
+the mean, standard deviation and count of every figure, sorted by the mean. Writes
+``comparison.csv`` (every run, every swept key, its replicate group) and ``comparison.png`` (the
+ranking figure against each of the first swept parameters, with error bars over replicates, and
+every run's validation curve); the printed table and the figure stay a readable size however many
+runs and keys."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +44,15 @@ class Run:
 
     @property
     def val_loss(self) -> float:
-        value = self.metrics.get("val_loss")
+        return self.figure("val_loss")
+
+    @property
+    def is_image(self) -> bool:
+        return "images_per_second" in self.metrics or "fid" in self.metrics
+
+    def figure(self, name: str) -> float:
+        """A figure of metrics.json; inf where the run has none (failed, or another kind of model)."""
+        value = self.metrics.get(name)
         return math.inf if value is None else float(value)
 
 
@@ -101,30 +116,62 @@ def short(value, width: int = 24) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def val_curve(folder: Path) -> tuple[list[int], list[float]]:
-    """The run's logged ``loss/val`` against optimizer updates, from its TensorBoard events."""
+# metrics.json's figure -> its TensorBoard curve
+CURVES = {"val_loss": "loss/val", "val_bpc": "loss/val_bpc", "fid": "quality/fid"}
+
+
+def ranking_figure(runs: list[Run]) -> str:
+    """What the language models among ``runs`` are ranked by: the validation loss, or bits per
+    character where their tokenizers differ. Image models are ranked by FID whatever this says."""
+    tokenizers = {run.config.get("data.tokenizer", "char") for run in runs if not run.is_image}
+    return "val_bpc" if len(tokenizers) > 1 else "val_loss"
+
+
+def rank_key(run: Run, figure: str) -> tuple[bool, float]:
+    """Language models first, by ``figure``; then image models, by FID."""
+    return (run.is_image, run.figure("fid" if run.is_image else figure))
+
+
+def replicate_groups(runs: list[Run]) -> list[list[Run]]:
+    """Runs that differ only in ``seed``: the same value of every other swept parameter."""
+    others = [p for p in swept_parameters(runs) if p != "seed"]
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(json.dumps([run.config.get(p) for p in others], default=str), []).append(run)
+    return list(groups.values())
+
+
+def val_curve(folder: Path, tag: str = "loss/val") -> tuple[list[int], list[float]]:
+    """The run's logged ``tag`` (validation loss, FID, ...) against its steps, from its TensorBoard events."""
     logs = folder / "tensorboard"
     if not logs.exists():
         return [], []
     # a run's event files are read in name order, not the order written: keep every event, sort
     events = EventAccumulator(str(logs), size_guidance={"scalars": 0}, purge_orphaned_data=False).Reload()
-    if "loss/val" not in events.Tags()["scalars"]:
+    if tag not in events.Tags()["scalars"]:
         return [], []
-    ordered = sorted(events.Scalars("loss/val"), key=lambda e: e.wall_time)
+    ordered = sorted(events.Scalars(tag), key=lambda e: e.wall_time)
     points = {e.step: e.value for e in ordered}  # a step validated twice (a resumed run): the later value
     return sorted(points), [points[s] for s in sorted(points)]
 
 
+# the figures a row shows, each where some run has it
+FIGURES = ("val_loss", "best_val_loss", "test_loss", "val_bpc", "test_bpc", "fid", "kid_mean")
+
+
 def table_rows(runs: list[Run], params: list[str], root: Path) -> list[dict]:
+    """One row a run, ranked (``rank_key``), with its replicate group's number."""
+    figure = ranking_figure(runs)
+    group_of = {id(run): i for i, group in enumerate(replicate_groups(runs)) for run in group}
+    figures = [f for f in FIGURES if any(f in run.metrics for run in runs)]
     rows = []
-    for run in sorted(runs, key=lambda r: r.val_loss):
+    for run in sorted(runs, key=lambda r: rank_key(r, figure)):
         m = run.metrics
         rows.append({
             "run": str(run.folder.relative_to(root)) or ".",
             **{p: run.config.get(p) for p in params},
-            "val_loss": m.get("val_loss"),
-            "best_val_loss": m.get("best_val_loss"),
-            "test_loss": m.get("test_loss"),
+            **{f: m.get(f) for f in figures},
+            "group": group_of[id(run)],
             "steps": m.get("steps"),
             "seconds": m.get("train_seconds"),
             "status": m.get("status", "completed"),
@@ -132,12 +179,50 @@ def table_rows(runs: list[Run], params: list[str], root: Path) -> list[dict]:
     return rows
 
 
-LOSSES = ("val_loss", "best_val_loss", "test_loss")
+def spread(values: list[float]) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation (None for one value) and count of the finite ``values``."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None, None, 0
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else None, len(finite)
+
+
+def group_rows(runs: list[Run], params: list[str]) -> list[dict]:
+    """One row a replicate group: its parameters (seed apart), the seeds, and each figure's mean ± sd
+    over the group's completed runs; ranked by the mean of the ranking figure."""
+    figure = ranking_figure(runs)
+    figures = [f for f in FIGURES if any(f in run.metrics for run in runs)]
+    rows = []
+    for group in replicate_groups(runs):
+        first = group[0]
+        row = {"runs": len(group), **{p: first.config.get(p) for p in params if p != "seed"},
+               "seeds": ",".join(str(run.config.get("seed")) for run in group)}
+        for f in figures:
+            mean, sd, count = spread([run.figure(f) for run in group])
+            row[f] = (mean, sd, count)
+        mean = row.get("fid" if first.is_image else figure, (None,))[0]
+        rows.append(((first.is_image, math.inf if mean is None else mean), row))
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
+
+
+def mean_sd(value: tuple) -> str:
+    """(mean, sd, count) as shown: 1.7622 ± 0.0081 (3)."""
+    mean, sd, count = value
+    if mean is None:
+        return "-"
+    digits = ".4f" if abs(mean) < 1000 else ".3g"
+    return f"{mean:{digits}}" + (f" ± {sd:{digits}}" if sd is not None else "") + f" ({count})"
+
+
+LOSSES = FIGURES
 
 
 def format_table(rows: list[dict], params: list[str]) -> str:
-    """The first SHOWN_PARAMETERS swept columns; losses to 4 decimals, the rest via ``short``."""
+    """The first SHOWN_PARAMETERS swept columns; figures to 4 decimals (a group's as mean ± sd
+    (count)), the rest via ``short``."""
     def cell(column: str, value) -> str:
+        if isinstance(value, tuple):
+            return mean_sd(value)
         if column in LOSSES and isinstance(value, float):
             return f"{value:.4f}" if abs(value) < 1000 else f"{value:.3g}"
         return short(value, width=40 if column == "run" else 24)
@@ -152,26 +237,32 @@ def format_table(rows: list[dict], params: list[str]) -> str:
 
 
 def plot(runs: list[Run], params: list[str], path: Path):
-    params = params[:SHOWN_PARAMETERS]
-    finished = [r for r in runs if r.metrics.get("status", "completed") == "completed" and r.val_loss < math.inf]
+    """The ranking figure against each shown parameter (a replicate group: its mean, with the
+    standard deviation as error bar), and every run's validation curve of that figure."""
+    params = [p for p in params if p != "seed"][:SHOWN_PARAMETERS]
+    figure = "fid" if runs and all(r.is_image for r in runs) else ranking_figure(runs)
+    shown = {"val_loss": "val loss", "val_bpc": "val bits per character", "fid": "FID"}[figure]
+    completed = [r for r in runs if r.metrics.get("status", "completed") == "completed" and r.figure(figure) < math.inf]
+    groups = replicate_groups(completed)
     panels = len(params) + 1
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
     for ax, param in zip(axes[0], params):
-        values = [r.config.get(param) for r in finished]
+        values = [g[0].config.get(param) for g in groups]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         xs = values if numeric else [str(v) for v in values]
-        ax.scatter(xs, [r.val_loss for r in finished])
+        stats = [spread([r.figure(figure) for r in g]) for g in groups]
+        ax.errorbar(xs, [m for m, _, _ in stats], yerr=[sd or 0.0 for _, sd, _ in stats], fmt="o", capsize=4)
         if numeric and values and min(values) > 0 and max(values) / min(values) >= 10:  # spread over decades
             ax.set_xscale("log")
-        ax.set(xlabel=param, ylabel="final val loss", title=f"val loss against {param}")
+        ax.set(xlabel=param, ylabel=f"final {shown}", title=f"{shown} against {param}")
         ax.grid(alpha=0.3)
     curves = axes[0][-1]
     for run in runs:
-        steps, losses = val_curve(run.folder)
+        steps, losses = val_curve(run.folder, CURVES[figure])
         if steps:
             label = ", ".join(f"{p.split('.')[-1]}={short(run.config.get(p), 12)}" for p in params) or run.folder.name
             curves.plot(steps, losses, marker=".", label=label)
-    curves.set(xlabel="update", ylabel="val loss", title="validation loss of every run")
+    curves.set(xlabel="update", ylabel=shown, title=f"{shown} of every run")
     if 0 < len(curves.lines) <= SHOWN_CURVES:
         curves.legend(fontsize=7)
     curves.grid(alpha=0.3)
@@ -195,8 +286,15 @@ def compare(root: str | Path, out: str | Path | None = None) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     plot(runs, params, out / "comparison.png")
-    print(format_table(rows, params))
-    more = f" (the table shows the first {SHOWN_PARAMETERS})" if len(params) > SHOWN_PARAMETERS else ""
-    print(f"\n{len(rows)} runs; swept: {', '.join(params) or 'nothing'}{more}; wrote {out / 'comparison.csv'} and "
-          f"{out / 'comparison.png'}")
+    groups = replicate_groups(runs)
+    replicated = len(groups) < len(runs)
+    shown_params = [p for p in params if p != "seed"] if replicated else params
+    print(format_table(group_rows(runs, params) if replicated else rows, shown_params))
+    more = f" (the table shows the first {SHOWN_PARAMETERS})" if len(shown_params) > SHOWN_PARAMETERS else ""
+    ranked = [{"val_loss": "validation loss", "val_bpc": "bits per character (the tokenizers differ)"}[ranking_figure(runs)]
+              ] if not all(r.is_image for r in runs) else []
+    ranked += ["FID"] if any(r.is_image for r in runs) else []
+    print(f"\n{len(rows)} runs" + (f" in {len(groups)} groups of seed replicates (mean ± sd (count))" if replicated else "")
+          + f"; ranked by {', then '.join(ranked)}"
+          + f"; swept: {', '.join(params) or 'nothing'}{more}; wrote {out / 'comparison.csv'} and {out / 'comparison.png'}")
     return rows

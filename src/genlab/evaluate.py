@@ -70,14 +70,17 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule = instantiate(run_data_config(run_dir, cfg))
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
-    result = {"checkpoint": str(path), "step": checkpoint.get("global_step"),
-              "val_loss": trainer.validate(model, datamodule=datamodule, verbose=False)[0]["loss/val"], "test_loss": None}
+    val = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    result = {"checkpoint": str(path), "step": checkpoint.get("global_step"), "val_loss": val["loss/val"],
+              "val_bpc": val["loss/val_bpc"], "test_loss": None, "test_bpc": None}
     if getattr(datamodule, "has_test", True):
-        result["test_loss"] = trainer.test(model, datamodule=datamodule, verbose=False)[0]["loss/test"]
+        test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+        result.update(test_loss=test["loss/test"], test_bpc=test["loss/test_bpc"])
     shown = f"val {result['val_loss']:.4f}" + (f", test {result['test_loss']:.4f}" if result["test_loss"] else "")
+    shown += f" nats per token; val {result['val_bpc']:.4f} bits per character"
     out = Path(cfg.out) if cfg.out else run_dir / "eval.json"
     write_metrics(out, result)
-    print(f"{shown} (nats per token) at step {result['step']} of {path}; {out}")
+    print(f"{shown} at step {result['step']} of {path}; {out}")
     return result
 
 

@@ -21,8 +21,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from hydra.utils import get_class
+
 from genlab.errors import GenlabError, TrainingDiverged
 from genlab.outputs import write_metrics
+from genlab.quality import require_weights
 from genlab.runtime import task_overrides
 
 log = logging.getLogger("genlab")
@@ -125,6 +128,8 @@ class SweepReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         os.environ[SWEPT_KEYS] = ",".join(swept_keys(config))
+        if config.hydra.sweeper.get("direction") and get_class(config.model._target_).kind == "image":
+            require_weights(config.paths.get("inception_weights"))  # the study minimises FID: none, no study
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -7,8 +7,8 @@
 3. fit; Ctrl-C or SIGTERM finish the step, save and exit with the resume command (``genlab.stopping``);
 4. the wrap-up: final validation and test losses, ``metrics.json`` (samples come after every validation).
 
-Returns the final validation loss, which a sweep minimises (a sweep job's failure is recorded in
-its folder and the sweep goes on: ``genlab.sweeps``)."""
+Returns the final validation loss (an image model's: its FID), which a sweep minimises (a sweep
+job's failure is recorded in its folder and the sweep goes on: ``genlab.sweeps``)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genlab.callbacks import CheckpointAtEnd, Samples, TrainingClock, ValidateAtEnd
@@ -37,6 +36,7 @@ from genlab.lr_finder import find_learning_rate
 from genlab.outputs import write_metrics
 from genlab.overrides import checked_command_line
 from genlab.precision import resolve_precision
+from genlab.quality import image_quality
 from genlab.runs import RunFolder, checkpoint_file, run_dir_of
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
 from genlab.steps import lightning_steps, resolve_updates_per_step, shared_with_processes, use_count
@@ -80,6 +80,7 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
         cfg.val_every = validation_interval(cfg, 1 if fixed == "auto" else fixed)
     if checkpoint is not None:
         check_resume(checkpoint, model, cfg.trainer.max_steps)
+    quality = image_quality(cfg, datamodule) if model.kind == "image" else None
     folder.claim(cfg, overwrite=cfg.overwrite)
 
     lr_figure = None
@@ -96,8 +97,10 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
         model.training_words = sorted(datamodule.training_words())
     updates_per_step = resolve_updates_per_step(model, datamodule, cfg.val_every, checkpoint, cfg.trainer)
     use_count(model, datamodule, updates_per_step)
+    if quality is not None:
+        model.quality = quality
     trainer = build_trainer(cfg, run_dir, updates_per_step, model.single_pass,
-                            validates=is_overridden("validation_step", model), stop=stop)
+                            validates=model.monitor is not None, stop=stop, monitor=model.monitor)
     log_hparams(trainer.loggers, run_hparams(cfg, trainer.world_size), lr_figure)
     log.info(run_summary({group: choice(group) for group in ("model", "data", "trainer")}, model, trainer, run_dir,
                          precision))
@@ -133,9 +136,11 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, single_pass: bool = False,
-                  validates: bool = True, stop: GracefulStop | None = None) -> L.Trainer:
+                  validates: bool = True, stop: GracefulStop | None = None, monitor: str = "loss/val") -> L.Trainer:
     val_every = validation_interval(cfg, updates_per_step)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]  # x=null: off
+    # x=null: off; a callback that watches a figure (best.ckpt's) watches the model's: loss/val, quality/fid
+    callbacks = [instantiate(c, **({"monitor": monitor} if "monitor" in c else {}))
+                 for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if validates:
         callbacks.append(ValidateAtEnd())
     else:  # nothing to validate (the GAN): keep last.ckpt every val_every steps
@@ -158,13 +163,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, sin
         plugins=trainer_plugins(cfg.trainer),
         check_val_every_n_epoch=None,
         **({"max_epochs": 1, "max_steps": -1} if single_pass else {}),
+        **({} if validates else {"limit_val_batches": 0}),
     )
 
 
 def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds: float, label: dict) -> float | None:
     """After training: the final figures, samples and ``metrics.json`` (the mark of a finished run)."""
     if model.kind == "image":
-        metrics = {**model.summary(), "images_per_second": round(model.images_seen / train_seconds, 1)}
+        if model.quality is not None and "quality/fid" not in trainer.callback_metrics:
+            trainer.validate(model, verbose=False)  # a resumed run whose training had ended
+        metrics = {**model.summary(), **model.quality_summary(),
+                   "images_per_second": round(model.images_seen / train_seconds, 1)}
     else:
         metrics = evaluate_language_model(trainer, model, datamodule)
         metrics["tokens_per_second"] = round(model.tokens_seen / train_seconds, 1)
@@ -179,7 +188,7 @@ def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds:
             logger.finalize("success")
         write_metrics(run_dir / "metrics.json", metrics)
         log.info(result_summary(metrics, run_dir, UpdateProgress.unit(model)))
-    return metrics.get("val_loss")
+    return metrics.get("fid" if model.kind == "image" else "val_loss")  # what a sweep minimises
 
 
 def evaluate_language_model(trainer: L.Trainer, model, datamodule) -> dict:
@@ -191,10 +200,12 @@ def evaluate_language_model(trainer: L.Trainer, model, datamodule) -> dict:
     if whole_at_end or "loss/val" not in trainer.callback_metrics:  # or a resumed run whose training had ended
         trainer.validate(model, datamodule=datamodule, verbose=False)
     val = float(trainer.callback_metrics["loss/val"])  # ValidateAtEnd: measured after the last update
-    metrics = {"val_loss": val, "best_val_loss": min(model.best_val_loss, val), "test_loss": None}
+    metrics = {"val_loss": val, "best_val_loss": min(model.best_val_loss, val), "test_loss": None,
+               "val_bpc": float(trainer.callback_metrics["loss/val_bpc"]), "test_bpc": None}
     metrics.update(evaluation_scope(datamodule, "val"))
     if getattr(datamodule, "has_test", True):  # text data has a test split only when data.test_fraction > 0
-        metrics["test_loss"] = float(trainer.test(model, datamodule=datamodule, verbose=False)[0]["loss/test"])
+        result = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+        metrics.update(test_loss=float(result["loss/test"]), test_bpc=float(result["loss/test_bpc"]))
         metrics.update(evaluation_scope(datamodule, getattr(datamodule, "test_split", "test"), "test"))
     return metrics
 

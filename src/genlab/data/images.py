@@ -2,6 +2,9 @@
 ImageFolder's one folder per class), as the notebook prepares them: ``Resize(64)``,
 ``CenterCrop(64)``, ``Normalize(0.5, 0.5)`` -> tensors in [-1, 1].
 
+A seeded ``val_fraction`` of the images is held out (the same images every run with that seed and
+folder): the real images that FID and KID compare generated ones with (``genlab.quality``).
+
 Where ``data.root`` is not given, the data mirror's ``faces/celeba`` is used when it exists (a
 10,000-image subset of ``img_align_celeba``), else torchvision downloads CelebA into
 ``data_dir``; its Google Drive host is often over quota, and the error then says how to point
@@ -87,21 +90,31 @@ class ImageFolderDataModule(L.LightningDataModule):
     kind = "image"
 
     def __init__(self, root: str | None = None, data_dir: str = "data", mirror: str | None = None,
-                 image_size: int = 64, batch_size: int = 128, num_workers: int | str = "auto", seed: int = 42):
+                 image_size: int = 64, batch_size: int = 128, num_workers: int | str = "auto",
+                 val_fraction: float = 0.05, seed: int = 42):
         super().__init__()
-        self.root = Path(root).expanduser() if root else self._default_root(Path(data_dir), mirror)
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={val_fraction!r}: give the share of the images held out for "
+                              "FID and KID, from 0 (none: no quality figures) to below 1, e.g. 0.05")
         worker_count(num_workers)  # a bad value is refused before anything is read
+        self.root = Path(root).expanduser() if root else self._default_root(Path(data_dir), mirror)
+        self.data_dir = Path(data_dir)
         self.image_size, self.batch_size, self.num_workers, self.seed = image_size, batch_size, num_workers, seed
         if not self.root.is_dir():
             raise DataError(f"data.root={self.root} is not a folder; give a folder of images (flat or one "
                             "sub-folder per class)")
-        self.paths, bad = readable_images(self.root)
-        if not self.paths:
+        paths, bad = readable_images(self.root)
+        if not paths:
             raise DataError(f"no readable image (.jpg, .png, ...) in {self.root}; point data.root at a folder of images")
         if bad:
             log.warning("%s: skipped %d file(s) that could not be decoded as images", self.root, bad)
+        held_out = set(torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))
+                       [: int(len(paths) * val_fraction)].tolist())
+        self.paths = [p for i, p in enumerate(paths) if i not in held_out]  # the training images
+        self.val_paths = [p for i, p in enumerate(paths) if i in held_out]
         if len(self.paths) < batch_size:  # batches are whole (drop_last): fewer images would train 0 steps
-            raise DataError(f"{self.root} has {len(self.paths)} readable images, fewer than one batch of "
+            raise DataError(f"{self.root} has {len(paths)} readable images, {len(self.paths)} of them for training "
+                            f"(data.val_fraction={val_fraction} held out), fewer than one batch of "
                             f"data.batch_size={batch_size}; add images or lower data.batch_size")
         self.skipped = bad
         self.transform = transforms.Compose([
@@ -110,7 +123,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             transforms.ToTensor(),
             transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
         ])
-        log.info("%s: %d images at %dx%d", self.root, len(self.paths), image_size, image_size)
+        log.info("%s: %d images at %dx%d (%d for training, %d held out)", self.root, len(paths), image_size,
+                 image_size, len(self.paths), len(self.val_paths))
 
     @staticmethod
     def _default_root(data_dir: Path, mirror: str | None) -> Path:
@@ -138,3 +152,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         return DataLoader(ImageFiles(self.paths, self.transform), batch_size=self.batch_size, shuffle=True,
                           drop_last=True, num_workers=workers, persistent_workers=workers > 0,
                           generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self):
+        """What an image model validates on: its own fixed noise set (``genlab.models.image``)."""
+        return self.trainer.lightning_module.val_dataloader()
+
+    def real_images(self, n: int) -> tuple[list[Path], torch.Tensor]:
+        """The first ``n`` held-out images (their files, and the images as the model sees them)."""
+        paths = self.val_paths[:n]
+        images = ImageFiles(paths, self.transform)
+        return paths, torch.stack([images[i] for i in range(len(paths))]) if paths else torch.empty(0)

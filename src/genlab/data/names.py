@@ -216,11 +216,6 @@ class NamesDataModule(L.LightningDataModule):
     def test_dataloader(self):
         return FixedBatches(*self.tensors["test"], self.eval_batch_size, replica(self))
 
-    def evaluated_characters(self, split: str) -> int:
-        """Characters the evaluated targets of ``split`` cover: each name's letters and its end
-        token (a name's line ending in the file)."""
-        return int((self.tensors[split][1] >= 0).sum())
-
     def training_words(self) -> set[str]:
         """What sampling compares against to measure novelty."""
         return set(self.splits["train"])

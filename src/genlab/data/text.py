@@ -25,13 +25,12 @@ from typing import Callable
 
 import lightning as L
 import numpy as np
-import torch
 
 from genlab.data.batches import FixedWindows, StreamBatches, WindowBatches, overfitting, replica, resume_position
 from genlab.data.fetch import RemoteFile, fetch, sha256_of
 from genlab.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from genlab.errors import ConfigError, DataError
-from genlab.data.tokens import (Progress, Source, char_lengths, characters_of, dtype_for, text_files,
+from genlab.data.tokens import (Progress, Source, characters_of, dtype_for, text_files,
                                 write_bpe_tokens, write_char_tokens)
 from genlab.outputs import atomic_write_text, check_writable_folder
 
@@ -149,7 +148,6 @@ class TextDataModule(L.LightningDataModule):
         self.final_whole_split = final_whole_split
         self.whole_split = False  # evaluate whole splits now (set for the final figures)
         self.batches_per_step = 1
-        self._char_lengths = None
         self._load()
 
     def _source(self) -> tuple[Source, str, str]:
@@ -272,19 +270,6 @@ class TextDataModule(L.LightningDataModule):
         tokens = len(self._window_starts(split)) * self.seq_len
         return {"tokens": tokens, "whole_split": False,
                 "description": f"{split}: a fixed sample of {tokens:,} of its {targets:,} tokens (data.val_tokens)"}
-
-    def evaluated_characters(self, split: str) -> int:
-        """Characters of the text that the evaluated targets of ``split`` cover (the windows
-        ``val_dataloader`` / ``test_dataloader`` give now): exact, since each character counts
-        for the token that holds its first byte (for characters: one per target)."""
-        if self._char_lengths is None:
-            self._char_lengths = char_lengths(self.tokenizer)
-        end = self.ranges[split][1]
-        starts, total = self._window_starts(split), 0
-        for i in range(0, len(starts), 1 << 12):  # a few thousand windows at a time: bounded memory
-            index = (starts[i : i + (1 << 12), None] + 1 + np.arange(self.seq_len)).ravel()
-            total += int(self._char_lengths[self.tokens[index[index < end]]].sum())
-        return total
 
     def val_dataloader(self):
         return self._fixed_windows("val")

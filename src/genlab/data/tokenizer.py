@@ -15,6 +15,7 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
     def to_config(self) -> dict: ...
+    def characters_per_token(self) -> list[int]: ...
 
 
 class CharTokenizer:
@@ -52,6 +53,10 @@ class CharTokenizer:
     def to_config(self) -> dict:
         return {"type": "char", "chars": self.chars, "boundary": self.boundary}
 
+    def characters_per_token(self) -> list[int]:
+        """Each id is one character (the boundary too: it stands for a name's newline)."""
+        return [1] * self.vocab_size
+
 
 class GPT2Tokenizer:
     """GPT-2's byte-pair encoding through tiktoken (50,257 tokens).
@@ -76,6 +81,12 @@ class GPT2Tokenizer:
 
     def to_config(self) -> dict:
         return {"type": "gpt2"}
+
+    def characters_per_token(self) -> list[int]:
+        """The characters each id adds to a text: the bytes of its UTF-8 that start a character
+        (not 0b10xxxxxx), so that a character split over two tokens counts once, with the first."""
+        return [sum((b & 0xC0) != 0x80 for b in self.encoding.decode_single_token_bytes(i))
+                for i in range(self.vocab_size)]
 
 
 # sha256 of OpenAI's GPT-2 files, as tiktoken pins them

@@ -219,13 +219,3 @@ def _write(encoded: Iterator[tuple[np.ndarray, int]], path: Path, progress: Prog
 
     atomic_write_chunks(path, chunks())
     return count
-
-
-def char_lengths(tokenizer) -> np.ndarray:
-    """Characters per token id: a character counts for the token that holds its first byte, so
-    a contiguous run of tokens sums to the characters of its text exactly."""
-    if tokenizer.to_config()["type"] == "char":
-        return np.ones(tokenizer.vocab_size, dtype=np.int64)
-    encoding = tokenizer.encoding
-    return np.array([sum((b & 0xC0) != 0x80 for b in encoding.decode_single_token_bytes(i))
-                     for i in range(encoding.n_vocab)], dtype=np.int64)

@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from genlab.data.tokenizer import tokenizer_from_config
 from genlab.errors import TrainingDiverged
 from genlab.models.module import GenlabModule
 from genlab.models.compiled_update import CompiledUpdate
@@ -193,11 +194,25 @@ class LanguageModel(GenlabModule):
         self.log("step", float(self.global_step))
 
     # --- evaluation: exact mean over every real target of the split -------------------------
+    def characters_per_token(self) -> torch.Tensor:
+        """(V,) the characters each token id stands for, on the model's device (for bits per
+        character), from the data's tokenizer, or the checkpoint's where there is no data module."""
+        table = getattr(self, "_characters_per_token", None)
+        if table is None or table.device != self.device:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            tokenizer = getattr(datamodule, "tokenizer", None) or tokenizer_from_config(self.hparams.tokenizer)
+            table = torch.tensor(tokenizer.characters_per_token(), dtype=torch.float64, device=self.device)
+            self._characters_per_token = table
+        return table
+
     def _eval_step(self, batch):
         x, y = batch
         summed = self.loss(self(x), y, reduction="sum")
-        count = (y >= 0).sum()
-        totals = torch.stack([summed.double(), count.double()])
+        real = y >= 0
+        # characters of the targets evaluated (a sample of a split counts the sample's own); masked,
+        # not indexed by the mask, which would wait for the GPU
+        characters = (self.characters_per_token()[y.clamp(min=0)] * real).sum()
+        totals = torch.stack([summed.double(), real.sum().double(), characters])
         self._eval_totals = totals if self._eval_totals is None else self._eval_totals + totals
 
     def _eval_end(self, stage: str):
@@ -207,6 +222,8 @@ class LanguageModel(GenlabModule):
         self._eval_totals = None
         loss = (totals[0] / totals[1]).float()
         self.log(f"loss/{stage}", loss, sync_dist=False)
+        # bits per character: one scale for every tokenizer (nats over the split's characters, in bits)
+        self.log(f"loss/{stage}_bpc", (totals[0] / totals[2] / math.log(2)).float(), sync_dist=False)
         if stage == "val" and not self.trainer.sanity_checking:
             # the best so far, so that TensorBoard's HPARAMS (which shows a curve's last value) has it
             self.best_val_loss = min(self.best_val_loss, loss.item())

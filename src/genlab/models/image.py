@@ -13,7 +13,11 @@ noise vectors), the loss history (``losses.png`` and ``metrics.json``'s final fi
 checkpoints), a stop at a NaN loss (naming its step, before any checkpoint holds it), images/s,
 and the pictures a run shows: a grid of real images at the start, every ``grid_every`` steps a grid
 from one fixed noise batch (TensorBoard and ``grids/step_XXXXXXX.png``), and ``progress.gif`` at
-the end."""
+the end.
+
+Where the run has a quality measure (``genlab.quality``: the extractor's weights could be had),
+every validation (``val_every`` and the end) generates images from its fixed noise set and logs
+FID and KID (``quality/fid``, ``quality/kid``); the best FID's checkpoint is ``best.ckpt``."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 from genlab.errors import TrainingDiverged
 from genlab.figures import image_grid, plot_curves, save_gif, save_png
 from genlab.models.module import GenlabModule
+from genlab.quality import ImageQuality
 
 
 class ImageModel(GenlabModule):
@@ -40,6 +45,10 @@ class ImageModel(GenlabModule):
         self.history: list[dict] = []  # one entry a step: {"step": n, <loss name>: value, ...}
         self.unread: list[tuple[int, dict[str, torch.Tensor]]] = []  # (step, losses) not yet in history
         self.images_seen = 0
+        self.quality: ImageQuality | None = None  # set by train.py where FID can be measured
+        self.best_fid = math.inf  # the lowest FID so far (kept in checkpoints)
+        self.scores: dict[str, float] = {}  # the last validation's FID and KID
+        self._fake: list[torch.Tensor] = []  # features of this validation's generated images
 
     def fix_noise(self) -> None:
         """One noise batch, fixed for the whole run (and kept in checkpoints), to watch progress on;
@@ -138,12 +147,42 @@ class ImageModel(GenlabModule):
             curves = {name: (steps, [h[name] for h in self.history]) for name in self.history[0] if name != "step"}
             plot_curves(curves, self.run_dir() / "losses.png", title="Losses during training")
 
+    # --- quality: FID and KID at every validation -------------------------------------------------
+    @property
+    def monitor(self) -> str | None:
+        return "quality/fid" if self.quality is not None else None
+
+    def val_dataloader(self):  # a generator's validation data: its fixed noise (the data module asks here)
+        return self.quality.noise_batches(self.latent_shape) if self.quality is not None else []
+
+    def validation_step(self, z: torch.Tensor, batch_idx: int) -> None:
+        if not self.trainer.sanity_checking:  # Lightning's check before training: the step runs, no more
+            self._fake.append(self.quality.features(self.generate(z)))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._fake:
+            return
+        fake, self._fake = torch.cat(self._fake), []
+        self.scores = self.quality.score(fake)
+        self.best_fid = min(self.best_fid, self.scores["fid"])
+        self.log_dict({"quality/fid": self.scores["fid"], "quality/kid": self.scores["kid_mean"],
+                       "quality/best_fid": self.best_fid})
+        self.log("step", float(self.global_step))
+
+    def quality_summary(self) -> dict:
+        """The last validation's FID and KID for metrics.json (nothing without a quality measure)."""
+        if self.quality is None or not self.scores:
+            return {}
+        return {**self.scores, "best_fid": self.best_fid, "fid_images": self.quality.fake_count,
+                "fid_real_images": self.quality.real_count}
+
     # --- checkpoints -------------------------------------------------------------------------------
     def checkpoint_extras(self) -> dict:
         self.read_losses()
-        return {"history": self.history}
+        return {"history": self.history, "best_fid": self.best_fid}
 
     def on_load_checkpoint(self, checkpoint) -> None:
         super().on_load_checkpoint(checkpoint)
         self.history = [h for h in checkpoint.get("genlab", {}).get("history") or [] if isinstance(h, dict)]
+        self.best_fid = checkpoint.get("genlab", {}).get("best_fid", math.inf)
         self.unread = []

@@ -17,6 +17,7 @@ from genlab.steps import check_same_count, count_update
 class GenlabModule(L.LightningModule):
     kind = "text"  # the data kind this model consumes ("text" or "image")
     single_pass = False  # True: trained by one pass over the data (counting), not by updates
+    monitor: str | None = "loss/val"  # the figure validation measures and best.ckpt minimises; None: none
 
     def __init__(self):
         super().__init__()
