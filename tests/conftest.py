@@ -8,6 +8,7 @@ import os
 import random
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -64,6 +65,14 @@ def fake_gpus(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=0: cards[device or 0][0])
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=0: cards[device or 0][1])
     return install
+
+
+def training_loop(updates_per_step: int = 1, rank: int = 0, world: int = 1):
+    """What a training stream asks a data module's trainer for (``genlab.data.batches.BatchStream``),
+    without a trainer: a data module, or the ``loop`` of a stream looked at on its own."""
+    trainer = SimpleNamespace(lightning_module=SimpleNamespace(updates_per_step=updates_per_step), global_step=0,
+                              global_rank=rank, world_size=world, overfit_batches=0)
+    return SimpleNamespace(trainer=trainer)
 
 
 def compose_config(overrides: list[str], run_dir: Path):

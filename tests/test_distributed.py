@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, hparams_of
+from conftest import REPO, hparams_of, training_loop
 
 from genlab.data.batches import FixedBatches, SequenceBatches, StreamBatches, WindowBatches
 
@@ -25,8 +25,8 @@ def batches_of(items) -> list[tuple]:
 
 
 @pytest.mark.parametrize("make", [
-    lambda rep: SequenceBatches(torch.arange(96).view(48, 2), torch.zeros(48, 2), 4, 2, seed=1, replica=rep),
-    lambda rep: WindowBatches(torch.arange(500), 6, 4, steps_per_epoch=3, batches_per_step=2, seed=1, replica=rep),
+    lambda rep: SequenceBatches(torch.arange(96).view(48, 2), torch.zeros(48, 2), 4, seed=1, loop=training_loop(2, *rep)),
+    lambda rep: WindowBatches(torch.arange(500), 6, 4, seed=1, loop=training_loop(2, *rep)),
 ])
 def test_ranks_take_different_batches_that_together_make_the_single_process_stream(make):
     single = list(make((0, 1)))
@@ -41,8 +41,8 @@ def test_ranks_take_different_batches_that_together_make_the_single_process_stre
 
 def test_each_rank_reads_its_own_text_streams():
     text = torch.arange(1000)
-    rank0 = next(iter(StreamBatches(text, 10, 3, replica=(0, 2))))[0][0]
-    rank1 = next(iter(StreamBatches(text, 10, 3, replica=(1, 2))))[0][0]
+    rank0 = next(iter(StreamBatches(text, 10, 3, loop=training_loop(1, 0, 2))))[0][0]
+    rank1 = next(iter(StreamBatches(text, 10, 3, loop=training_loop(1, 1, 2))))[0][0]
     assert not set(rank0.flatten().tolist()) & set(rank1.flatten().tolist())
     assert rank0[:, 0].tolist() == [0, 160, 320] and rank1[:, 0].tolist() == [480, 640, 800]
 

@@ -75,7 +75,6 @@ def test_counting_bigram_matches_a_direct_count(names_file, tmp_path):
 
     dm = NamesDataModule(data_dir=tmp_path, path=str(names_file), batch_size=8)
     model = Bigram(tokenizer=dm.tokenizer.to_config(), seq_len=dm.seq_len, counting=True, smoothing=1.0)
-    dm.batches_per_step = 1
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, enable_model_summary=False)
     trainer.fit(model, datamodule=dm)

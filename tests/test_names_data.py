@@ -1,4 +1,5 @@
 import torch
+from conftest import training_loop
 
 from genlab.data.names import CleaningReport, NamesDataModule, clean_names
 from genlab.data.tokenizer import CharTokenizer
@@ -59,7 +60,7 @@ def test_vocabulary_round_trip_and_boundary_token():
 
 def test_batches_are_start_token_shifted_and_padded_with_minus_one(names_file, tmp_path):
     dm = NamesDataModule(data_dir=tmp_path, path=str(names_file), batch_size=8)
-    dm.batches_per_step = 3
+    dm.trainer = training_loop(updates_per_step=3).trainer  # a Lightning step of 3 updates
     xs, ys, widths = next(iter(dm.train_dataloader()))
     assert xs.shape[:2] == (3, 8) and xs.shape == ys.shape and widths.shape == (3,)
     assert (xs[..., 0] == 0).all()  # every sequence starts with '.'

@@ -191,6 +191,8 @@ def test_characters_covered_by_bpe_windows_are_exact(tmp_path, mirror):
     targets = torch.cat([y.flatten() for _, y in dm.val_dataloader()])
     assert sum(table[t] for t in targets[targets >= 0].tolist()) == len(covered)
 
+
+@pytest.mark.parametrize("final_whole_split", [False, True])
 def test_metrics_say_what_the_final_figures_cover(text_file, tmp_path, final_whole_split):
     from conftest import run_training
 
@@ -275,7 +277,7 @@ def test_a_large_token_file_is_not_mapped_whole_by_random_windows(tmp_path, monk
     path = tmp_path / "tokens.bin"
     np.random.default_rng(0).integers(0, 60, 16 << 20, dtype=np.uint16).tofile(path)  # 32 MB
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
-    stream = batches.WindowBatches(tokens[: 15 << 20], 64, 32, 100)  # a view of the map, as a split is
+    stream = batches.WindowBatches(tokens[: 15 << 20], 64, 32)  # a view of the map, as a split is
     for budget, most in ((1 << 40, None), (1 << 20, 2.0)):  # mapped whole allowed; then past 1 MB
         monkeypatch.setattr(batches, "MAPPED_BYTES", budget)
         for position in range(300):

@@ -23,7 +23,7 @@ def find_learning_rate(cfg: DictConfig, run_dir: Path, datamodule, model) -> tup
     if model.kind != "text" or not model.hparams.get("optimizer"):
         raise ConfigError(f"tune_lr=true searches the learning rate of a language model's optimizer; "
                           f"model={choice('model')} has none to search")
-    use_count(model, datamodule, 1)  # the finder moves the rate once per step
+    use_count(model, 1)  # the finder moves the rate once per step
     search = cfg.lr_finder
     # the finder saves and restores the model around its search: through genlab's checkpoint files
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,

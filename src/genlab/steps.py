@@ -76,10 +76,10 @@ def count_of(trainer: L.Trainer) -> int:
     return getattr(trainer.lightning_module, "updates_per_step", 1)
 
 
-def use_count(model, datamodule, count: int) -> None:
-    """Train with ``count`` updates per Lightning step: the model makes them, the data hands over
-    that many batches per item."""
-    model.updates_per_step = datamodule.batches_per_step = count
+def use_count(model, count: int) -> None:
+    """Train with ``count`` updates per Lightning step: the model makes them, and the data's
+    training stream asks for the count (``count_of``) to hand over that many batches per item."""
+    model.updates_per_step = count
 
 
 def next_due_update(trainer: L.Trainer, every: int) -> int | None:
@@ -143,7 +143,6 @@ def measure_update_seconds(model, datamodule, device: torch.device | None = None
     probe = copy.deepcopy(model).to(device)
     configured = probe.configure_optimizers()
     optimizer = configured[0][0] if isinstance(configured, (list, tuple)) else configured
-    datamodule.batches_per_step = 1
     items = itertools.islice(iter(datamodule.train_dataloader()), updates + 2)
     batches = [tuple(t.to(device) for t in next(iter(probe.unpack(item)))) for item in items]
     random_state = torch.get_rng_state()

@@ -96,7 +96,7 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     if hasattr(datamodule, "training_words"):
         model.training_words = sorted(datamodule.training_words())
     updates_per_step = resolve_updates_per_step(model, datamodule, cfg.val_every, checkpoint, cfg.trainer)
-    use_count(model, datamodule, updates_per_step)
+    use_count(model, updates_per_step)
     if quality is not None:
         model.quality = quality
     trainer = build_trainer(cfg, run_dir, updates_per_step, model.single_pass,

@@ -2,8 +2,8 @@
 are cut from them by indexing.
 
 A per-sample ``Dataset`` with the default collate costs more than a tiny model's step, so these
-iterables hand Lightning ready-made batches. Training items are groups of K = ``batches_per_step``
-batches, packed as three tensors ``(xs, ys, widths)``: xs and ys of shape (K, B, T), and the width
+iterables hand Lightning ready-made batches. Training items are groups of K batches (K: the
+updates one Lightning step makes, ``genlab.steps``), packed as three tensors ``(xs, ys, widths)``: xs and ys of shape (K, B, T), and the width
 of each batch (its longest sequence), so the model trims each batch without extra padding. The
 language-model base makes K optimizer updates from one item (see ``genlab.models.base``); three
 tensors cost Lightning far less to hand over than a list of K pairs.
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from genlab.errors import DataError
+from genlab.steps import count_of
 
 
 def context_windows(idx: torch.Tensor, size: int, pad_id: int = 0) -> torch.Tensor:
@@ -52,34 +53,38 @@ def replica(datamodule) -> tuple[int, int]:
     return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
 
-def resume_position(datamodule) -> int:
-    """Where the training stream stands: the optimizer updates made so far (one batch each), which
-    Lightning restores from a checkpoint before training resumes."""
-    trainer = datamodule.trainer
-    return trainer.global_step if trainer is not None else 0
-
-
-def overfitting(datamodule) -> bool:
-    """``debug=overfit`` (Lightning's ``trainer.overfit_batches``): every update takes the first batch."""
-    trainer = datamodule.trainer
-    return trainer is not None and trainer.overfit_batches > 0
-
-
 class BatchStream:
     """A stream of training batches: batch p depends only on p (and a seed), never on what came
-    before, and each Lightning step takes the next K = ``batches_per_step`` of them as one item.
+    before, and each Lightning step takes the next K of them as one item.
 
-    Every ``__iter__`` (one Lightning epoch) starts at ``start()``: the updates made so far, so a
-    resumed run sees the batches the uninterrupted run would have seen. (Lightning's own loader
-    state would be off by the item it prefetches.)
+    What the training loop decides, the stream asks the trainer of ``loop`` (the data module) for,
+    so a data module never sets it: K (``genlab.steps``), and where every ``__iter__`` (one
+    Lightning epoch) starts: the updates made so far, so a resumed run sees the batches the
+    uninterrupted run would have seen (Lightning's own loader state would be off by the item it
+    prefetches). Without a trainer (a stream looked at on its own) K is 1 and it starts at 0.
 
     Under distributed training, update p of rank r takes global batch ``p * world + r``: the
     ranks see different batches, and together the batches one process would see in turn."""
 
-    batches_per_step = 1
-    start = staticmethod(lambda: 0)
-    rank, world = 0, 1
-    one_batch = False  # True: every update trains on the first batch (debug=overfit)
+    def __init__(self, loop=None):
+        self.loop = loop
+        self.rank, self.world = replica(loop)
+
+    @property
+    def trainer(self):
+        return getattr(self.loop, "trainer", None)
+
+    @property
+    def batches_per_step(self) -> int:
+        return count_of(self.trainer) if self.trainer is not None else 1
+
+    def start(self) -> int:
+        return self.trainer.global_step if self.trainer is not None else 0
+
+    @property
+    def one_batch(self) -> bool:
+        """``debug=overfit`` (Lightning's ``trainer.overfit_batches``): every update takes the first batch."""
+        return self.trainer is not None and self.trainer.overfit_batches > 0
 
     def batch(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -88,11 +93,11 @@ class BatchStream:
         return position * self.world + self.rank
 
     def __iter__(self):
-        position = self.start()
+        k, position = self.batches_per_step, self.start()
         for _ in range(len(self)):
-            steps = [0] * self.batches_per_step if self.one_batch else range(position, position + self.batches_per_step)
+            steps = [0] * k if self.one_batch else range(position, position + k)
             xs, ys = zip(*(self.batch(self.global_index(p)) for p in steps))
-            position += self.batches_per_step
+            position += k
             yield group(torch.stack(xs), torch.stack(ys))
 
 
@@ -100,13 +105,11 @@ class SequenceBatches(BatchStream):
     """Shuffled batches of whole sequences (names): one pass over the split per data epoch, a new
     order each epoch; a Lightning epoch is about one pass."""
 
-    def __init__(self, x, y, batch_size, batches_per_step=1, seed=0, start=None, replica=(0, 1)):
+    def __init__(self, x, y, batch_size, seed=0, loop=None):
+        super().__init__(loop)
         self.x, self.y = x, y
-        self.rank, self.world = replica
         self.batch_size = batch_size
-        self.batches_per_step = batches_per_step
         self.seed = seed
-        self.start = start or self.start
         self.batches_per_epoch = len(x) // batch_size
         if self.batches_per_epoch == 0:
             raise DataError(f"the training split has {len(x)} sequences, fewer than one batch of {batch_size}; "
@@ -158,23 +161,20 @@ def read_windows(tokens: np.ndarray, starts: np.ndarray, length: int, end: int |
 
 class WindowBatches(BatchStream):
     """Random windows of ``seq_len + 1`` tokens from one long token stream (training on text); a
-    Lightning epoch is ``steps_per_epoch`` items. ``tokens`` may be a memory map."""
+    Lightning epoch is about one pass over the text (at least one item). ``tokens`` may be a memory map."""
 
-    def __init__(self, tokens, seq_len, batch_size, steps_per_epoch, batches_per_step=1, seed=0, start=None,
-                 replica=(0, 1)):
+    def __init__(self, tokens, seq_len, batch_size, seed=0, loop=None):
+        super().__init__(loop)
         self.tokens = np.asanyarray(tokens)  # a memory map stays one
-        self.rank, self.world = replica
         self.seq_len = seq_len
         self.batch_size = batch_size
-        self.steps_per_epoch = steps_per_epoch
-        self.batches_per_step = batches_per_step
         self.seed = seed
-        self.start = start or self.start
+        self.batches_per_epoch = len(self.tokens) // (self.world * batch_size * seq_len)
         if len(self.tokens) <= seq_len + 1:
             raise DataError(f"the training text has {len(self.tokens)} tokens, too few for windows of {seq_len + 1}")
 
     def __len__(self) -> int:
-        return self.steps_per_epoch
+        return max(1, self.batches_per_epoch // self.batches_per_step)
 
     def batch(self, position: int):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + position)
@@ -190,11 +190,11 @@ class StreamBatches(BatchStream):
     distributed training each rank reads its own ``batch_size`` of the ``world * batch_size`` streams.
     ``tokens`` may be a memory map: each batch reads its windows from it."""
 
-    def __init__(self, tokens, seq_len, batch_size, batches_per_step=1, start=None, replica=(0, 1)):
+    def __init__(self, tokens, seq_len, batch_size, loop=None):
+        super().__init__(loop)
         self.tokens = np.asanyarray(tokens)  # a memory map stays one
-        self.seq_len, self.batches_per_step = seq_len, batches_per_step
-        self.start = start or self.start
-        rank, world = replica
+        self.seq_len = seq_len
+        rank, world = self.rank, self.world
         self.chunks = (len(tokens) - 1) // (world * batch_size * seq_len)  # chunks per stream
         if self.chunks == 0:
             raise DataError(f"the training text has {len(tokens)} tokens, too few for {batch_size} streams "

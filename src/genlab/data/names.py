@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from genlab.data.batches import FixedBatches, SequenceBatches, context_windows, overfitting, replica, resume_position
+from genlab.data.batches import FixedBatches, SequenceBatches, context_windows, replica
 from genlab.data.fetch import RemoteFile, fetch
 from genlab.errors import ConfigError, DataError
 from genlab.data.tokenizer import CharTokenizer
@@ -141,7 +141,6 @@ class NamesDataModule(L.LightningDataModule):
         self.sampling, self.block_size = sampling, block_size
         self.max_name_length = max_name_length
         self.lowercase = lowercase
-        self.batches_per_step = 1  # set by the trainer set-up from the model (see models.base)
         self._load()
 
     def _load(self) -> None:
@@ -190,9 +189,7 @@ class NamesDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         x, y = self.tensors["train"] if self.sampling == "names" else self.training_windows()
-        stream = SequenceBatches(x, y, self.batch_size, self.batches_per_step, self.seed,
-                                 start=lambda: resume_position(self), replica=replica(self))
-        stream.one_batch = overfitting(self)
+        stream = SequenceBatches(x, y, self.batch_size, self.seed, loop=self)
         return stream
 
     def training_windows(self) -> tuple[torch.Tensor, torch.Tensor]:

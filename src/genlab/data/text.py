@@ -26,7 +26,7 @@ from typing import Callable
 import lightning as L
 import numpy as np
 
-from genlab.data.batches import FixedWindows, StreamBatches, WindowBatches, overfitting, replica, resume_position
+from genlab.data.batches import FixedWindows, StreamBatches, WindowBatches, replica
 from genlab.data.fetch import RemoteFile, fetch, sha256_of
 from genlab.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from genlab.errors import ConfigError, DataError
@@ -147,7 +147,6 @@ class TextDataModule(L.LightningDataModule):
         # True: the final figures (metrics.json) cover the whole split even where validations sample it
         self.final_whole_split = final_whole_split
         self.whole_split = False  # evaluate whole splits now (set for the final figures)
-        self.batches_per_step = 1
         self._load()
 
     def _source(self) -> tuple[Source, str, str]:
@@ -228,15 +227,8 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self):
         tokens = self.split_tokens("train")
         if self.sequential:
-            stream = StreamBatches(tokens, self.seq_len, self.batch_size, self.batches_per_step,
-                                   start=lambda: resume_position(self), replica=replica(self))
-        else:
-            shard = replica(self)
-            per_epoch = max(1, len(tokens) // (shard[1] * self.batch_size * self.seq_len * self.batches_per_step))
-            stream = WindowBatches(tokens, self.seq_len, self.batch_size, per_epoch, self.batches_per_step, self.seed,
-                                   start=lambda: resume_position(self), replica=shard)
-        stream.one_batch = overfitting(self)
-        return stream
+            return StreamBatches(tokens, self.seq_len, self.batch_size, loop=self)
+        return WindowBatches(tokens, self.seq_len, self.batch_size, self.seed, loop=self)
 
     def training_widths(self) -> list[int]:
         """The widths a training batch can have: always ``seq_len``."""
