@@ -117,11 +117,19 @@ class Ranks:
         text = decision.read_text()
         (self.folder / f"read-{socket.gethostname()}-{os.getpid()}").touch()
         if self.processes and len(list(self.folder.glob("read-*"))) >= self.processes - 1:
-            shutil.rmtree(self.folder, ignore_errors=True)  # every other process has it: the last one clears
+            self._remove()  # every other process has it: the last one clears
         return text
+
+    def _remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        for empty in (self.folder.parent, self.folder.parent.parent):  # outputs/.ranks, outputs: if nothing else
+            try:
+                empty.rmdir()
+            except OSError:
+                break
 
     def close(self, trained: bool) -> None:
         """The first process at the end: once the run trained, every process has read the decision."""
         os.environ.pop(DECISION, None)
         if trained and self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            self._remove()
