@@ -277,3 +277,20 @@ def test_an_interrupted_grid_run_again_keeps_finished_jobs_resumes_the_stopped_o
     record = json.loads((sweep / "0-lr=0.01,n_embd=4.refused.json").read_text())
     assert record["status"] == "refused" and "holds a run of another configuration" in record["error"]
     assert "trainer.max_steps=300" in record["overrides"]
+
+
+def test_two_optuna_workers_started_together_share_one_sqlite_study(names_file, tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    workers = [subprocess.Popen(
+        [sys.executable, "train.py", "hparams_search=names_mlp_optuna", f"data.path={names_file}",
+         "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared",
+         f"hydra.sweep.dir={tmp_path / f'worker{i}'}", "scheduler.milestones=[1000]", *TINY,
+         f"paths.data_dir={tmp_path / 'data'}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    for worker in workers:  # each made its trials; neither died creating the storage
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-3000:]
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
