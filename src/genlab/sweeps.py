@@ -14,13 +14,13 @@ share one storage find the study made once, before they race for it (``prepare_s
 
 from __future__ import annotations
 
-import json
 import logging
 import hashlib
 import math
 import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -148,6 +148,25 @@ def prepare_study(sweeper: DictConfig) -> None:
                 time.sleep(1 + attempt)
 
 
+def no_accounting_noise(record: logging.LogRecord) -> bool:
+    return "Bypassing sacct error" not in record.getMessage()
+
+
+def quiet_without_accounting() -> None:
+    """The submitit launcher asks SLURM's accounting (sacct) for its jobs' states every few seconds.
+    A cluster that keeps no accounting answers each time with an error on the console, and submitit
+    then reads the jobs' result files instead, which is all it can do: there, it asks nothing."""
+    logging.getLogger("submitit").addFilter(no_accounting_noise)
+    try:
+        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if re.search(r"^AccountingStorageType\s*=\s*accounting_storage/none", config, re.MULTILINE):
+        from submitit.slurm.slurm import SlurmInfoWatcher
+
+        SlurmInfoWatcher._make_command = lambda self: None  # no sacct call: states come from the result files
+
+
 def job_number(folder: Path) -> int | None:
     head = folder.name.split("-", 1)[0]
     return int(head) if folder.is_dir() and head.isdigit() else None
@@ -186,6 +205,8 @@ class SweepReport(Callback):
         os.environ[SWEPT_KEYS] = ",".join(swept_keys(config))
         os.environ[SWEEP_COMMAND] = continue_command(config)
         prepare_study(config.hydra.sweeper)
+        if "submitit" in str(config.hydra.launcher.get("_target_", "")).lower():
+            quiet_without_accounting()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
