@@ -33,7 +33,7 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || [ -z "
 fi
 stop  # a start after a start that was not stopped
 trap 'stop' ERR  # a start that fails leaves nothing running
-mkdir -p "$dir"/{munge,slurmctld,slurmd,log,pg-socket}; chmod 700 "$dir/log"
+mkdir -p "$dir"/{munge,slurmctld,slurmd,log,pg-socket,pg-log}; chown root "$dir/log"; chmod 700 "$dir/log"
 host=$(hostname -s); cpus=$(nproc); mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
 [ -s "$dir/munge.key" ] || dd if=/dev/urandom bs=1 count=1024 of="$dir/munge.key" 2>/dev/null
 chmod 400 "$dir/munge.key"; chmod 700 "$dir/munge"
@@ -77,8 +77,8 @@ if [ ! -d "$dir/pg" ]; then
   mkdir -p "$dir/pg"; chown postgres "$dir/pg"
   runuser -u postgres -- "$pg_bin/initdb" -D "$dir/pg" -A trust -U postgres >/dev/null
 fi
-chown postgres "$dir/log" "$dir/pg-socket"
-runuser -u postgres -- "$pg_bin/pg_ctl" -D "$dir/pg" -l "$dir/log/postgres.log" -w \
+chown postgres "$dir/pg-socket" "$dir/pg-log"
+runuser -u postgres -- "$pg_bin/pg_ctl" -D "$dir/pg" -l "$dir/pg-log/postgres.log" -w \
   -o "-p 5499 -k $dir/pg-socket -c listen_addresses=127.0.0.1" start >/dev/null
 runuser -u postgres -- "$pg_bin/psql" -h 127.0.0.1 -p 5499 -U postgres -qtc "DROP DATABASE IF EXISTS optuna" >/dev/null
 runuser -u postgres -- "$pg_bin/psql" -h 127.0.0.1 -p 5499 -U postgres -qtc "CREATE DATABASE optuna" >/dev/null
