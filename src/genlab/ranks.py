@@ -55,15 +55,16 @@ def refusal(err: BaseException) -> Start:
 
 
 def launch_key() -> str | None:
-    """What the processes of one launch share, and no other launch: SLURM's job, step and restart;
-    torchrun's run id and restart; else the address of the process group."""
+    """For processes started apart, what the processes of one launch share and no other launch
+    does: SLURM's job, step and restart; torchrun's run id and restart; else (one command per node,
+    LOCAL_RANK given) the address of the process group. None where Lightning starts the others."""
     env = os.environ
-    if "SLURM_JOB_ID" in env and "SLURM_NTASKS" in env:
+    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS") or 1) > 1:
         return f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', 0)}-{env.get('SLURM_RESTART_COUNT', 0)}"
     if "TORCHELASTIC_RUN_ID" in env:
         return (f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', 0)}-"
                 f"{env.get('MASTER_PORT', '')}")
-    if "MASTER_PORT" in env:
+    if "LOCAL_RANK" in env and "MASTER_PORT" in env:
         return f"{env.get('MASTER_ADDR', 'localhost')}-{env['MASTER_PORT']}"
     return None
 
@@ -105,7 +106,8 @@ class Ranks:
     def _wait(self) -> str:
         if self.folder is None:
             raise ConfigError("this process is not the first of its run, but neither Lightning, SLURM nor torchrun "
-                              "started it (no MASTER_PORT, SLURM_JOB_ID or TORCHELASTIC_RUN_ID): start it with one")
+                              "started it (no SLURM_JOB_ID, TORCHELASTIC_RUN_ID, or LOCAL_RANK with MASTER_PORT): "
+                              "start it with one of them")
         timeout = float(os.environ.get(TIMEOUT, 600))
         deadline = time.monotonic() + timeout
         decision = self.folder / "decision.json"

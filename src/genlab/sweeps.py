@@ -22,6 +22,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -132,9 +133,9 @@ def prepare_study(sweeper: DictConfig) -> None:
     from filelock import FileLock
 
     url = str(storage)
-    lock = Path(url.removeprefix("sqlite:///") + ".lock") if url.startswith("sqlite:///") else \
-        Path("outputs") / ".locks" / f"optuna-{hashlib.sha256(url.encode()).hexdigest()[:16]}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("sqlite:///"):  # one file, however its path is written
+        url = f"sqlite:///{Path(url.removeprefix('sqlite:///')).resolve()}"
+    lock = Path(tempfile.gettempdir()) / f"genlab-optuna-{hashlib.sha256(url.encode()).hexdigest()[:16]}.lock"
     direction = sweeper.get("direction") or "minimize"
     directions = {"directions": list(direction)} if not isinstance(direction, str) else {"direction": direction}
     with FileLock(str(lock)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -71,7 +72,7 @@ def test_a_preempted_slurm_job_is_requeued_and_ends_where_the_job_left_alone_end
     assert refused.returncode == 1, refused.stderr[-3000:]
     assert "sweep: 0 of 2 jobs completed" in refused.stderr and "0-name=alone refused: " in refused.stderr
     assert {name: snapshot(sweep / name) for name in before} == before
-    logs = [p for p in (sweep / ".submitit").iterdir() if p.name not in submitted and "_" in p.name]
+    logs = [p for p in (sweep / ".submitit").iterdir() if p.name not in submitted and re.fullmatch(r"\d+_\d+", p.name)]
     assert len(logs) == 2  # <array job>_<task>: one folder per job
     for job_logs in logs:
         for rank in (0, 1):  # each process ended with the first one's refusal

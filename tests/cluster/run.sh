@@ -6,4 +6,6 @@ cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
 trap 'tests/cluster/cluster.sh stop' EXIT
 eval "$(tests/cluster/cluster.sh start | tail -n 1)"
-"$PYTHON" -m pytest -q -p no:cacheprovider -s tests/cluster/cluster_checks.py "$@"
+# its own temporary folder: pytest runs started meanwhile rotate away the shared one's old entries
+"$PYTHON" -m pytest -q -p no:cacheprovider -s --basetemp="${CLUSTER_DIR:-/tmp/genlab-cluster}/pytest" \
+  tests/cluster/cluster_checks.py "$@"
