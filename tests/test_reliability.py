@@ -171,7 +171,7 @@ def test_a_second_run_in_a_folder_holding_a_run_is_refused_unless_it_overwrites(
 def test_two_processes_never_write_one_folder(names_file, tmp_path):
     run_dir = tmp_path / "run"
     with RunFolder(run_dir) as other:  # another run holds the folder
-        other.open(resuming_here=False, overwrite=False)
+        other.open(compose_config([f"data.path={names_file}", *SMALL], run_dir))
         cfg = compose_config([f"data.path={names_file}", *SMALL, "overwrite=true"], run_dir)
         with pytest.raises(ConfigError, match=f"another process \\(pid {os.getpid()}\\) is writing {run_dir}"):
             train(cfg)
