@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # the offline data mirror beside the checkout, when there is one (see README: Data)
 export GENLAB_DATA_MIRROR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 
-.PHONY: setup train test test-slow benchmark gpu-check tensorboard clean
+.PHONY: setup train test test-slow test-cluster benchmark gpu-check tensorboard clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ test: setup
 # the slow end-to-end tests (torch.compile); CI runs them after make test
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+# against a real scheduler (root; Debian's slurm-wlm, munge and postgresql, installed when missing):
+# a one-node SLURM and a PostgreSQL server started for the checks and stopped after them
+# (tests/cluster/run.sh): a pre-empted SLURM job requeued and resumed, a refused job, Optuna workers
+$(VENV)/.cluster: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,cluster]'
+	touch $@
+
+test-cluster: $(VENV)/.cluster
+	PYTHON=$(PY) tests/cluster/run.sh $(ARGS)
 
 benchmark: setup
 	$(PY) scripts/benchmark.py $(ARGS)

@@ -141,6 +141,19 @@ class SendSignal(L.Callback):
         self._batch("test")
 
 
+class SignalInJob(SendSignal):
+    """``SendSignal`` in one sweep job only: the one numbered ``$GENLAB_TEST_SIGNAL_JOB`` (none when
+    unset), so that the same sweep command, run again without the variable, runs undisturbed."""
+
+    def setup(self, trainer, pl_module, stage):
+        job = os.environ.get("GENLAB_TEST_SIGNAL_JOB")
+        self.armed = job is not None and Path(trainer.default_root_dir).name.split("-", 1)[0] == job
+
+    def _batch(self, where: str) -> None:
+        if self.armed:
+            super()._batch(where)
+
+
 class FailAt(L.Callback):
     """Fault injection: an OSError (a full disk) at the first training batch."""
 

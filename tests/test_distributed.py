@@ -104,3 +104,42 @@ def test_a_multirun_of_ddp_jobs_is_refused_with_what_to_do_instead(tmp_path):
     assert done.returncode == 1
     assert "cannot run inside a Hydra multirun" in done.stderr and "hydra/launcher=slurm" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- processes started apart agree before they start -----------------------------------------------
+def apart(rank: int, launcher: str, port: str, job: str = "4242") -> dict:
+    """The environment SLURM's srun (job ``job``) or torchrun gives process ``rank`` of 2 on one node."""
+    if launcher == "slurm":
+        return {"SLURM_JOB_ID": job, "SLURM_NTASKS": "2",
+                "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_NAME": "genlab",
+                "SLURM_NODELIST": "127.0.0.1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    return {"TORCHELASTIC_RUN_ID": f"test-{port}", "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0",
+            "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+
+
+def test_processes_started_apart_learn_the_first_ones_decision_and_all_stop_when_it_refuses(names_file, tmp_path):
+    from conftest import snapshot
+
+    run_dir = tmp_path / "run"
+    args = ["trainer=ddp_cpu", f"hydra.run.dir={run_dir}", f"data.path={names_file}", f"paths.data_dir={tmp_path / 'data'}",
+            *TINY]
+    port = str(free_port())
+    for process in [launch(args, apart(rank, "slurm", port)) for rank in range(2)]:
+        finish(process)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["status"] == "completed"
+    assert json.loads((run_dir / ".hydra" / "slurm.json").read_text()) == {"job_id": "4242", "restart_count": 0}
+
+    before = snapshot(run_dir)
+    for launcher in ("slurm", "torchrun"):  # another job in that folder: the first refuses, the other learns it
+        port = str(free_port())
+        processes = [launch(args, apart(rank, launcher, port, job="4243")) for rank in range(2)]
+        errors = []
+        for process in processes:
+            out, err = process.communicate(timeout=300)  # none waits for a process that left
+            assert process.returncode == 1, err[-3000:]
+            errors.append([line for line in err.splitlines() if line.startswith("error: ")])
+        assert errors[0] == errors[1] and f"{run_dir} already holds a run" in errors[0][0], errors
+        assert snapshot(run_dir) == before
+    assert not (REPO / "outputs" / ".ranks").exists()  # the decisions went once read

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,7 +171,7 @@ def test_a_second_run_in_a_folder_holding_a_run_is_refused_unless_it_overwrites(
 def test_two_processes_never_write_one_folder(names_file, tmp_path):
     run_dir = tmp_path / "run"
     with RunFolder(run_dir) as other:  # another run holds the folder
-        other.open(resuming_here=False, overwrite=False)
+        other.open(compose_config([f"data.path={names_file}", *SMALL], run_dir))
         cfg = compose_config([f"data.path={names_file}", *SMALL, "overwrite=true"], run_dir)
         with pytest.raises(ConfigError, match=f"another process \\(pid {os.getpid()}\\) is writing {run_dir}"):
             train(cfg)
@@ -246,3 +247,67 @@ def test_a_resumed_run_keeps_its_csv_log(names_file, tmp_path):
     with open(run_dir / "csv" / "metrics.csv", newline="") as f:
         validated = sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("loss/val")})
     assert validated == [10, 20, 30, 40]  # Lightning's writer deleted the rows before the resume
+
+
+# --- a requeued SLURM job continues its own run -----------------------------------------------------
+def fake_slurm(monkeypatch, tmp_path, job: str, restart: int) -> Path:
+    """SLURM's variables for one task of job ``job``, and an ``scontrol`` that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for name, value in {"SLURM_JOB_ID": job, "SLURM_RESTART_COUNT": str(restart), "SLURM_NTASKS": "1",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                        "SLURM_JOB_NAME": "genlab", "SLURM_NODELIST": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    return tmp_path / "scontrol.log"
+
+
+def test_a_preempted_slurm_job_saves_once_requeues_and_its_requeued_start_ends_where_a_straight_run_ends(
+        names_file, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    common = [f"data.path={names_file}", *STOPPABLE, "num_samples=0"]
+    preempt = ["+callbacks.kill._target_=conftest.SendSignal", "+callbacks.kill.where=train",
+               f"+callbacks.kill.signum={int(signal.SIGUSR1)}", "+callbacks.kill.at=3"]
+    requeues = fake_slurm(monkeypatch, tmp_path, job="777", restart=0)
+    with pytest.raises(SystemExit) as stopped:
+        train(compose_config(common + preempt, run_dir))
+    assert stopped.value.code == 128 + signal.SIGUSR1
+    assert "stopped by SIGUSR1 at step 30" in capsys.readouterr().err
+    assert requeues.read_text().split() == ["requeue", "777"]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 30
+    assert not list(run_dir.glob("hpc_ckpt_*"))  # one checkpoint, at a step boundary: Lightning's handler is not in place
+
+    fake_slurm(monkeypatch, tmp_path, job="777", restart=1)  # the requeued job: the same command, no ckpt_path
+    resumed = run_training(run_dir, common)
+    assert json.loads((run_dir / ".hydra" / "slurm.json").read_text()) == {"job_id": "777", "restart_count": 1}
+
+    for name in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_NTASKS"):
+        monkeypatch.delenv(name)
+    straight = run_training(tmp_path / "straight", common)
+    assert resumed["steps"] == straight["steps"] == 60
+    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-6)
+    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-6)
+
+    before = snapshot(run_dir)  # another SLURM job in that folder is refused, without writing
+    fake_slurm(monkeypatch, tmp_path, job="778", restart=0)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(compose_config(common, run_dir))
+    assert snapshot(run_dir) == before
+
+
+def test_the_newest_complete_checkpoint_is_resumed_whichever_path_saved_it(tmp_path):
+    from genlab.runs import newest_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"global_step": 10}, tmp_path / "checkpoints" / "last.ckpt")
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "last.ckpt"
+    torch.save({"global_step": 12}, tmp_path / "hpc_ckpt_1.ckpt")
+    os.utime(tmp_path / "hpc_ckpt_1.ckpt", (time.time() + 5, time.time() + 5))
+    assert newest_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
+    whole = (tmp_path / "hpc_ckpt_1.ckpt").read_bytes()
+    (tmp_path / "hpc_ckpt_2.ckpt").write_bytes(whole[: len(whole) // 2])  # cut short by a kill: skipped
+    os.utime(tmp_path / "hpc_ckpt_2.ckpt", (time.time() + 9, time.time() + 9))
+    assert newest_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +38,7 @@ def run(args: list[str], tmp_path: Path, status: int = 0) -> subprocess.Complete
 
 def job_dir(sweep: Path, number: int) -> Path:
     """A sweep job's folder: its number, then what the sweep varies (3-lr=0.1,n_embd=30)."""
-    [folder] = [p for p in sweep.iterdir() if p.name == str(number) or p.name.startswith(f"{number}-")]
+    [folder] = [p for p in sweep.iterdir() if p.is_dir() and (p.name == str(number) or p.name.startswith(f"{number}-"))]
     return folder
 
 
@@ -230,3 +232,65 @@ def test_an_optuna_study_goes_on_past_a_failing_trial(names_file, tmp_path):
     assert (sweep / "optimization_results.yaml").exists()  # the study ended normally
     values = sorted(t.value for t in optuna.load_study(study_name="names_mlp", storage=storage).trials)
     assert len(values) == 2 and values[0] < 4 and values[1] == 1e4
+
+
+# --- a sweep run again continues ------------------------------------------------------------------
+def test_an_interrupted_grid_run_again_keeps_finished_jobs_resumes_the_stopped_one_and_runs_the_rest(names_file, tmp_path):
+    from conftest import snapshot
+
+    sweep = tmp_path / "sweep"
+    # the same command both times; SignalInJob sends SIGINT in job 1 only while GENLAB_TEST_SIGNAL_JOB=1
+    grid = ["-m", "model=mlp", f"data.path={names_file}", "optimizer.lr=0.01,0.1", "model.n_embd=4,8",
+            f"hydra.sweep.dir={sweep}", *[a for a in TINY if not a.startswith("model.updates_per_step")],
+            "model.updates_per_step=10", "+callbacks.kill._target_=conftest.SignalInJob", "+callbacks.kill.where=train",
+            f"+callbacks.kill.signum={int(signal.SIGINT)}", "+callbacks.kill.at=5", f"paths.data_dir={tmp_path / 'data'}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    stopped = subprocess.run([sys.executable, "train.py", *grid], cwd=REPO, capture_output=True, text=True,
+                             timeout=600, env={**env, "GENLAB_TEST_SIGNAL_JOB": "1"})
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "stopped by SIGINT at step 50" in stopped.stderr
+    command = stopped.stderr.split("Continue the sweep (finished jobs are kept, this one resumes) with:")[1].split()
+    assert command[:3] == ["python", "train.py", "-m"] and f"hydra.sweep.dir={sweep}" in command
+    assert "optimizer.lr=0.01,0.1" in command and not any(a.startswith("ckpt_path") for a in command)
+    assert [p.name for p in sorted(sweep.iterdir()) if p.is_dir()] == ["0-lr=0.01,n_embd=4", "1-lr=0.01,n_embd=8"]
+    first = snapshot(job_dir(sweep, 0))
+    assert json.loads(first["metrics.json"])["status"] == "completed"
+
+    again = subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=600,
+                           env=env)  # the printed command, as a user would run it
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "sweep: all 4 jobs completed" in again.stdout
+    assert snapshot(job_dir(sweep, 0)) == first  # the finished job: reported, its folder byte for byte as it was
+    assert "this job completed before" in again.stdout
+    jobs = job_metrics(sweep, 4)
+    assert [j["status"] for j in jobs] == ["completed"] * 4 and [j["steps"] for j in jobs] == [200] * 4
+    resumed = job_dir(sweep, 1)  # from its own checkpoint, in its own folder
+    assert f"Restored all states from the checkpoint at {resumed / 'checkpoints' / 'last.ckpt'}" in \
+        (resumed / "train.log").read_text()
+
+    # the same grid with another setting: every folder holds another configuration's run; all refused, none written
+    before = {i: snapshot(job_dir(sweep, i)) for i in range(4)}
+    other = [a if not a.startswith("trainer.max_steps=") else "trainer.max_steps=300" for a in command[3:]]
+    refused = run(["-m", *other], tmp_path, status=1)
+    assert {i: snapshot(job_dir(sweep, i)) for i in range(4)} == before
+    assert "sweep: 0 of 4 jobs completed" in refused.stderr and "3-lr=0.1,n_embd=8 refused: " in refused.stderr
+    record = json.loads((sweep / "0-lr=0.01,n_embd=4.refused.json").read_text())
+    assert record["status"] == "refused" and "holds a run of another configuration" in record["error"]
+    assert "trainer.max_steps=300" in record["overrides"]
+
+
+def test_two_optuna_workers_started_together_share_one_sqlite_study(names_file, tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    workers = [subprocess.Popen(
+        [sys.executable, "train.py", "hparams_search=names_mlp_optuna", f"data.path={names_file}",
+         "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared",
+         f"hydra.sweep.dir={tmp_path / f'worker{i}'}", "scheduler.milestones=[1000]", *TINY,
+         f"paths.data_dir={tmp_path / 'data'}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    for worker in workers:  # each made its trials; neither died creating the storage
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-3000:]
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)

@@ -14,6 +14,11 @@ class ConfigError(GenlabError):
     """A configuration that cannot work."""
 
 
+class FolderTaken(ConfigError):
+    """The run folder holds another run, or another process is writing it: a sweep records this
+    beside the folder, never in it."""
+
+
 class CheckpointError(GenlabError):
     """A checkpoint that cannot be used."""
 

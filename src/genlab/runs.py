@@ -14,17 +14,20 @@ changes nothing on disk. Hydra's own ``.hydra/`` record and log file are therefo
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import logging.handlers
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from genlab.errors import CheckpointError, ConfigError
+from genlab.errors import CheckpointError, ConfigError, FolderTaken
 from genlab.outputs import atomic_write_text, check_writable_folder
-from genlab.runtime import hydra_config, task_overrides
+from genlab.ranks import Ranks, Start, refusal
+from genlab.runtime import choice, hydra_config, in_sweep, task_overrides
 
 RUNS = Path("outputs/runs")
 # what a run writes into its folder: a folder holding any of the first five holds a run, and
@@ -88,38 +91,117 @@ def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_MARKERS)
 
 
+def read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def recorded_overrides(folder: Path) -> list[str] | None:
+    """The command-line overrides of the run in ``folder`` (those of a job that failed before it
+    started are in its metrics.json)."""
+    try:
+        return list(OmegaConf.load(folder / ".hydra" / "overrides.yaml"))
+    except (OSError, ValueError):
+        return (read_json(folder / "metrics.json") or {}).get("overrides")
+
+
+def slurm_job() -> dict | None:
+    """The SLURM job this process belongs to: its id, and how often it was requeued."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    return {"job_id": os.environ["SLURM_JOB_ID"], "restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0)}
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint of the run in ``folder``: ``checkpoints/last.ckpt`` (genlab's,
+    at a Lightning step boundary) or ``hpc_ckpt_*.ckpt`` (Lightning's SLURM requeue). A checkpoint is
+    a zip archive whose directory is written last, so a cut-short one does not open."""
+    candidates = [folder / "checkpoints" / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt")]
+    for path in sorted((p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            with zipfile.ZipFile(path):
+                return path
+        except (OSError, zipfile.BadZipFile):
+            continue
+    return None
+
+
 class RunFolder:
     """The folder of one run, held by this process from ``open`` to ``close``.
 
-    ``open`` takes the folder's lock and refuses a folder that another process is writing or that
-    holds another run; it writes nothing but the lock file, which ``close`` removes. ``claim``
-    records the run (``.hydra/``, ``train.log``) once it is known to be valid there. Only the
-    first process of a distributed run does any of this (the others write into the same folder)."""
+    ``open`` takes the folder's lock and decides how the run starts there (``Start``): a new run in a
+    free folder, a resume of the run it names, and for a command that started this folder's run
+    before (the same sweep job, or the same SLURM job requeued): keep it if it finished, resume it from
+    its newest checkpoint, or start it again. It refuses a folder that another process is writing or
+    that holds another run (unless ``overwrite=true``), writing nothing but the lock file, which
+    ``close`` removes. ``claim`` records the run (``.hydra/``, ``train.log``) once it is known to be
+    valid there. The first process of a distributed run decides; the others learn its decision
+    (``genlab.ranks``) and write nothing."""
 
-    def __init__(self, path: Path, primary: bool = True):
+    def __init__(self, path: Path, primary: bool = True, ranks: Ranks | None = None):
         self.path, self.primary = Path(path), primary
+        self.ranks = ranks or Ranks(Path("."), processes=1)
+        self.start: Start | None = None
         self.claimed = False
         self._lock_fd: int | None = None
         self._early_log: logging.handlers.MemoryHandler | None = None
         self._file_log: logging.Handler | None = None
 
-    def open(self, resuming_here: bool, overwrite: bool) -> "RunFolder":
+    def open(self, cfg: DictConfig) -> Start:
         if not self.primary:
-            return self
+            self.start = self.ranks.receive()
+            return self.start
+        ckpt_path = checkpoint_file(str(cfg.ckpt_path), choice("model"), choice("data")) if cfg.get("ckpt_path") else None
+        resuming_here = ckpt_path is not None and run_dir_of(ckpt_path).resolve() == self.path.resolve()
         if self.path.is_file():
             raise ConfigError(f"the run folder {self.path} is a file; choose another folder (hydra.run.dir=...)")
         check_writable_folder(self.path, ConfigError, "choose another folder with hydra.run.dir=...")
         self._lock()
-        if holds_run(self.path) and not resuming_here and not overwrite:
-            self.close()
-            raise ConfigError(
-                f"{self.path} already holds a run, and a folder holds one run. Continue that run with "
-                f"ckpt_path={self.path}, start this one in a new folder (leave hydra.run.dir unset or give "
-                "another), or replace the old run with overwrite=true")
+        start = Start(ckpt_path=str(ckpt_path) if ckpt_path else None, overwrite=bool(cfg.overwrite))
+        if holds_run(self.path) and not resuming_here and not cfg.overwrite:
+            if not self.holds_this_job():
+                self.close()
+                if in_sweep():
+                    raise FolderTaken(
+                        f"{self.path} holds a run of another configuration (its .hydra/overrides.yaml differs from "
+                        "this job's), and a folder holds one run. Run this sweep in a new folder (leave "
+                        "hydra.sweep.dir unset or give another), or continue the old one with its own command")
+                raise FolderTaken(
+                    f"{self.path} already holds a run, and a folder holds one run. Continue that run with "
+                    f"ckpt_path={self.path}, start this one in a new folder (leave hydra.run.dir unset or give "
+                    "another), or replace the old run with overwrite=true")
+            start = self.continue_job()
+        self.start = start
+        if start.done is not None:  # nothing to run: the others learn it now
+            self.ranks.publish(start)
+            return start
         # what is logged before the claim goes to train.log only if the run goes ahead
         self._early_log = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
         logging.getLogger().addHandler(self._early_log)
-        return self
+        return start
+
+    def holds_this_job(self) -> bool:
+        """Whether this command started the folder's run: the same SLURM job (requeued), or in a
+        sweep the same job (the same overrides; the sweep's folder names only the swept ones)."""
+        job, recorded = slurm_job(), read_json(self.path / ".hydra" / "slurm.json")
+        if job is not None and recorded is not None and recorded.get("job_id") == job["job_id"]:
+            return True
+        overrides = recorded_overrides(self.path)
+        return in_sweep() and overrides is not None and sorted(overrides) == sorted(task_overrides())
+
+    def continue_job(self) -> Start:
+        """This command's own run: kept if it ended (a result: completed, or diverged), else resumed
+        from its newest checkpoint, else (stopped or failed before its first) started again."""
+        metrics = read_json(self.path / "metrics.json")
+        if metrics is not None and metrics.get("status") not in (None, "failed"):
+            return Start(done=metrics)
+        checkpoint = newest_checkpoint(self.path)
+        if checkpoint is not None:
+            return Start(ckpt_path=str(checkpoint))
+        return Start(overwrite=True)
 
     def _lock(self) -> None:
         lock = self.path / ".lock"
@@ -135,11 +217,13 @@ class RunFolder:
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
-    def claim(self, cfg: DictConfig, overwrite: bool) -> None:
-        """The run is valid here: clear what it replaces, record its config, start its log file."""
+    def claim(self, cfg: DictConfig) -> None:
+        """The run is valid here: the other processes learn it; clear what it replaces, record its
+        config (and SLURM job), start its log file."""
         if not self.primary:
             return
-        if overwrite:
+        self.ranks.publish(self.start)
+        if self.start.overwrite:
             for name in RUN_FILES:
                 target = self.path / name
                 if target.is_dir():
@@ -154,6 +238,8 @@ class RunFolder:
         atomic_write_text(record / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(task_overrides())))
         if (hydra := hydra_config()) is not None:
             atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})))
+        if (job := slurm_job()) is not None:  # a requeued job finds its run by this
+            atomic_write_text(record / "slurm.json", json.dumps(job) + "\n")
         self._file_log = logging.FileHandler(self.path / "train.log", encoding="utf-8")
         self._file_log.setFormatter(logging.Formatter(LOG_FORMAT))
         logging.getLogger().addHandler(self._file_log)
@@ -166,6 +252,7 @@ class RunFolder:
         self.claimed = True
 
     def close(self) -> None:
+        self.ranks.close(trained=self.claimed)
         root = logging.getLogger()
         for handler in (self._early_log, self._file_log):
             if handler is not None:
@@ -182,5 +269,7 @@ class RunFolder:
     def __enter__(self) -> "RunFolder":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.primary and exc is not None and not self.ranks.published:
+            self.ranks.publish(refusal(exc))  # refused before the claim: every process stops with this
         self.close()

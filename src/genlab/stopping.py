@@ -1,6 +1,9 @@
-"""Every way to stop a run takes one path: Ctrl-C (SIGINT), ``kill`` or a cluster's pre-emption
-(SIGTERM). The run ends with exit status 128 + the signal's number and prints the command that
-resumes it.
+"""Every way to stop a run takes one path: Ctrl-C (SIGINT), ``kill`` (SIGTERM), or SLURM's
+pre-emption and time-limit warning (SIGUSR1, ``--signal=USR1@120``). The run ends with exit status
+128 + the signal's number and prints the command that resumes it; under SLURM, SIGUSR1 requeues
+the job instead (``requeue_slurm_job``), and the requeued job resumes from that one checkpoint.
+Lightning's own SIGUSR1 handler (a checkpoint in the middle of a step, then a second one when the
+SIGTERM that follows the requeue arrives) is not installed, since this one is in place first.
 
 - During training (validation inside it included): the current Lightning step finishes, the run
   validates and ``last.ckpt`` is saved (``CheckpointAtEnd``), then training stops.
@@ -12,11 +15,14 @@ resumes it.
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import subprocess
 
 import lightning as L
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class RunInterrupted(BaseException):
@@ -93,3 +99,21 @@ class GracefulStop(L.Callback):
     @property
     def name(self) -> str:
         return signal.Signals(self.signum or signal.SIGTERM).name
+
+
+def requeue_slurm_job() -> str:
+    """Put this SLURM job back in the queue (its array task, in a job array); what happened, in words.
+    SLURM then ends this run with SIGTERM: it is ignored from here, the checkpoint is saved already."""
+    job = os.environ["SLURM_JOB_ID"]
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not re.fullmatch(r"[0-9_]+", job):
+        return f"not requeued: {job!r} is not a SLURM job id"
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"requeueing SLURM job {job} failed ({err}); resubmit it"
+    if done.returncode != 0:
+        return f"requeueing SLURM job {job} failed ({done.stderr.strip() or done.returncode}); resubmit it"
+    return f"requeued SLURM job {job}: it continues this run in the same folder"

@@ -1,19 +1,29 @@
 """A sweep job's failure belongs to that job. A job that fails (a configuration that cannot work, a
 bug, missing data) or diverges records ``status``, the message and its overrides in its own
 ``metrics.json`` and reports ``failed_loss`` to the sweeper, so the other jobs, and an Optuna
-study, go on. When the sweep ends, ``SweepReport`` lists what did not complete and the command
-exits with status 1 if any job failed (a diverged trial is a result of the search, not a failure).
-This holds for every launcher: the jobs of the parallel launcher run in worker processes, which
-an error would otherwise end together with the job beside it."""
+study, go on. A job refused because its folder holds another run records that beside the folder
+(``<sweep>/<job>.refused.json``), never in it. When the sweep ends, ``SweepReport`` lists what did
+not complete and the command exits with status 1 if any job failed or was refused (a diverged trial
+is a result of the search, not a failure). This holds for every launcher: the jobs of the parallel
+launcher run in worker processes, which an error would otherwise end together with the job beside it.
+
+The same sweep command again over the same sweep folder continues the sweep: each job finds its
+folder (``genlab.runs.RunFolder``) and keeps a finished run as it is, resumes an interrupted one from
+its newest checkpoint, or runs; a stop prints that command (``sweep_command``). Optuna workers that
+share one storage find the study made once, before they race for it (``prepare_study``)."""
 
 from __future__ import annotations
 
-import json
 import logging
+import hashlib
 import math
 import os
 import re
+import shlex
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,13 +33,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra.utils import get_class
 
-from genlab.errors import GenlabError, TrainingDiverged
+from genlab.errors import FolderTaken, GenlabError, TrainingDiverged
 from genlab.outputs import write_metrics
 from genlab.quality import require_weights
-from genlab.runtime import task_overrides
+from genlab.runs import read_json
+from genlab.runtime import is_first_process, task_overrides
 
 log = logging.getLogger("genlab")
-NOT_COMPLETED = ("failed", "diverged")
+NOT_COMPLETED = ("failed", "refused", "diverged")
+SWEEP_COMMAND = "GENLAB_SWEEP_COMMAND"  # the command that continues the sweep, for its jobs
 SWEPT_KEYS = "GENLAB_SWEPT_KEYS"  # set by SweepReport when a sweep starts; its jobs inherit it
 
 
@@ -71,23 +83,92 @@ def job_dir_name(num: int, overrides) -> str:
 OmegaConf.register_new_resolver("genlab_job_dir", job_dir_name, replace=True)
 
 
+def refusal_file(job_dir: Path) -> Path:
+    return job_dir.parent / f"{job_dir.name}.refused.json"
+
+
 def run_sweep_job(train: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
-    """``train(cfg)`` for one job of a sweep; a failure is recorded in the job's folder instead of
-    ending the sweep. Returns the loss the sweeper sees."""
+    """``train(cfg)`` for one job of a sweep; a failure is recorded in the job's folder (beside it
+    when the folder is another run's) instead of ending the sweep. Returns the loss the sweeper sees."""
+    job_dir = Path(cfg.paths.output_dir)
+    first = is_first_process()  # the other processes of a distributed job write nothing
     try:
-        return train(cfg)
+        loss = train(cfg)
     except TrainingDiverged as err:
         status, error = "diverged", err
     except Exception as err:  # noqa: BLE001 (whatever one job hits, the others still run)
-        status, error = "failed", err
+        status, error = ("refused" if isinstance(err, FolderTaken) else "failed"), err
         if not isinstance(err, GenlabError):  # a bug, not a bad input: keep its traceback in the log
             log.exception("this job failed")
+    else:
+        if first:
+            refusal_file(job_dir).unlink(missing_ok=True)  # refused once, it has run since
+        return loss
     log.error("this job %s: %s; reported to the sweep with loss %g", status, error, cfg.failed_loss)
-    write_metrics(Path(cfg.paths.output_dir) / "metrics.json", {
-        "status": status, "error": str(error), "error_type": type(error).__name__,
-        "overrides": task_overrides(), "reported_loss": cfg.failed_loss, "val_loss": None,
-        "steps": getattr(error, "step", None)})
+    if first:
+        record = refusal_file(job_dir) if status == "refused" else job_dir / "metrics.json"
+        write_metrics(record, {
+            "status": status, "error": str(error), "error_type": type(error).__name__,
+            "overrides": task_overrides(), "reported_loss": cfg.failed_loss, "val_loss": None,
+            "steps": getattr(error, "step", None)})
     return float(cfg.failed_loss)
+
+
+def continue_command(config: DictConfig) -> str:
+    """The sweep's command line, with its folder: run again, it continues the sweep."""
+    hydra = [o for o in config.hydra.overrides.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
+    args = ["-m", *hydra, *config.hydra.overrides.task, f"hydra.sweep.dir={config.hydra.sweep.dir}"]
+    return " ".join(["python train.py", *map(shlex.quote, args)])
+
+
+def sweep_command() -> str:
+    return os.environ.get(SWEEP_COMMAND) or "python train.py -m ... (the sweep's command, with hydra.sweep.dir=...)"
+
+
+def prepare_study(sweeper: DictConfig) -> None:
+    """Create an Optuna study's storage and study once, under a file lock, before the sweeper opens
+    it: workers started together on one storage otherwise race to create its tables. On a database
+    server another machine may win that race (the lock is this machine's): then the study exists."""
+    storage, name = sweeper.get("storage"), sweeper.get("study_name")
+    if not storage or "optuna" not in str(sweeper.get("_target_", "")).lower():
+        return
+    import optuna
+    from filelock import FileLock
+
+    url = str(storage)
+    if url.startswith("sqlite:///"):  # one file, however its path is written
+        url = f"sqlite:///{Path(url.removeprefix('sqlite:///')).resolve()}"
+    lock = Path(tempfile.gettempdir()) / f"genlab-optuna-{hashlib.sha256(url.encode()).hexdigest()[:16]}.lock"
+    direction = sweeper.get("direction") or "minimize"
+    directions = {"directions": list(direction)} if not isinstance(direction, str) else {"direction": direction}
+    with FileLock(str(lock)):
+        for attempt in range(3):
+            try:
+                optuna.create_study(study_name=name, storage=url, load_if_exists=True, **directions)
+                return
+            except Exception:  # noqa: BLE001 (another machine created the tables or the study meanwhile)
+                if attempt == 2:
+                    raise
+                time.sleep(1 + attempt)
+
+
+def no_accounting_noise(record: logging.LogRecord) -> bool:
+    return "Bypassing sacct error" not in record.getMessage()
+
+
+def quiet_without_accounting() -> None:
+    """The submitit launcher asks SLURM's accounting (sacct) for its jobs' states every few seconds.
+    A cluster that keeps no accounting answers each time with an error on the console, and submitit
+    then reads the jobs' result files instead, which is all it can do: there, it asks nothing."""
+    logging.getLogger("submitit").addFilter(no_accounting_noise)
+    try:
+        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if re.search(r"^AccountingStorageType\s*=\s*accounting_storage/none", config, re.MULTILINE):
+        from submitit.slurm.slurm import SlurmInfoWatcher
+
+        SlurmInfoWatcher._make_command = lambda self: None  # no sacct call: states come from the result files
 
 
 def job_number(folder: Path) -> int | None:
@@ -96,13 +177,11 @@ def job_number(folder: Path) -> int | None:
 
 
 def job_results(sweep_dir: Path) -> dict[str, dict | None]:
-    """Each job folder's name (its number first) -> its metrics.json (None: none written)."""
+    """Each job folder's name (its number first) -> its metrics.json (None: none written), or the
+    record of its refusal where the folder held another run."""
     results = {}
     for job in sorted((p for p in sweep_dir.iterdir() if job_number(p) is not None), key=job_number):
-        try:
-            results[job.name] = json.loads((job / "metrics.json").read_text())
-        except (OSError, ValueError):
-            results[job.name] = None
+        results[job.name] = read_json(refusal_file(job)) or read_json(job / "metrics.json")
     return results
 
 
@@ -118,7 +197,7 @@ def summary(sweep_dir: Path) -> tuple[str, bool]:
             lines.append(f"  {job}: no metrics.json (stopped or killed before it ended)")
         else:
             lines.append(f"  {job} {metrics['status']}: {metrics['error']}")
-    failed = any(m is None or m.get("status") == "failed" for m in bad.values())
+    failed = any(m is None or m.get("status") in ("failed", "refused") for m in bad.values())
     return "\n".join(lines), failed
 
 
@@ -130,6 +209,10 @@ class SweepReport(Callback):
         os.environ[SWEPT_KEYS] = ",".join(swept_keys(config))
         if config.hydra.sweeper.get("direction") and get_class(config.model._target_).kind == "image":
             require_weights(config.paths.get("inception_weights"))  # the study minimises FID: none, no study
+        os.environ[SWEEP_COMMAND] = continue_command(config)
+        prepare_study(config.hydra.sweeper)
+        if "submitit" in str(config.hydra.launcher.get("_target_", "")).lower():
+            quiet_without_accounting()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

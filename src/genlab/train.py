@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -37,11 +38,12 @@ from genlab.outputs import write_metrics
 from genlab.overrides import checked_command_line
 from genlab.precision import resolve_precision
 from genlab.quality import image_quality
-from genlab.runs import RunFolder, checkpoint_file, run_dir_of
+from genlab.ranks import Ranks, world_size
+from genlab.runs import RunFolder, slurm_job
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
 from genlab.steps import lightning_steps, resolve_updates_per_step, shared_with_processes, use_count
-from genlab.stopping import GracefulStop, RunInterrupted
-from genlab.sweeps import run_sweep_job
+from genlab.stopping import GracefulStop, RunInterrupted, requeue_slurm_job
+from genlab.sweeps import run_sweep_job, sweep_command
 
 log = logging.getLogger("genlab")
 
@@ -49,13 +51,14 @@ log = logging.getLogger("genlab")
 def train(cfg: DictConfig) -> float | None:
     route_library_logs()
     run_dir = Path(cfg.paths.output_dir)
-    check_config(cfg)
-    ckpt_path = checkpoint_file(str(cfg.ckpt_path), choice("model"), choice("data")) if cfg.get("ckpt_path") else None
-    resuming_here = ckpt_path is not None and run_dir_of(ckpt_path).resolve() == run_dir.resolve()
-    with GracefulStop() as stop, RunFolder(run_dir, primary=is_first_process()) as folder:
-        folder.open(resuming_here, overwrite=cfg.overwrite)
+    ranks = Ranks(Path(cfg.paths.root_dir), processes=world_size(cfg.trainer))
+    with GracefulStop() as stop, RunFolder(run_dir, primary=is_first_process(), ranks=ranks) as folder:
+        check_config(cfg)
+        start = folder.open(cfg)  # the first process decides; the others learn its decision here
+        if start.done is not None:
+            return kept_result(start.done, run_dir)
         try:
-            return run(cfg, run_dir, folder, stop, ckpt_path)
+            return run(cfg, run_dir, folder, stop, Path(start.ckpt_path) if start.ckpt_path else None)
         except RunInterrupted:
             report_stop(stop, run_dir)
         except TrainingDiverged as err:
@@ -78,10 +81,10 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     fixed = getattr(model, "updates_per_step", 1)
     with open_dict(cfg):  # recorded with the run's config: the interval it really used (auto: K divides it)
         cfg.val_every = validation_interval(cfg, 1 if fixed == "auto" else fixed)
-    if checkpoint is not None:
+    if checkpoint is not None and folder.primary:
         check_resume(checkpoint, model, cfg.trainer.max_steps)
     quality = image_quality(cfg, datamodule) if model.kind == "image" else None
-    folder.claim(cfg, overwrite=cfg.overwrite)
+    folder.claim(cfg)
 
     lr_figure = None
     if cfg.get("tune_lr"):
@@ -112,6 +115,14 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     if stop.stop_requested:
         report_stop(stop, run_dir)
     return wrap_up(run_dir, trainer, model, datamodule, train_seconds, label={"name": cfg.get("name"), "tags": list(cfg.get("tags") or [])})
+
+
+def kept_result(metrics: dict, run_dir: Path) -> float | None:
+    """A sweep job (or requeued SLURM job) that ran to its end before: its figures, untouched."""
+    loss = metrics.get("reported_loss", metrics.get("val_loss"))
+    log.info("this job %s before: %s holds its result (val_loss %s); kept as it is",
+             metrics.get("status"), run_dir, metrics.get("val_loss"))
+    return loss
 
 
 def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
@@ -228,15 +239,23 @@ def print_samples(trainer: L.Trainer) -> None:
 
 # --- stopping ------------------------------------------------------------------------------------
 def report_stop(stop: GracefulStop, run_dir: Path) -> NoReturn:
-    """After a signal: what was saved and the command that continues, then exit 128 + signal."""
+    """After a signal: what was saved and how the run continues (the resume command; in a sweep the
+    sweep's command; under SLURM's SIGUSR1 the job requeued), then exit 128 + signal."""
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if checkpoint.exists():
         step = read_checkpoint(checkpoint)["global_step"]
-        print(f"\nstopped by {stop.name} at step {step}; saved {checkpoint}.\nResume with:\n  {resume_command(run_dir)}",
-              file=sys.stderr)
+        saved = f"stopped by {stop.name} at step {step}; saved {checkpoint}."
     else:
-        print(f"\nstopped by {stop.name} before the first checkpoint; nothing to resume. Start again with:\n"
-              f"  {start_command()}", file=sys.stderr)
+        saved = f"stopped by {stop.name} before the first checkpoint; nothing to resume."
+    if stop.signum == signal.SIGUSR1 and slurm_job() is not None:
+        how = requeue_slurm_job() if is_first_process() else "the first process requeues the job"
+    elif in_sweep():
+        how = f"Continue the sweep (finished jobs are kept, this one resumes) with:\n  {sweep_command()}"
+    elif checkpoint.exists():
+        how = f"Resume with:\n  {resume_command(run_dir)}"
+    else:
+        how = f"Start again with:\n  {start_command()}"
+    print(f"\n{saved}\n{how}", file=sys.stderr)
     sys.exit(stop.exit_status)
 
 
