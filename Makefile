@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# the offline data mirror beside the checkout, when there is one (see README: Data)
+# the offline data mirror beside the checkout, when there is one (docs/data.md)
 export GENLAB_DATA_MIRROR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 
 .PHONY: setup train test test-slow benchmark gpu-check tensorboard clean

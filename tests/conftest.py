@@ -24,7 +24,7 @@ MIRROR = os.environ.get("GENLAB_DATA_MIRROR") or (str(SHARED_DATA) if SHARED_DAT
 
 @pytest.fixture
 def mirror() -> str:
-    """The offline mirror of the real data (``../shared/data`` in this workplace and in CI)."""
+    """The offline mirror of the real data (``../shared/data`` beside the checkout, where the Makefile and CI find it)."""
     assert MIRROR and Path(MIRROR).exists(), (
         "these tests read the real data: set GENLAB_DATA_MIRROR to a folder like ../shared/data"
     )

@@ -1,4 +1,4 @@
-"""``activations.png`` and ``insight/saturated/<layer>``: the tanh layers a model declares
+"""``activations.png`` and ``network/saturated/<layer>``: the tanh layers a model declares
 (``tanh_layers()``), looked at on a fixed batch of validation sequences in eval mode."""
 
 from __future__ import annotations
