@@ -17,7 +17,7 @@ warnings.filterwarnings("ignore", message="Experiment logs directory .* exists a
 class CSVLogger(LightningCSVLogger):
     """Lightning's CSVLogger, continuing the ``metrics.csv`` a resumed run already has. Lightning's
     writer deletes that file when it is made (every process starts a new one), so a resumed run
-    lost every row before the resume; here the rows are kept and the new ones appended."""
+    would lose every row before the resume; here the rows are kept and the new ones appended."""
 
     @property
     def experiment(self):
