@@ -9,7 +9,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
+from conftest import compose_config, image_file
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
@@ -102,4 +102,4 @@ def test_an_image_model_defined_outside_the_package(tmp_path):
     assert resumed["steps"] == 4 and len(read_checkpoint(run_dir)["genlab"]["history"]) == 4
     assert (run_dir / "progress.gif").exists() and (run_dir / "losses.png").exists()
     grid = sample_from(run_dir, "num_samples=6", "interpolate=true")
-    assert Image.open(grid).size == (2 + 6 * 10, 2 + 1 * 10)  # six 8-pixel images in a row
+    assert image_file(grid).size == (2 + 6 * 10, 2 + 1 * 10)  # six 8-pixel images in a row

@@ -30,6 +30,8 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 # - genlab's data modules prepare their batches in the main process on purpose (the batches are
 #   slices of tensors already in memory: workers would only add copies)
 warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
+# - the counting bigram has nothing to optimise: it fills its table of counts in one pass
+warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
 
 
 def route_library_logs() -> None:
