@@ -24,7 +24,10 @@ class CSVLogger(LightningCSVLogger):
         if self._experiment is not None or rank_zero_only.rank != 0:  # other ranks write nothing
             return super().experiment
         path = os.path.join(self.log_dir, "metrics.csv")
-        previous = open(path, newline="", encoding="utf-8").read() if os.path.isfile(path) else ""
+        previous = ""
+        if os.path.isfile(path):
+            with open(path, newline="", encoding="utf-8") as f:  # closed before Lightning's writer replaces it
+                previous = f.read()
         writer = super().experiment
         if previous:
             with open(path, "w", newline="", encoding="utf-8") as f:
