@@ -1,12 +1,12 @@
-# make train: set up .venv if missing, then train the default model (n-gram MLP on the names)
-# make test:  the same set-up, then the test suite
+# make help lists the targets. make train: set up .venv if missing, then train the default model
+# (the n-gram MLP on the names); make test: the same set-up, then the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# the offline data mirror beside the checkout, when there is one (see README: Data)
+# the offline data mirror beside the checkout, when there is one (docs/data.md)
 export GENLAB_DATA_MIRROR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 
-.PHONY: setup train test test-slow test-cluster benchmark gpu-check tensorboard clean
+.PHONY: help setup train test test-slow test-cluster benchmark gpu-check tensorboard clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,16 +14,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed ## create .venv and install genlab with its test dependencies
 
-train: setup
+train: setup ## set up, then train (default: the n-gram MLP on the names); ARGS="experiment=..." for Hydra overrides
 	$(PY) train.py $(ARGS)
 
-test: setup
+test: setup ## set up, then run the test suite (the slow tests apart)
 	$(PY) -m pytest -q $(ARGS)
 
-# the slow end-to-end tests (torch.compile); CI runs them after make test
-test-slow: setup
+test-slow: setup ## the slow end-to-end tests (torch.compile); CI runs them after make test
 	$(PY) -m pytest -q -m slow $(ARGS)
 
 # against a real scheduler (root; Debian's slurm-wlm, munge and postgresql, installed when missing):
@@ -33,19 +32,22 @@ $(VENV)/.cluster: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[dev,cluster]'
 	touch $@
 
-test-cluster: $(VENV)/.cluster
+test-cluster: $(VENV)/.cluster ## as root: the checks against a one-node SLURM and PostgreSQL it starts (docs/distributed.md)
 	PYTHON=$(PY) tests/cluster/run.sh $(ARGS)
 
-benchmark: setup
+benchmark: setup ## genlab against a plain PyTorch loop of the same model (ARGS="model=gpt"; docs/performance.md)
 	$(PY) scripts/benchmark.py $(ARGS)
 
-# on one CUDA GPU, offline: the notebook GPT (eager and compiled) and DCGAN, a few hundred updates
-# each; tokens/s, MFU, images/s, peak memory (scripts/gpu_check.py). Without CUDA: one line, exit 1
-gpu-check: setup
+# offline, a few hundred updates each (scripts/gpu_check.py). Without CUDA: one line, exit 1
+gpu-check: setup ## on one CUDA GPU: the notebook GPT and DCGAN, tokens/s, MFU, images/s, memory
 	$(PY) scripts/gpu_check.py
 
-tensorboard: setup
+tensorboard: setup ## TensorBoard on outputs/ (every run and sweep)
 	$(VENV)/bin/tensorboard --logdir outputs
 
-clean:
+clean: ## delete outputs/ (every run)
 	rm -rf outputs
+
+# make help: each target with the text after its ##
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 14

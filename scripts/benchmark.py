@@ -11,7 +11,7 @@ also the achieved FLOP/s against this machine's measured matmul FLOP/s), the val
 side reaches after the same updates (``model.compile=true`` must train the same model as the eager
 loop, within noise), and on the last line ``ratio=<framework/plain>``: the median of the rounds'
 ratios (one round that the machine's other work slows does not move it). Each side goes first in
-every other round (whichever runs first in a round tends to be faster on this shared machine), so
+every other round (whichever runs first in a round tends to be faster on a shared machine), so
 an even number of rounds balances the order. With ``model.compile=true`` where the whole update
 compiles, a third side runs the plain loop with the compiled update in place of the eager one: the
 compiled graph's speed without the framework around it. The framework
@@ -48,7 +48,7 @@ from genlab.train import CONF_DIR, build_model, build_trainer, skip_failing_nvml
 PRESETS = {
     "mlp": ["experiment=notebook_mlp", "val_every=2000"],
     "bigram": ["model=bigram", "model.counting=false", "data.batch_size=4", "val_every=2000", "rounds=8"],
-    # more, shorter rounds where a round's ratio swung most on this machine (0.69-1.05 over 12 rounds)
+    # more, shorter rounds for the presets whose rounds' ratios swing most (docs/performance.md)
     "wavenet": ["experiment=notebook_wavenet", "val_every=2000", "steps=2000", "rounds=12"],
     "gpt": ["experiment=divina_gpt_cpu", "val_every=100000", "steps=120", "rounds=1"],
     "shakespeare_gpt": ["experiment=shakespeare_gpt_cpu", "val_every=100000", "steps=300", "rounds=6"],

@@ -9,10 +9,12 @@ import random
 import signal
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -25,7 +27,7 @@ MIRROR = os.environ.get("GENLAB_DATA_MIRROR") or (str(SHARED_DATA) if SHARED_DAT
 
 @pytest.fixture
 def mirror() -> str:
-    """The offline mirror of the real data (``../shared/data`` in this workplace and in CI)."""
+    """The offline mirror of the real data (``../shared/data`` beside the checkout, where the Makefile and CI find it)."""
     assert MIRROR and Path(MIRROR).exists(), (
         "these tests read the real data: set GENLAB_DATA_MIRROR to a folder like ../shared/data"
     )
@@ -159,6 +161,19 @@ class FailAt(L.Callback):
 
     def on_train_batch_start(self, *args):
         raise OSError(28, "No space left on device")
+
+
+class ImageFile(NamedTuple):
+    size: tuple[int, int]
+    format: str
+    frames: int
+
+
+def image_file(path: Path) -> ImageFile:
+    """An image file's size, format and frame count, its file closed again (``Image.open`` keeps it
+    open until the image is closed)."""
+    with Image.open(path) as image:
+        return ImageFile(image.size, image.format, getattr(image, "n_frames", 1))
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

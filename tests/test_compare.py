@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
+from conftest import image_file
 
 from genlab.compare import SHOWN_PARAMETERS, compare, find_runs, plot, short, swept_parameters
 
@@ -48,7 +48,7 @@ def test_the_table_and_figure_stay_bounded_with_many_swept_keys(tmp_path, capsys
     table = printed.split("\n\n")[0].splitlines()
     assert max(len(line) for line in table) <= 200
     assert f"the table shows the first {SHOWN_PARAMETERS}" in printed
-    width, height = Image.open(tmp_path / "comparison.png").size
+    width, height = image_file(tmp_path / "comparison.png").size
     assert width <= 2600 and height <= 600
 
 

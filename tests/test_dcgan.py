@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_config, run_training, snapshot
+from conftest import REPO, compose_config, image_file, run_training, snapshot
 from PIL import Image
 from torch import nn
 
@@ -94,11 +94,10 @@ def test_a_run_trains_both_networks_counts_batches_and_writes_its_pictures(faces
 
     assert sorted(p.name for p in (run / "grids").iterdir()) == [
         "step_0000001.png", "step_0000002.png", "step_0000004.png"]
-    assert Image.open(run / "grids" / "step_0000004.png").size == (2 + 4 * 18, 2 + 1 * 18)  # 4 images in a row
-    gif = Image.open(run / "progress.gif")
-    assert gif.n_frames == 3
-    assert Image.open(run / "losses.png").format == "PNG"
-    assert Image.open(run / "real_images.png").size == (2 + 8 * 18, 2 + 1 * 18)  # the first real batch of 8
+    assert image_file(run / "grids" / "step_0000004.png").size == (2 + 4 * 18, 2 + 1 * 18)  # 4 images in a row
+    assert image_file(run / "progress.gif").frames == 3
+    assert image_file(run / "losses.png").format == "PNG"
+    assert image_file(run / "real_images.png").size == (2 + 8 * 18, 2 + 1 * 18)  # the first real batch of 8
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -142,7 +141,8 @@ def test_a_diverging_gan_stops_naming_the_step_and_no_checkpoint_holds_it(faces,
 
 def test_a_truncated_image_never_ends_a_run_with_loader_workers(faces, tmp_path):
     cut = faces / "cut.jpg"  # a JPEG cut off halfway: its header passes the folder check, decoding fails
-    Image.open(faces / "005.png").save(cut, quality=95)
+    with Image.open(faces / "005.png") as image:
+        image.save(cut, quality=95)
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     metrics = run_training(tmp_path / "run", gan_overrides(faces, "data.num_workers=1"))
     assert metrics["status"] == "completed" and metrics["steps"] == 4
@@ -161,7 +161,7 @@ def test_sampling_a_grid_and_an_interpolation_from_a_checkpoint(faces, tmp_path)
         done = subprocess.run([sys.executable, "sample.py", f"ckpt_path={run}", "num_samples=16", *args],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert Image.open(run / name).size == size
+        assert image_file(run / name).size == size
 
 
 @pytest.mark.parametrize("overrides, message", [

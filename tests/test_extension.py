@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_learned, compose_config
+from conftest import assert_learned, compose_config, image_file
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
@@ -115,4 +115,4 @@ def test_an_image_model_defined_outside_the_package(tmp_path):
     assert resumed["steps"] == 4 and len(read_checkpoint(run_dir)["genlab"]["history"]) == 4
     assert (run_dir / "progress.gif").exists() and (run_dir / "losses.png").exists()
     grid = sample_from(run_dir, "num_samples=6", "interpolate=true", "model_class=test_extension.TinyVAE")
-    assert Image.open(grid).size == (2 + 6 * 10, 2 + 1 * 10)  # six 8-pixel images in a row
+    assert image_file(grid).size == (2 + 6 * 10, 2 + 1 * 10)  # six 8-pixel images in a row

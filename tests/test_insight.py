@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_training
-from PIL import Image
+from conftest import image_file, run_training
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from genlab.checkpoints import load_model
@@ -34,7 +33,7 @@ def test_a_names_run_writes_the_pictures_of_its_tanh_layers(model, names_file, t
     run_training(run, [f"model={model}", f"data.path={names_file}", *SMALL])
     written = {p.name for p in (run / "insight").iterdir()}
     assert {"loss_curves.png", "update_ratio.png", "activations.png", "embedding.png"} <= written
-    assert all(Image.open(run / "insight" / name).format == "PNG" for name in written)
+    assert all(image_file(run / "insight" / name).format == "PNG" for name in written)
 
     trained, _ = load_model(run / "checkpoints" / "last.ckpt")
     layers = set(trained.tanh_layers())

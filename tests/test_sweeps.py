@@ -197,8 +197,9 @@ def test_two_runs_started_together_get_their_own_folders(names_file, tmp_path):
                f"paths.data_dir={tmp_path / 'data'}", *TINY]
     started = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                for _ in range(2)]
-    for process in started:
-        assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
+    for process in started:  # communicate reads stderr as it comes (a full pipe would block the run) and closes it
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-2000:]
     runs = sorted((tmp_path / "outputs" / "runs" / "mlp-names").glob("*/*/metrics.json"))
     assert len(runs) == 2 and runs[0].parent != runs[1].parent
 

@@ -35,6 +35,8 @@ warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have m
 # - trainer.log_every_n_steps counts optimizer updates in genlab (genlab.steps.TrainingCurve), so an
 #   epoch of fewer Lightning steps than that is no reason for Lightning's warning
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+# - the counting bigram has nothing to optimise: it fills its table of counts in one pass
+warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
 
 
 def route_library_logs() -> None:

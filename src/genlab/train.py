@@ -306,8 +306,8 @@ def skip_failing_nvml_check() -> None:
     driver's library) whether a GPU exists, which does not initialise CUDA. Where NVML cannot be
     loaded (no NVIDIA driver: a CPU machine with torch's CUDA build), torch tries to load it again
     at every such check, then asks the CUDA runtime all the same, as without the variable. Adam and
-    AdamW check before every update: 156 µs per update on this project's 2-core machine, a quarter
-    of a small model's update. There the variable changes no answer and only costs time: unset it."""
+    AdamW check before every update, which then costs a sizeable share of a small model's update
+    (docs/performance.md). There the variable changes no answer and only costs time: unset it."""
     if os.environ.get(NVML_CHECK) != "1":
         return
     try:

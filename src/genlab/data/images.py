@@ -27,8 +27,8 @@ from genlab.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-# data.num_workers=auto's ceiling: the notebook DCGAN on an H200 (make gpu-check) decoded 4,781
-# images/s with 4 workers and 5,427 with 8
+# data.num_workers=auto's ceiling: enough JPEG-decoding workers to keep one large GPU busy with the
+# notebook DCGAN (make gpu-check compares auto with 4 workers; docs/performance.md)
 MAX_AUTO_WORKERS = 8
 
 

@@ -8,7 +8,7 @@ to look and keeps what it saw; each picture is its own module:
   matrix, every ``every_n_steps`` updates; the notebook's rule of thumb is about -3.
 - ``activations``: ``activations.png``, for the tanh layers a model declares (``tanh_layers()``:
   mlp, wavenet, rnn), histograms of pre-activations and activations with the share of saturated
-  units (|tanh| > 0.97), also logged as ``insight/saturated/<layer>`` through training; measured in
+  units (|tanh| > 0.97), also logged as ``network/saturated/<layer>`` through training; measured in
   eval mode on 64 validation names, at the positions that predict a real character.
 - ``embedding``: ``embedding.png``, the characters' embedding vectors (``token_embeddings()``) in
   2-D (PCA when wider); also TensorBoard's embedding projector with the characters as labels.

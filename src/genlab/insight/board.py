@@ -11,8 +11,8 @@ def tensorboard(trainer):
 
 
 def add_histogram(tb, tag: str, values: torch.Tensor, step: int, bins: int = 60) -> None:
-    """A TensorBoard histogram counted by torch. (``add_histogram`` counts with numpy, and on a
-    small machine the training after each call ran about a tenth slower.)"""
+    """A TensorBoard histogram counted by torch. (``add_histogram`` counts with numpy, which
+    slowed the training after each call.)"""
     values = values.flatten().float()
     low, high = values.min().item(), values.max().item()
     counts = torch.histc(values, bins=bins, min=low, max=high)

@@ -1,4 +1,4 @@
-"""``update_ratio.png`` and ``insight/update_ratio_log10/<matrix>``: log10(std(update) / std(weights))
+"""``update_ratio.png`` and ``network/update_ratio_log10/<matrix>``: log10(std(update) / std(weights))
 of each weight matrix, for the update due every ``every_n_steps``: the real update, whatever the
 optimizer (SGD, Adam, ...), taken around the optimizer's ``step`` by hooks that are installed only
 on the Lightning step that holds a due update."""

@@ -80,7 +80,7 @@ class CompiledUpdate:
                        if key != "triton.cudagraphs"}
             options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
             # on the CPU the code that calls the kernels (and allocates their outputs) is compiled to
-            # C++ too, not run as Python: about 8% of the notebook MLP's update
+            # C++ too, not run as Python: a measurable share of a small model's update
             options["cpp_wrapper"] = not next(model.parameters()).is_cuda
             self.compiler = torch.compile(self.update, fullgraph=True, dynamic=False, options=options)
 
@@ -130,7 +130,7 @@ class CompiledUpdate:
         """The update compiled for this batch's shape, compiled now if it is new.
 
         A graph called through ``torch.compile`` first runs Dynamo's checks that every input still
-        matches what it was compiled for: about a fifth of the notebook MLP's update time.
+        matches what it was compiled for: a large share of a small model's update time.
         Here each shape is compiled ahead of time (``aot_compile``: traced, not run) and called
         without guards: this dictionary is the guard, and nothing else a graph depends on changes
         within a run. CUDA graphs keep ``torch.compile``'s own dispatch, which records them."""

@@ -72,7 +72,7 @@ class GenlabModule(L.LightningModule):
         """One optimizer update as a plain loop makes it, counted as a step when ``count`` (the GAN
         counts one step for its two updates). Lightning's own path (``manual_backward``,
         ``optimizer.step()``) calls hooks and plugins around every update, which costs a tiny model
-        about a third of its speed. Under 16-mixed the loss is scaled with Lightning's gradient
+        much of its speed (docs/performance.md). Under 16-mixed the loss is scaled with Lightning's gradient
         scaler (its state is saved in checkpoints); the scaler skips an update whose gradients
         overflowed. Under DDP the backward goes through Lightning, which prepares DDP's gradient
         reduction for each backward: several updates (or the GAN's two networks) per step stay in sync."""
