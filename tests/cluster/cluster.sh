@@ -17,8 +17,12 @@ stop() {
   for name in slurmd slurmctld munged; do
     pid_file=$dir/$name.pid
     if [ -s "$pid_file" ]; then
-      pid=$(cat "$pid_file"); kill "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      pid=$(cat "$pid_file")
+      # a pid file left by a daemon that died may name a process that reused its number: only the daemon
+      if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]; then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      fi
     fi
     rm -f "$pid_file"
   done
