@@ -35,6 +35,9 @@ warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have m
 # - trainer.log_every_n_steps counts optimizer updates in genlab (genlab.steps.TrainingCurve), so an
 #   epoch of fewer Lightning steps than that is no reason for Lightning's warning
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+# - where SLURM is installed Lightning suggests srun for every run; genlab reaches SLURM through
+#   hydra/launcher=slurm (docs/distributed.md), which starts each job's processes itself
+warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
 # - the counting bigram has nothing to optimise: it fills its table of counts in one pass
 warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
 
@@ -137,7 +140,7 @@ class UpdateProgress(ProgressBar):
         if sys.stderr.isatty() and shutil.get_terminal_size((0, 0)).columns > 0:  # a terminal with a width
             self._bar = tqdm(total=self.total(trainer), initial=done, unit=self.unit(pl_module), dynamic_ncols=True,
                              file=sys.stderr, smoothing=0.1)
-        self._next_line = done + 1
+        self._next_line = self.next_line_after(done, trainer)
 
     @staticmethod
     def losses(trainer) -> dict[str, float]:
@@ -161,8 +164,13 @@ class UpdateProgress(ProgressBar):
             self._bar.set_postfix(self.losses(trainer), refresh=False)
         else:
             self.log_line(done, total, trainer)
-        step = max(1, total * (1 if self._bar is not None else self.percent_per_line) // 100)
-        self._next_line = (done // step + 1) * step
+        self._next_line = self.next_line_after(done, trainer)
+
+    def next_line_after(self, done: int, trainer) -> int:
+        """The next multiple of 1% (bar) or ``percent_per_line`` (log) of the total: lines come at
+        the same update counts whatever a Lightning step holds."""
+        step = max(1, self.total(trainer) * (1 if self._bar is not None else self.percent_per_line) // 100)
+        return (done // step + 1) * step
 
     @staticmethod
     def unit(model) -> str:

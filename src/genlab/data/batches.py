@@ -93,9 +93,9 @@ class BatchStream:
         return position * self.world + self.rank
 
     def __iter__(self):
-        k, position = self.batches_per_step, self.start()
+        k, position, one_batch = self.batches_per_step, self.start(), self.one_batch  # asked once an epoch
         for _ in range(len(self)):
-            steps = [0] * k if self.one_batch else range(position, position + k)
+            steps = [0] * k if one_batch else range(position, position + k)
             xs, ys = zip(*(self.batch(self.global_index(p)) for p in steps))
             position += k
             yield group(torch.stack(xs), torch.stack(ys))
