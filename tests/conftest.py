@@ -18,11 +18,18 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from genlab.console import SILENCED_WARNINGS
 from genlab.train import CONF_DIR, train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 MIRROR = os.environ.get("GENLAB_DATA_MIRROR") or (str(SHARED_DATA) if SHARED_DATA.exists() else None)
+
+
+def pytest_configure(config):
+    """pytest resets the warning filters for each test: add those genlab sets for its users."""
+    for message in SILENCED_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}")
 
 
 @pytest.fixture

@@ -19,9 +19,10 @@ from conftest import REPO, compose_config, run_training, snapshot
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from genlab.checkpoints import CheckpointWriteFailed, read_checkpoint
-from genlab.errors import CheckpointError, ConfigError
+from genlab.checkpoints import read_checkpoint
+from genlab.errors import CheckpointError, ConfigError, DiskFull
 from genlab.evaluate import evaluate
+from genlab.figures import plot_curves
 from genlab.sample import sample
 from genlab.train import CONF_DIR, train
 
@@ -195,7 +196,7 @@ def test_a_disk_that_fills_mid_save_keeps_the_previous_checkpoint_and_the_run_re
     run_dir = small_disk / "run"
     common = [f"data.path={names_file}", "val_every=10", *TINY]
     fill = ["+callbacks.fill._target_=test_checkpoint_safety.FillDisk", "+callbacks.fill.at=20"]
-    with pytest.raises(CheckpointWriteFailed) as failed:
+    with pytest.raises(DiskFull) as failed:
         train(compose_config([*common, "trainer.max_steps=30", *fill], run_dir))
     message = str(failed.value)
     assert f"the disk holding {run_dir / 'checkpoints'} is full" in message
@@ -211,3 +212,26 @@ def test_a_disk_that_fills_mid_save_keeps_the_previous_checkpoint_and_the_run_re
     (small_disk / "filler").unlink()
     metrics = run_training(run_dir, [*common, "trainer.max_steps=30", f"ckpt_path={run_dir}"])
     assert metrics["status"] == "completed" and metrics["steps"] == 30
+
+
+def fill(disk: Path) -> None:
+    """Write a file until the disk holds not one more byte."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        for chunk in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(bytes(chunk))
+            except OSError:
+                pass
+
+
+def test_a_picture_written_to_a_full_disk_leaves_the_previous_one_whole(small_disk):
+    path = small_disk / "insight" / "loss_curves.png"
+    plot_curves({"train": ([0, 1], [2.0, 1.0])}, path)
+    before = path.read_bytes()
+    fill(small_disk)
+    with pytest.raises(DiskFull) as failed:
+        plot_curves({"train": ([0, 1, 2], [2.0, 1.0, 0.5])}, path)
+    assert f"the disk holding {path.parent} is full" in str(failed.value)
+    assert "needs" in str(failed.value) and "the previous loss_curves.png is whole" in str(failed.value)
+    assert path.read_bytes() == before and sorted(os.listdir(path.parent)) == ["loss_curves.png"]

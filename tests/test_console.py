@@ -4,6 +4,7 @@ updates with the true total (continued on resume), and no library noise."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 import shutil
@@ -14,6 +15,7 @@ import pytest
 from conftest import REPO, compose_config, run_training
 
 from genlab.checks import validation_interval
+from genlab.console import result_summary
 
 QUIET = ["trainer.max_steps=200", "model.updates_per_step=50", "num_samples=2", "callbacks.insight=null", "threads=1"]
 
@@ -31,10 +33,19 @@ def test_the_console_shows_a_summary_progress_in_updates_and_no_library_noise(na
     progress = [line for line in lines if "] update " in line]
     assert all("/200 (" in line for line in progress) and "update 200/200 (100%)" in progress[-1]
     assert "val_loss" not in done.stdout and f"{run_dir}/metrics.json" in lines[-1]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert f"val {metrics['val_loss']:.4f}, {metrics['val_bpc']:.3f} bits/char" in lines[-1]
     everything = done.stdout + done.stderr
     for noise in ("GPU available", "TPU available", "Tip:", "FLOPs", "Warning", "it/s", "Epoch"):
         assert noise not in everything, noise
     assert "GPU available" in (run_dir / "train.log").read_text()  # Lightning's lines are kept in the log file
+
+
+def test_an_image_runs_summary_names_its_fid_and_kid():
+    metrics = {"loss_D": 1.1, "loss_G": 2.2, "fid": 84.123, "best_fid": 80.5, "kid_mean": 0.0712, "kid_std": 0.0031,
+               "images_per_second": 50.0, "steps": 300, "train_seconds": 61.0}
+    line = result_summary(metrics, "outputs/run", "update")
+    assert "loss_D 1.1000, loss_G 2.2000, FID 84.12 (best 80.50), KID 0.0712 ± 0.0031 after 300 updates" in line
 
 
 def test_progress_continues_from_the_resumed_update(names_file, tmp_path, caplog):

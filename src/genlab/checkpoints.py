@@ -10,14 +10,12 @@ the class the user names, never imported from the file."""
 
 from __future__ import annotations
 
-import errno
 import importlib
 import io
 import json
 import pickle
 import pkgutil
 import re
-import shutil
 from pathlib import Path
 
 import hydra
@@ -26,7 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from genlab.errors import CheckpointError, ConfigError, instantiate
-from genlab.outputs import atomic_write_stream
+from genlab.outputs import atomic_write_bytes
 from genlab.runs import checkpoint_file, run_dir_of
 from genlab.runtime import choice
 
@@ -196,32 +194,13 @@ def finished_at(folder: Path) -> int | None:
 
 
 # --- writing ---------------------------------------------------------------------------------------
-class CheckpointWriteFailed(CheckpointError):
-    """The disk holding a checkpoint's folder filled while the checkpoint was written."""
-
-
 def write_checkpoint(checkpoint: dict, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, flushed, then renamed over it: a full
-    disk, a kill or a crash mid-write leaves the previous checkpoint whole (a temporary file in
-    the system's temp folder would be copied over it, across filesystems)."""
-    path = Path(path)
+    disk (``DiskFull``), a kill or a crash mid-write leaves the previous checkpoint whole (a
+    temporary file in the system's temp folder would be copied over it, across filesystems)."""
     data = io.BytesIO()
     torch.save(checkpoint, data)
-    data.seek(0)
-    try:
-        atomic_write_stream(path, data)
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        free = shutil.disk_usage(path.parent).free
-        kept = f"the previous {path.name} is whole" if path.exists() else f"no earlier {path.name} was there"
-        raise CheckpointWriteFailed(
-            f"the disk holding {path.parent} is full ({err.strerror}): writing {path.name} needs "
-            f"{size(data.getbuffer().nbytes)} free beside the old one, and {size(free)} are free; {kept}.") from None
-
-
-def size(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB ({n:,} bytes)"
+    atomic_write_bytes(path, data.getbuffer())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from matplotlib.ticker import EngFormatter
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -263,6 +264,7 @@ def plot(runs: list[Run], params: list[str], path: Path):
             label = ", ".join(f"{p.split('.')[-1]}={short(run.config.get(p), 12)}" for p in params) or run.folder.name
             curves.plot(steps, losses, marker=".", label=label)
     curves.set(xlabel="update", ylabel=shown, title=f"{shown} of every run")
+    curves.xaxis.set_major_formatter(EngFormatter(sep=""))  # 50k, 100k: long runs' labels do not overlap
     if 0 < len(curves.lines) <= SHOWN_CURVES:
         curves.legend(fontsize=7)
     curves.grid(alpha=0.3)
@@ -294,7 +296,7 @@ def compare(root: str | Path, out: str | Path | None = None) -> list[dict]:
     ranked = [{"val_loss": "validation loss", "val_bpc": "bits per character (the tokenizers differ)"}[ranking_figure(runs)]
               ] if not all(r.is_image for r in runs) else []
     ranked += ["FID"] if any(r.is_image for r in runs) else []
-    print(f"\n{len(rows)} runs" + (f" in {len(groups)} groups of seed replicates (mean ± sd (count))" if replicated else "")
+    print(f"\n{len(rows)} runs" + (f" in {len(groups)} group{'s' * (len(groups) != 1)} of seed replicates (mean ± sd (count))" if replicated else "")
           + f"; ranked by {', then '.join(ranked)}"
           + f"; swept: {', '.join(params) or 'nothing'}{more}; wrote {out / 'comparison.csv'} and {out / 'comparison.png'}")
     return rows

@@ -21,25 +21,36 @@ from genlab.steps import updates_per_epoch
 
 log = logging.getLogger("genlab")
 
-# Library warnings a user cannot act on, each silenced on purpose:
-# - Lightning calls a torch pytree API that torch deprecates; the fix is Lightning's to make
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-# - a checkpoint taken every N steps under manual optimization holds the weights after that step's
-#   update: that is the state a resume continues from, as intended
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-# - a resumed run writes its checkpoints into the folder that already holds them, by design
-warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-# - genlab's data modules prepare their batches in the main process on purpose (the batches are
-#   slices of tensors already in memory: workers would only add copies)
-warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
-# - trainer.log_every_n_steps counts optimizer updates in genlab (genlab.steps.TrainingCurve), so an
-#   epoch of fewer Lightning steps than that is no reason for Lightning's warning
-warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
-# - where SLURM is installed Lightning suggests srun for every run; genlab reaches SLURM through
-#   hydra/launcher=slurm (docs/distributed.md), which starts each job's processes itself
-warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
-# - the counting bigram has nothing to optimise: it fills its table of counts in one pass
-warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
+# Library warnings a user cannot act on, each silenced on purpose (the test suite silences the same
+# list, tests/conftest.py):
+SILENCED_WARNINGS = (
+    # Lightning calls a torch pytree API that torch deprecates; the fix is Lightning's to make
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # a checkpoint taken every N steps under manual optimization (the DCGAN) holds the weights after
+    # that step's update: that is the state a resume continues from, as intended
+    "Using ModelCheckpoint with manual optimization",
+    # a resumed run writes its checkpoints into the folder that already holds them, by design
+    r"Checkpoint directory .* exists and is not empty",
+    # genlab.loggers.CSVLogger keeps a resumed run's metrics.csv, which Lightning says it would delete
+    r"Experiment logs directory .* exists and is not empty",
+    # genlab's data modules prepare their batches in the main process on purpose (the batches are
+    # slices of tensors or memory maps: workers would only add copies)
+    r"The '\w+_dataloader' does not have many workers",
+    # a run resumed mid-epoch: genlab's batch streams continue from the update count (the resume
+    # tests compare the weights), and the DCGAN restarts the interrupted epoch of its image loader
+    # (docs/dcgan.md); Lightning sees neither
+    "You're resuming from a checkpoint that ended before the epoch ended",
+    # trainer.log_every_n_steps counts optimizer updates in genlab (genlab.steps.TrainingCurve), so an
+    # epoch of fewer Lightning steps than that is no reason for Lightning's warning
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    # where SLURM is installed Lightning suggests srun for every run; genlab reaches SLURM through
+    # hydra/launcher=slurm (docs/distributed.md), which starts each job's processes itself
+    "The `srun` command is available on your system but is not used",
+    # the counting bigram has nothing to optimise: it fills its table of counts in one pass
+    "`LightningModule.configure_optimizers` returned `None`",
+)
+for _message in SILENCED_WARNINGS:
+    warnings.filterwarnings("ignore", message=_message)
 
 
 def route_library_logs() -> None:
@@ -94,12 +105,17 @@ def run_summary(choices: dict, model: L.LightningModule, trainer: L.Trainer, run
 def result_summary(metrics: dict, run_dir, unit: str = "update") -> str:
     """One line at the end: the losses (or the GAN's), how long, how fast, where."""
     if "val_loss" in metrics:
-        shown = f"val {metrics['val_loss']:.4f} (best {metrics['best_val_loss']:.4f})"
+        # bits per character: the figure that compares runs on different tokenizers
+        bpc = f", {metrics['val_bpc']:.3f} bits/char" if metrics.get("val_bpc") is not None else ""
+        shown = f"val {metrics['val_loss']:.4f}{bpc} (best {metrics['best_val_loss']:.4f})"
         if metrics.get("test_loss") is not None:
             shown += f", test {metrics['test_loss']:.4f}"
         speed = f"{metrics['tokens_per_second']:,.0f} tokens/s"
     else:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
+        if metrics.get("fid") is not None:
+            shown += (f", FID {metrics['fid']:.2f} (best {metrics['best_fid']:.2f}), "
+                      f"KID {metrics['kid_mean']:.4f} ± {metrics['kid_std']:.4f}")
         speed = f"{metrics['images_per_second']:,.0f} images/s"
     if metrics.get("update_seconds") is not None:
         speed += f", {timedelta(seconds=round(metrics['update_seconds']))} of it in updates"

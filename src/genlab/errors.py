@@ -23,6 +23,11 @@ class CheckpointError(GenlabError):
     """A checkpoint that cannot be used."""
 
 
+class DiskFull(GenlabError):
+    """The disk filled while a file was written (``genlab.outputs``): the file it was to replace
+    is whole, and no temporary file is left."""
+
+
 class TrainingDiverged(GenlabError):
     """The training loss became NaN or infinite at update ``step``."""
 

@@ -5,14 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import os
-import warnings
 
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-# Lightning warns that a resumed run's logs "will be deleted": this logger keeps them
-warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-
 
 class CSVLogger(LightningCSVLogger):
     """Lightning's CSVLogger, continuing the ``metrics.csv`` a resumed run already has. Lightning's

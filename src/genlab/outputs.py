@@ -6,12 +6,15 @@ A temporary file is created private (mode 0600); before the rename it gets the m
 
 from __future__ import annotations
 
-import io
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterable
+
+from genlab.errors import DiskFull
 
 
 def default_file_mode() -> int:
@@ -20,24 +23,34 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write_stream(path: str | Path, source: BinaryIO) -> None:
-    """Copy a readable binary stream (a file, an HTTP response) to ``path`` atomically."""
-    atomic_write_chunks(path, iter(lambda: source.read(1 << 20), b""))
+def atomic_write_stream(path: str | Path, source: BinaryIO, size: int | None = None) -> None:
+    """Copy a readable binary stream (a file, an HTTP response) to ``path`` atomically; ``size``,
+    where known, is named if the disk fills."""
+    atomic_write_chunks(path, iter(lambda: source.read(1 << 20), b""), size)
 
 
-def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes]) -> None:
-    """Write the bytes ``chunks`` yields to ``path`` atomically, holding one chunk at a time."""
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    view = memoryview(data)  # slices of it are not copies
+    atomic_write_chunks(path, (view[i : i + (1 << 20)] for i in range(0, len(view), 1 << 20)), len(view))
+
+
+def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes], size: int | None = None) -> None:
+    """Write the bytes ``chunks`` yields to ``path`` atomically, holding one chunk at a time. A full
+    disk raises ``DiskFull`` (``size``: the bytes the file needs, where known)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
     with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
         try:
             for chunk in chunks:
-                tmp.write(chunk)
+                written += tmp.write(chunk)
             tmp.flush()
             os.fsync(tmp.fileno())
             os.fchmod(tmp.fileno(), default_file_mode())
-        except BaseException:
+        except BaseException as err:
             os.unlink(tmp.name)
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(path, err, size, written) from None
             raise
     try:
         os.replace(tmp.name, path)
@@ -46,8 +59,20 @@ def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes]) -> None:
         raise
 
 
+def disk_full(path: Path, err: OSError, size: int | None, written: int) -> DiskFull:
+    free = shutil.disk_usage(path.parent).free
+    kept = f"the previous {path.name} is whole" if path.exists() else f"no earlier {path.name} was there"
+    needs = f"needs {bytes_text(size)} free" if size else f"stopped after {bytes_text(written)}"
+    return DiskFull(f"the disk holding {path.parent} is full ({err.strerror}): writing {path.name} {needs}, "
+                    f"and {bytes_text(free)} are free; {kept}.")
+
+
+def bytes_text(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB ({n:,} bytes)"
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_stream(path, io.BytesIO(text.encode("utf-8")))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_metrics(path: str | Path, metrics: dict) -> None:

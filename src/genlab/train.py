@@ -28,10 +28,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genlab.callbacks import CheckpointAtEnd, Samples, TrainingClock, ValidateAtEnd
-from genlab.checkpoints import CheckpointWriteFailed, check_resume, read_checkpoint, trainer_plugins
+from genlab.checkpoints import check_resume, read_checkpoint, trainer_plugins
 from genlab.checks import check_config, validation_interval
 from genlab.console import UpdateProgress, result_summary, route_library_logs, run_summary
-from genlab.errors import TrainingDiverged, exit_on_user_error, instantiate
+from genlab.errors import DiskFull, TrainingDiverged, exit_on_user_error, instantiate
 from genlab.hparams import log_hparams, run_hparams
 from genlab.lr_finder import find_learning_rate
 from genlab.outputs import write_metrics
@@ -63,8 +63,8 @@ def train(cfg: DictConfig) -> float | None:
             report_stop(stop, run_dir)
         except TrainingDiverged as err:
             raise TrainingDiverged(f"{err} {last_good_state(run_dir)}", step=err.step) from None
-        except CheckpointWriteFailed as err:
-            raise CheckpointWriteFailed(f"{err} Free some space (or move the run's folder), then "
+        except DiskFull as err:
+            raise DiskFull(f"{err} Free some space (or move the run's folder), then "
                                         f"{how_to_continue(run_dir)}") from None
 
 
