@@ -119,6 +119,14 @@ def assert_learned(metrics: dict, run_dir: Path) -> None:
         f"val_loss {metrics['val_loss']:.3f}: not {LEARNED} below an untrained model's ln V = {untrained:.3f}")
 
 
+def run_eval(overrides: list[str]) -> dict:
+    """eval.py in-process (``ckpt_path=`` among the overrides); returns what it reports."""
+    from genlab.evaluate import evaluate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return evaluate(compose("eval", overrides=["accelerator=cpu", *overrides]))
+
+
 def run_training(run_dir: Path, overrides: list[str]) -> dict:
     """Train in-process and return metrics.json."""
     cfg = compose_config(overrides, run_dir)

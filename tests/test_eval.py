@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_training
+from conftest import REPO, run_eval, run_training
 
 from genlab.errors import CheckpointError, ConfigError
 
@@ -18,14 +18,7 @@ SMALL = ["model.updates_per_step=20", "trainer.max_steps=40", "val_every=20", "n
 
 
 def evaluate(overrides: list[str], tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    from genlab.evaluate import evaluate as run_eval
-    from genlab.runtime import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("eval", overrides=[f"paths.data_dir={tmp_path / 'data'}", "accelerator=cpu", *overrides])
-    return run_eval(cfg)
+    return run_eval([f"paths.data_dir={tmp_path / 'data'}", *overrides])
 
 
 def test_eval_gives_the_losses_the_run_reported(names_file, tmp_path):

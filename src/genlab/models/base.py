@@ -50,6 +50,7 @@ class LanguageModel(GenlabModule):
     # True where the context is what the model can read at all (a GPT's position table), so a
     # longer prompt would be cut; False where a fixed window slides over any text (MLP, WaveNet)
     reads_whole_context = False
+    eval_logits = 1 << 24  # the most logits an evaluation computes at once (64 MiB of float32)
 
     def __init__(
         self,
@@ -207,7 +208,10 @@ class LanguageModel(GenlabModule):
 
     def _eval_step(self, batch):
         x, y = batch
-        summed = self.loss(self(x), y, reduction="sum")
+        # an evaluation batch's logits at once would be (B, T, V): with GPT-2's 50,257 tokens 64 rows of
+        # 64 hold 206M, with their softmax 1.6 GB; rows are evaluated a few at a time instead
+        rows = max(1, self.eval_logits // max(1, y[0].numel() * self.vocab_size))
+        summed = sum(self.loss(self(xs), ys, reduction="sum") for xs, ys in zip(x.split(rows), y.split(rows)))
         real = y >= 0
         # characters of the targets evaluated (a sample of a split counts the sample's own); masked,
         # not indexed by the mask, which would wait for the GPU
