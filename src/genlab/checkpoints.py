@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from genlab.errors import CheckpointError, ConfigError, instantiate
-from genlab.outputs import atomic_write_bytes
+from genlab.outputs import atomic_torch_save
 from genlab.runs import checkpoint_file, run_dir_of
 from genlab.runtime import choice
 
@@ -194,24 +194,17 @@ def finished_at(folder: Path) -> int | None:
 
 
 # --- writing ---------------------------------------------------------------------------------------
-def write_checkpoint(checkpoint: dict, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed, then renamed over it: a full
-    disk (``DiskFull``), a kill or a crash mid-write leaves the previous checkpoint whole (a
-    temporary file in the system's temp folder would be copied over it, across filesystems)."""
-    data = io.BytesIO()
-    torch.save(checkpoint, data)
-    atomic_write_bytes(path, data.getbuffer())
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writes and reads for every genlab run: written atomically where
-    they land (``write_checkpoint``), read with the safe unpickler unless told otherwise (the
-    LR finder's restore, for one, does not say)."""
+    """Lightning's checkpoint writes and reads for every genlab run: written to a temporary file
+    beside their destination and renamed over it, so a full disk (``DiskFull``), a kill or a crash
+    mid-write leaves the previous checkpoint whole (a temporary file in the system's temp folder
+    would be copied over it, across filesystems); read with the safe unpickler unless told
+    otherwise (the LR finder's restore, for one, does not say)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError("genlab's checkpoints take no storage_options")
-        write_checkpoint(checkpoint, path)
+        atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
         return super().load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)

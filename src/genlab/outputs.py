@@ -7,12 +7,15 @@ A temporary file is created private (mode 0600); before the rename it gets the m
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterable
+
+import torch
 
 from genlab.errors import DiskFull
 
@@ -32,6 +35,13 @@ def atomic_write_stream(path: str | Path, source: BinaryIO, size: int | None = N
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     view = memoryview(data)  # slices of it are not copies
     atomic_write_chunks(path, (view[i : i + (1 << 20)] for i in range(0, len(view), 1 << 20)), len(view))
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """``torch.save`` of ``obj`` to ``path``, atomically: serialised in memory, then written."""
+    data = io.BytesIO()
+    torch.save(obj, data)
+    atomic_write_bytes(path, data.getbuffer())
 
 
 def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes], size: int | None = None) -> None:

@@ -17,7 +17,6 @@ held-out real ones (``data.val_fraction``), computed by torchmetrics on Inceptio
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import sys
 import warnings
@@ -29,7 +28,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from genlab.errors import ConfigError
-from genlab.outputs import atomic_write_stream
+from genlab.outputs import atomic_torch_save
 
 log = logging.getLogger("genlab")
 
@@ -159,10 +158,7 @@ class ImageQuality:
                 log.info("FID: the real images' features from %s", cache)
             else:
                 self._real = self.features(images.to(device)).cpu()
-                buffer = io.BytesIO()
-                torch.save(self._real, buffer)
-                buffer.seek(0)
-                atomic_write_stream(cache, buffer)
+                atomic_torch_save(self._real, cache)
                 log.info("FID: the features of %d held-out images, cached in %s", len(paths), cache)
         return self._real.to(device)
 

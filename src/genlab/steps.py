@@ -30,6 +30,7 @@ import torch
 
 from genlab.errors import ConfigError
 from genlab.models.compiled_update import CUDA_GRAPH_MODES, CompiledUpdate, pad_to
+from genlab.precision import uses_cuda
 
 LIGHTNING_TESTED = ">=2.6,<2.7"
 # Lightning's fixed work per step (its loops, hooks, logging, the progress bar, genlab's callbacks), an
@@ -176,8 +177,7 @@ def measure_update_seconds(model, datamodule, device: torch.device | None = None
 def training_device(trainer_cfg) -> tuple[torch.device, torch.dtype | None]:
     """The device and autocast type a ``trainer`` config trains with (for timing updates before the
     trainer exists)."""
-    accelerator = str(trainer_cfg.get("accelerator", "auto"))
-    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    cuda = uses_cuda(trainer_cfg)
     precision = str(trainer_cfg.get("precision", "32-true"))
     autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     return torch.device("cuda" if cuda else "cpu"), autocast

@@ -65,7 +65,7 @@ def train(cfg: DictConfig) -> float | None:
             raise TrainingDiverged(f"{err} {last_good_state(run_dir)}", step=err.step) from None
         except DiskFull as err:
             raise DiskFull(f"{err} Free some space (or move the run's folder), then "
-                                        f"{how_to_continue(run_dir)}") from None
+                           f"{how_to_continue(run_dir)}") from None
 
 
 def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, ckpt_path: Path | None) -> float | None:
