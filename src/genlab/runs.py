@@ -28,6 +28,7 @@ from genlab.errors import CheckpointError, ConfigError, FolderTaken
 from genlab.outputs import atomic_write_text, check_writable_folder
 from genlab.ranks import Ranks, Start, refusal
 from genlab.runtime import choice, hydra_config, in_sweep, task_overrides
+from genlab.trust import read_json
 
 RUNS = Path("outputs/runs")
 # what a run writes into its folder: a folder holding any of the first five holds a run, and
@@ -89,14 +90,6 @@ def flatten(node: dict, prefix: str = "") -> dict:
 
 def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_MARKERS)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def recorded_overrides(folder: Path) -> list[str] | None:
