@@ -25,7 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.errors import CheckpointError, ConfigError, FolderTaken
-from genlab.outputs import atomic_write_text, check_writable_folder
+from genlab.outputs import atomic_write_text, check_writable_folder, open_no_follow
 from genlab.ranks import Ranks, Start, refusal
 from genlab.runtime import choice, hydra_config, in_sweep, task_overrides
 from genlab.trust import read_json
@@ -122,6 +122,14 @@ def newest_checkpoint(folder: Path) -> Path | None:
     return None
 
 
+class NoFollowFileHandler(logging.FileHandler):
+    """train.log, appended to only if it is not a symbolic link (``open_no_follow``)."""
+
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=lambda path, flags: open_no_follow(path, flags, 0o666))
+
+
 class RunFolder:
     """The folder of one run, held by this process from ``open`` to ``close``.
 
@@ -198,7 +206,7 @@ class RunFolder:
 
     def _lock(self) -> None:
         lock = self.path / ".lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_no_follow(lock, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -223,6 +231,9 @@ class RunFolder:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
+        # first what may still refuse the run (a train.log that is a link), before anything is removed
+        self._file_log = NoFollowFileHandler(self.path / "train.log", encoding="utf-8")
+        self._file_log.setFormatter(logging.Formatter(LOG_FORMAT))
         # a resumed run's final figures are written again when it ends: until then it has none, so
         # that nothing (compare.py, a sweep's summary) takes the old ones for the new run's
         (self.path / "metrics.json").unlink(missing_ok=True)
@@ -233,8 +244,6 @@ class RunFolder:
             atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})))
         if (job := slurm_job()) is not None:  # a requeued job finds its run by this
             atomic_write_text(record / "slurm.json", json.dumps(job) + "\n")
-        self._file_log = logging.FileHandler(self.path / "train.log", encoding="utf-8")
-        self._file_log.setFormatter(logging.Formatter(LOG_FORMAT))
         logging.getLogger().addHandler(self._file_log)
         if self._early_log is not None:  # what was logged before the claim, then the buffer goes
             self._early_log.setTarget(self._file_log)
