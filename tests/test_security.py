@@ -5,8 +5,10 @@ byte for byte the same. A new case is one line in CASES."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -15,6 +17,7 @@ import torch
 import yaml
 from conftest import compose_config
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from genlab.checkpoints import AtomicCheckpointIO
 from genlab.errors import CheckpointError, exit_on_user_error
@@ -113,7 +116,10 @@ def outside_path(key: str):
     ``dirpath`` by ``..`` (which Lightning's textual parent check lets through)."""
     def edit(checkpoint, run, canary):
         state = model_checkpoint_state(checkpoint)
-        state["dirpath"] = os.path.realpath(run / "checkpoints")  # the folder the run resumes in
+        old, state["dirpath"] = state["dirpath"], os.path.realpath(run / "checkpoints")  # where the run resumes
+        for name in ("best_model_path", "last_model_path", "kth_best_model_path"):
+            state[name] = state[name].replace(old, state["dirpath"])
+        state["best_k_models"] = {p.replace(old, state["dirpath"]): v for p, v in state["best_k_models"].items()}
         victim = f"{state['dirpath']}/{os.path.relpath(os.path.realpath(canary), state['dirpath'])}/victim"
         state[key] = {victim: torch.tensor(0.0)} if key == "best_k_models" else victim
     return edit_checkpoint(edit)
@@ -139,7 +145,7 @@ def unknown_genlab_entry(checkpoint, run, canary):
 def escape_vocabulary(checkpoint, run, canary):
     """Every letter of the vocabulary a control character: what is sampled is nothing else."""
     chars = checkpoint["hyper_parameters"]["tokenizer"]["chars"]
-    controls = "".join(chr(c) for c in range(1, 32) if chr(c) not in "\n")[: len(chars) - 1]
+    controls = ("\x1b" + "".join(chr(c) for c in range(1, 27) if chr(c) != "\n"))[: len(chars) - 1]
     checkpoint["hyper_parameters"]["tokenizer"]["chars"] = chars[0] + controls
 
 
@@ -269,3 +275,75 @@ def run_command_trusted(run: Path) -> None:
     names = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["data"]["path"]
     train(compose_config([f"data.path={names}", "trainer.max_steps=30", *TINY, f"ckpt_path={run}",
                           "trust_checkpoint=true"], run))
+
+
+# --- a run folder shared read-only -----------------------------------------------------------------
+@pytest.fixture
+def read_only():
+    """``read_only(folder)``: a read-only view of ``folder`` (a bind mount: the tests run as root,
+    which file modes do not stop)."""
+    views = []
+
+    def mount(folder: Path) -> Path:
+        view = folder.with_name(f"{folder.name}-read-only")
+        view.mkdir()
+        for command in (["mount", "--bind", str(folder), str(view)], ["mount", "-o", "remount,bind,ro", str(view)]):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.fail(f"{' '.join(command)} failed ({done.stderr.strip()}): run the tests as root, as CI does")
+        views.append(view)
+        return view
+
+    yield mount
+    for view in views:
+        subprocess.run(["umount", "--lazy", str(view)], check=True)
+
+
+def test_eval_and_sample_show_their_results_from_a_read_only_run_folder(pristine, read_only, tmp_path, capsys):
+    run = read_only(pristine)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        result = evaluate(compose("eval", [f"ckpt_path={run}", f"paths.data_dir={tmp_path / 'data'}",
+                                           "accelerator=cpu"]))
+        out, err = capsys.readouterr()
+        assert out.startswith(f"val {result['val_loss']:.4f}") and not (run / "eval.json").exists()
+        assert err == (f"the result not saved: {run / 'eval.json'} cannot be written (Read-only file system); "
+                       "pass out=FILE to save it elsewhere\n")
+        chosen = tmp_path / "mine" / "eval.json"
+        evaluate(compose("eval", [f"ckpt_path={run}", f"paths.data_dir={tmp_path / 'data'}", "accelerator=cpu",
+                                  f"out={chosen}"]))
+        assert json.loads(chosen.read_text())["val_loss"] == result["val_loss"]
+        assert len(sample(compose("sample", [f"ckpt_path={run}", "num_samples=3"]))) == 3
+
+
+@pytest.fixture(scope="module")
+def gan_run(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("gan")
+    (base / "faces").mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(16):
+        pixels = torch.randint(0, 256, (16, 16, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(base / "faces" / f"{i:03d}.png")
+    train(compose_config(["model=dcgan", "data=celeba", f"data.root={base / 'faces'}", "data.image_size=16",
+                          "data.batch_size=8", "data.num_workers=0", "model.ngf=8", "model.ndf=8", "model.nz=12",
+                          "model.grid_every=1", "model.grid_size=4", "val_every=1", "trainer.max_steps=1",
+                          "data.val_fraction=0.25", "metrics.images=0", "logger=none"], base / "run"))
+    return base / "run"
+
+
+def test_sample_writes_images_into_the_checkpoints_run_folder_or_says_it_cannot(gan_run, read_only, tmp_path,
+                                                                                capsys):
+    lone = tmp_path / "downloads" / "gan.ckpt"  # a checkpoint on its own: its folder is its run's
+    lone.parent.mkdir()
+    shutil.copy(gan_run / "checkpoints" / "last.ckpt", lone)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        assert sample(compose("sample", [f"ckpt_path={lone}", "num_samples=4"])) == lone.parent / "samples.png"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["downloads"]  # nothing in the grandparent
+        run = read_only(gan_run)
+        capsys.readouterr()
+        sample(compose("sample", [f"ckpt_path={run}", "num_samples=4"]))
+        out, err = capsys.readouterr()
+        assert err == (f"the 4 images not saved: {run / 'samples.png'} cannot be written (Read-only file system); "
+                       "pass out=FILE to save it elsewhere\n") and out == ""
+        chosen = tmp_path / "grid.png"
+        assert sample(compose("sample", [f"ckpt_path={run}", "num_samples=4", f"out={chosen}"])) == chosen
+        assert chosen.stat().st_size > 0
