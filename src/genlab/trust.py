@@ -31,9 +31,9 @@ TRUST = "trust_checkpoint=true"
 
 def refused(source, what: str, why: str) -> CheckpointError:
     """The one message for whatever the boundary refuses: the file, the key, why, and the way around."""
-    return CheckpointError(
-        f"{source} is refused: {what} {why}. genlab reads a run folder or checkpoint it did not write as "
-        f"data and builds only its own classes from it (docs/security.md); if you trust this one, pass {TRUST}")
+    return CheckpointError(f"{source} is refused: {what} {why}. genlab reads a run folder or checkpoint it did "
+                           "not write as data and builds only its own classes from it (docs/security.md); "
+                           f"if you trust this one, pass {TRUST}")
 
 
 def read_json(path: Path) -> dict | None:
@@ -120,7 +120,7 @@ def checked_target(node, known: dict[str, type], where: str, source: Path) -> ty
         if key != "_target_" and isinstance(key, str) and key.startswith("_") and key.endswith("_"):
             raise refused(source, f"{where}.{key}", "is a Hydra instruction, which genlab does not follow in a record")
         if nested := targets_in(value):
-            raise refused(source, f"{where}.{key}", f"names {nested[0]!r} to build")
+            raise refused(source, f"{where}.{key}", f"names {nested[0]!r} to build: a nested _target_")
     parameters = inspect.signature(cls).parameters.values()
     if not any(p.kind is p.VAR_KEYWORD for p in parameters):
         names = {p.name for p in parameters}
@@ -229,7 +229,7 @@ def check_hyperparameters(hparams, source: Path) -> None:
                     or not all(isinstance(value.get(k), (str, type(None))) for k in ("chars", "boundary")):
                 raise refused(source, where, f"is not a vocabulary genlab writes ({', '.join(TOKENIZERS)})")
         elif nested := targets_in(value):
-            raise refused(source, where, f"names {nested[0]!r} to build")
+            raise refused(source, where, f"names {nested[0]!r} to build: a nested _target_")
 
 
 def checked_callback_state(state, where: str, source: Path, folder: Path):
