@@ -134,6 +134,10 @@ def nested_target_in_hparams(checkpoint, run, canary):
     checkpoint["hyper_parameters"]["n_hidden"] = makedirs(canary)
 
 
+def unknown_hyperparameter(checkpoint, run, canary):
+    checkpoint["hyper_parameters"]["hook"] = "os.makedirs"
+
+
 def unknown_entry(checkpoint, run, canary):
     checkpoint["hooks"] = {"on_load": "os.makedirs"}
 
@@ -197,6 +201,8 @@ CASES = [
       for command in ("resume", "sample", "eval")),
     Case("a nested _target_ in the hyper-parameters", edit_checkpoint(nested_target_in_hparams), "sample",
          "hyper_parameters.n_hidden names 'os.makedirs' to build"),
+    Case("a hyper-parameter the model does not take", edit_checkpoint(unknown_hyperparameter), "eval",
+         "hyper_parameters.hook is not a setting of genlab.models.mlp.MLP"),
     Case("an entry nobody writes", edit_checkpoint(unknown_entry), "resume",
          "its entry 'hooks' is not one that genlab or Lightning writes"),
     Case("an entry genlab does not write", edit_checkpoint(unknown_genlab_entry), "sample",

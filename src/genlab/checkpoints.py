@@ -27,7 +27,7 @@ from genlab.errors import CheckpointError, ConfigError, instantiate
 from genlab.outputs import atomic_torch_save
 from genlab.runs import checkpoint_file, run_dir_of
 from genlab.runtime import choice
-from genlab.trust import TRUST, checked_checkpoint, read_json
+from genlab.trust import TRUST, check_model_settings, checked_checkpoint, read_json
 
 
 
@@ -144,6 +144,8 @@ def load_model(path: str | Path, map_location="cpu", trust: bool = False, named:
     checkpoint = read_checkpoint(path, trust)
     cls = model_class(checkpoint, named)
     source = checkpoint["path"]
+    if not trust:
+        check_model_settings(checkpoint.get("hyper_parameters") or {}, cls, Path(source))
     if checkpoint["renamed"] or not trust:  # Lightning builds the model from what was checked (and renamed)
         source = io.BytesIO()
         torch.save({k: v for k, v in checkpoint.items() if k not in ("path", "renamed")}, source)

@@ -151,8 +151,8 @@ LIGHTNING_ENTRIES = {"epoch", "global_step", "pytorch-lightning_version", "state
                      "optimizer_states", "lr_schedulers", "hparams_name", "hyper_parameters",
                      "native_amp_scaling_state"}
 GENLAB_ENTRIES = {"genlab", "carried_state"}
-GENLAB_KEYS = {"class": str, "rng": object, "training_words": list, "best_val_loss": (int, float),
-               "updates_per_step": (int, str), "curve_window": list, "history": list, "best_fid": (int, float)}
+GENLAB_KEYS = {"class": "str", "rng": "Tensor", "training_words": "list of str", "best_val_loss": "number",
+               "updates_per_step": "int", "curve_window": "list", "history": "list", "best_fid": "number"}
 # ModelCheckpoint's state: files Lightning removes when it writes the next ones
 PATH_KEYS = ("best_model_path", "last_model_path", "kth_best_model_path")
 TOKENIZERS = {"char": {"type", "chars", "boundary"}, "gpt2": {"type"}}
@@ -169,6 +169,16 @@ def precision_entries() -> set[str]:
     return found
 
 
+def is_a(value, kind: str) -> bool:
+    import torch
+
+    return {"str": lambda: isinstance(value, str), "Tensor": lambda: isinstance(value, torch.Tensor),
+            "int": lambda: isinstance(value, int) and not isinstance(value, bool),
+            "number": lambda: isinstance(value, (int, float)) and not isinstance(value, bool),
+            "list": lambda: isinstance(value, list),
+            "list of str": lambda: isinstance(value, list) and all(isinstance(v, str) for v in value)}[kind]()
+
+
 def checked_checkpoint(checkpoint: dict, source: Path, folder: Path) -> dict:
     """``checkpoint`` reduced to what genlab and Lightning write, its callbacks' file paths moved
     into ``folder`` (the run's ``checkpoints/``); refused, naming the key, where anything else is there."""
@@ -181,8 +191,8 @@ def checked_checkpoint(checkpoint: dict, source: Path, folder: Path) -> dict:
     for key, value in own.items():
         if key not in GENLAB_KEYS:
             raise refused(source, f"genlab.{key}", "is not an entry genlab writes")
-        if not isinstance(value, GENLAB_KEYS[key]) and value is not None:
-            raise refused(source, f"genlab.{key}", f"holds a {type(value).__name__}")
+        if value is not None and not is_a(value, GENLAB_KEYS[key]):
+            raise refused(source, f"genlab.{key}", f"holds a {type(value).__name__}, not a {GENLAB_KEYS[key]}")
     check_hyperparameters(checkpoint.get("hyper_parameters") or {}, source)
     callbacks = checkpoint.get("callbacks") or {}
     if not isinstance(callbacks, dict):
@@ -230,6 +240,23 @@ def check_hyperparameters(hparams, source: Path) -> None:
                 raise refused(source, where, f"is not a vocabulary genlab writes ({', '.join(TOKENIZERS)})")
         elif nested := targets_in(value):
             raise refused(source, where, f"names {nested[0]!r} to build: a nested _target_")
+
+
+def check_model_settings(hparams: dict, cls: type, source: Path) -> None:
+    """Every hyper-parameter is a setting that ``cls`` takes (following ``**kwargs`` up the classes
+    that pass them on; a class that takes any keyword, as Lightning's own does, ends the check)."""
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+        if not klass.__module__.startswith("genlab."):
+            return
+    if unknown := sorted(str(k) for k in hparams if k not in names):
+        raise refused(source, f"hyper_parameters.{unknown[0]}", f"is not a setting of {cls.__module__}.{cls.__qualname__}")
 
 
 def checked_callback_state(state, where: str, source: Path, folder: Path):
