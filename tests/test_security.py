@@ -183,6 +183,9 @@ CASES = [
     Case("a reference inside a reference", data_setting("path", "${paths.${seed}}"), "eval", "is not a plain reference"),
     Case("a reference to itself", data_setting("path", "${data.path}"), "eval", "refers to itself"),
     Case("a nested _target_", data_setting("hook", makedirs), "eval", "data.hook names 'os.makedirs' to build"),
+    Case("references that multiply", edit_config(lambda config, canary: config.update(
+        data={**config["data"], "lowercase": ["${a}"] * 100}, a=["${b}"] * 100, b=["${seed}"] * 100)), "eval",
+         "data resolves to more than 100,000 settings"),
     Case("a nested genlab _target_", data_setting("sampling", {"_target_": "genlab.data.names.NamesDataModule"}),
          "eval", "data.sampling names 'genlab.data.names.NamesDataModule' to build"),
     Case("a foreign data _target_", data_setting("_target_", "os.makedirs"), "eval",

@@ -63,11 +63,42 @@ REFERENCE = re.compile(r"\$\{([^{}]*)\}")
 PLAIN_KEY = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*")
 
 
+MAX_RESOLVED = 100_000  # settings one resolution may produce: references that multiply (a list of ${b}, b a list of ${c}, ...) are refused
+
+
 def resolved(config: dict, key: str, source: Path):
     """``config[key]`` with its interpolations resolved by genlab: ``${a.b}`` is the value at ``a.b``
     (a string with references in it gets their values as text); anything else written ``${...}``
     (a resolver call, a relative or nested reference) is refused."""
-    return _resolve(lookup(config, key, key, source), config, key, source, ())
+    left = [MAX_RESOLVED]
+
+    def resolve(node, where: str, seen: tuple):
+        left[0] -= 1
+        if left[0] < 0:
+            raise refused(source, key, f"resolves to more than {MAX_RESOLVED:,} settings")
+        if isinstance(node, dict):
+            return {k: resolve(v, f"{where}.{k}", seen) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v, f"{where}.{i}", seen) for i, v in enumerate(node)]
+        if not isinstance(node, str) or "${" not in node:
+            return node
+        references = REFERENCE.findall(node)
+        if node.count("${") != len(references) or not all(PLAIN_KEY.fullmatch(r) for r in references):
+            raise refused(source, f"{where} {node!r}", "is not a plain reference like ${paths.data_dir}, the only "
+                                                       "interpolation genlab resolves in a record (it calls no resolver)")
+        values = []
+        for reference in references:
+            if reference in seen:
+                raise refused(source, where, f"refers to itself through ${{{reference}}}")
+            values.append(resolve(lookup(config, reference, where, source), reference, (*seen, reference)))
+        if REFERENCE.fullmatch(node):
+            return values[0]
+        if any(isinstance(v, (dict, list)) for v in values):
+            raise refused(source, f"{where} {node!r}", "puts a group of settings inside a text")
+        pieces = iter(values)
+        return REFERENCE.sub(lambda _: str(next(pieces)), node)
+
+    return resolve(lookup(config, key, key, source), key, ())
 
 
 def lookup(config: dict, dotted: str, where: str, source: Path):
@@ -80,32 +111,6 @@ def lookup(config: dict, dotted: str, where: str, source: Path):
         else:
             raise refused(source, where, f"refers to {dotted}, which the record does not hold")
     return node
-
-
-def _resolve(node, config: dict, where: str, source: Path, seen: tuple):
-    if isinstance(node, dict):
-        return {k: _resolve(v, config, f"{where}.{k}", source, seen) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_resolve(v, config, f"{where}.{i}", source, seen) for i, v in enumerate(node)]
-    if not isinstance(node, str) or "${" not in node:
-        return node
-    references = REFERENCE.findall(node)
-    bad = [r for r in references if not PLAIN_KEY.fullmatch(r)]
-    if bad or node.count("${") != len(references):  # a resolver, or one reference inside another
-        raise refused(source, f"{where} {node!r}", "is not a plain reference like ${paths.data_dir}, the only "
-                                                   "interpolation genlab resolves in a record (it calls no resolver)")
-    values = []
-    for reference in references:
-        if reference in seen:
-            raise refused(source, where, f"refers to itself through ${{{reference}}}")
-        value = _resolve(lookup(config, reference, where, source), config, reference, source, (*seen, reference))
-        values.append(value)
-    if REFERENCE.fullmatch(node):
-        return values[0]
-    if any(isinstance(v, (dict, list)) for v in values):
-        raise refused(source, f"{where} {node!r}", "puts a group of settings inside a text")
-    pieces = iter(values)
-    return REFERENCE.sub(lambda _: str(next(pieces)), node)
 
 
 def checked_target(node, known: dict[str, type], where: str, source: Path) -> type:
