@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import os
 import shutil
 import sys
@@ -100,6 +101,14 @@ def open_no_follow(path: Path, flags: int, mode: int = 0o644) -> int:
             raise ConfigError(f"{path} is a symbolic link, and genlab writes no file of a run folder through one "
                               f"(it could point anywhere); remove it (rm {path}) or run in another folder") from None
         raise
+
+
+class NoFollowFileHandler(logging.FileHandler):
+    """A log file (train.log) appended to only if it is not a symbolic link (``open_no_follow``)."""
+
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=lambda path, flags: open_no_follow(path, flags, 0o666))
 
 
 def check_writable_folder(folder: str | Path, error: type[Exception], fix: str) -> Path:

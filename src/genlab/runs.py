@@ -25,7 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.errors import CheckpointError, ConfigError, FolderTaken
-from genlab.outputs import atomic_write_text, check_writable_folder, open_no_follow
+from genlab.outputs import NoFollowFileHandler, atomic_write_text, check_writable_folder, open_no_follow
 from genlab.ranks import Ranks, Start, refusal
 from genlab.runtime import choice, hydra_config, in_sweep, task_overrides
 from genlab.trust import read_json
@@ -120,14 +120,6 @@ def newest_checkpoint(folder: Path) -> Path | None:
         except (OSError, zipfile.BadZipFile):
             continue
     return None
-
-
-class NoFollowFileHandler(logging.FileHandler):
-    """train.log, appended to only if it is not a symbolic link (``open_no_follow``)."""
-
-    def _open(self):
-        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
-                    opener=lambda path, flags: open_no_follow(path, flags, 0o666))
 
 
 class RunFolder:
@@ -231,9 +223,6 @@ class RunFolder:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
-        # first what may still refuse the run (a train.log that is a link), before anything is removed
-        self._file_log = NoFollowFileHandler(self.path / "train.log", encoding="utf-8")
-        self._file_log.setFormatter(logging.Formatter(LOG_FORMAT))
         # a resumed run's final figures are written again when it ends: until then it has none, so
         # that nothing (compare.py, a sweep's summary) takes the old ones for the new run's
         (self.path / "metrics.json").unlink(missing_ok=True)
@@ -244,6 +233,8 @@ class RunFolder:
             atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})))
         if (job := slurm_job()) is not None:  # a requeued job finds its run by this
             atomic_write_text(record / "slurm.json", json.dumps(job) + "\n")
+        self._file_log = NoFollowFileHandler(self.path / "train.log", encoding="utf-8")
+        self._file_log.setFormatter(logging.Formatter(LOG_FORMAT))
         logging.getLogger().addHandler(self._file_log)
         if self._early_log is not None:  # what was logged before the claim, then the buffer goes
             self._early_log.setTarget(self._file_log)
