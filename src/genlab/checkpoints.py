@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import io
-import json
+import os
 import pickle
 import pkgutil
 import re
@@ -27,8 +27,8 @@ from genlab.errors import CheckpointError, ConfigError, instantiate
 from genlab.outputs import atomic_torch_save
 from genlab.runs import checkpoint_file, run_dir_of
 from genlab.runtime import choice
+from genlab.trust import TRUST, check_model_settings, checked_checkpoint, read_json
 
-TRUST = "trust_checkpoint=true"
 
 
 def unpickle(path: Path, trust: bool = False) -> object:
@@ -65,11 +65,14 @@ def unreadable(path: Path, err: Exception) -> CheckpointError:
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
+    """A checkpoint as genlab uses it: through the trust boundary (``genlab.trust``) unless ``trust``."""
     path = checkpoint_file(str(path))  # a file or a run folder
     checkpoint = unpickle(path, trust=trust)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("genlab"), dict) \
             or not isinstance(checkpoint["genlab"].get("class"), str) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a genlab checkpoint (no model class and weights in it).")
+    if not trust:
+        checkpoint = checked_checkpoint(checkpoint, path, run_dir_of(path) / "checkpoints")
     checkpoint["path"] = str(path)
     checkpoint["renamed"] = upgrade_hyperparameters(checkpoint)
     return checkpoint
@@ -141,7 +144,9 @@ def load_model(path: str | Path, map_location="cpu", trust: bool = False, named:
     checkpoint = read_checkpoint(path, trust)
     cls = model_class(checkpoint, named)
     source = checkpoint["path"]
-    if checkpoint["renamed"]:  # Lightning builds the model from the file's hyper-parameters: give it the renamed ones
+    if not trust:
+        check_model_settings(checkpoint.get("hyper_parameters") or {}, cls, Path(source))
+    if checkpoint["renamed"] or not trust:  # Lightning builds the model from what was checked (and renamed)
         source = io.BytesIO()
         torch.save({k: v for k, v in checkpoint.items() if k not in ("path", "renamed")}, source)
         source.seek(0)
@@ -186,20 +191,23 @@ def check_resume(checkpoint: dict, model, max_steps: int) -> None:
 
 def finished_at(folder: Path) -> int | None:
     """The update count at which the run in ``folder`` completed (its metrics.json), else None."""
-    try:
-        metrics = json.loads((folder / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return metrics.get("steps") if isinstance(metrics, dict) and metrics.get("status") == "completed" else None
+    metrics = read_json(folder / "metrics.json") or {}
+    return metrics.get("steps") if metrics.get("status") == "completed" else None
 
 
 # --- writing ---------------------------------------------------------------------------------------
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writes and reads for every genlab run: written to a temporary file
-    beside their destination and renamed over it, so a full disk (``DiskFull``), a kill or a crash
-    mid-write leaves the previous checkpoint whole (a temporary file in the system's temp folder
-    would be copied over it, across filesystems); read with the safe unpickler unless told
-    otherwise (the LR finder's restore, for one, does not say)."""
+    """Lightning's checkpoint writes, reads and removals for every genlab run, in ``folder`` (the
+    run's ``checkpoints/``). Written to a temporary file beside their destination and renamed over
+    it, so a full disk (``DiskFull``), a kill or a crash mid-write leaves the previous checkpoint
+    whole (a temporary file in the system's temp folder would be copied over it, across
+    filesystems). Read with the safe unpickler unless told otherwise (the LR finder's restore, for
+    one, does not say), and then through the trust boundary, so that the state Lightning restores
+    names only files in ``folder``. Removed only inside ``folder``, one file at a time: Lightning
+    removes whatever path its ModelCheckpoint holds, recursively."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if storage_options is not None:
@@ -207,12 +215,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
-        return super().load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)
+        trusted = weights_only is False  # trust_checkpoint=true: the user's word, the boundary skipped
+        checkpoint = super().load_checkpoint(path, map_location, weights_only=not trusted)
+        return checkpoint if trusted else checked_checkpoint(checkpoint, Path(path), self.folder)
+
+    def remove_checkpoint(self, path) -> None:
+        real, folder = Path(os.path.realpath(path)), Path(os.path.realpath(self.folder))
+        if real.parent != folder or not real.is_file():
+            raise CheckpointError(
+                f"genlab removes checkpoint files only inside {self.folder}, one file at a time, and {path} is not "
+                f"one (it is {real}); nothing was removed. If the run resumed from a checkpoint you were given, its "
+                "callback state named that path: resume without trust_checkpoint=true, which refuses it")
+        real.unlink()
 
 
-def trainer_plugins(trainer_cfg) -> list:
+def trainer_plugins(trainer_cfg, folder: str | Path) -> list:
     """``plugins=`` for a Trainer built from ``trainer_cfg``: the config's own (a precision plugin,
-    say), which a ``plugins`` argument would replace, and genlab's checkpoint files."""
+    say), which a ``plugins`` argument would replace, and genlab's checkpoint files in ``folder``."""
     own = trainer_cfg.get("plugins") or []
     own = own if OmegaConf.is_list(own) or isinstance(own, list) else [own]
-    return [*(instantiate(p) if OmegaConf.is_config(p) else p for p in own), AtomicCheckpointIO()]
+    return [*(instantiate(p) if OmegaConf.is_config(p) else p for p in own), AtomicCheckpointIO(folder)]

@@ -53,6 +53,13 @@ for _message in SILENCED_WARNINGS:
     warnings.filterwarnings("ignore", message=_message)
 
 
+def printable(text: str) -> str:
+    """Text that came from a file (a checkpoint's vocabulary, and so its samples) as a terminal may
+    show it: control characters other than the newline escaped (``\\x1b``), so that a vocabulary
+    holding terminal escape sequences cannot rewrite the screen or the title."""
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
+
+
 def route_library_logs() -> None:
     """Lightning gives its loggers a console handler of their own when it is imported before logging
     is configured (always, here): send their lines through the root's handlers instead, so that the

@@ -27,7 +27,7 @@ def find_learning_rate(cfg: DictConfig, run_dir: Path, datamodule, model) -> tup
     search = cfg.lr_finder
     # the finder saves and restores the model around its search: through genlab's checkpoint files
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
-                          plugins=trainer_plugins(cfg.trainer),
+                          plugins=trainer_plugins(cfg.trainer, run_dir),
                           enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                           default_root_dir=str(run_dir))
     finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=search.min_lr, max_lr=search.max_lr,

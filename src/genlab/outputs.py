@@ -9,15 +9,17 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import torch
 
-from genlab.errors import DiskFull
+from genlab.errors import ConfigError, DiskFull
 
 
 def default_file_mode() -> int:
@@ -89,6 +91,26 @@ def write_metrics(path: str | Path, metrics: dict) -> None:
     atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
+def open_no_follow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symbolic link at ``path``: a run folder someone else made may hold
+    one pointing anywhere (a lock file opened through it would truncate its target)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ConfigError(f"{path} is a symbolic link, and genlab writes no file of a run folder through one "
+                              f"(it could point anywhere); remove it (rm {path}) or run in another folder") from None
+        raise
+
+
+class NoFollowFileHandler(logging.FileHandler):
+    """A log file (train.log) appended to only if it is not a symbolic link (``open_no_follow``)."""
+
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=lambda path, flags: open_no_follow(path, flags, 0o666))
+
+
 def check_writable_folder(folder: str | Path, error: type[Exception], fix: str) -> Path:
     """Create ``folder`` if needed and make sure files can be written in it; otherwise raise
     ``error`` naming the folder, why, and ``fix`` (the setting to change)."""
@@ -100,3 +122,19 @@ def check_writable_folder(folder: str | Path, error: type[Exception], fix: str) 
     except OSError as err:
         raise error(f"cannot write into {folder} ({err.strerror or err}); make it writable, or {fix}") from None
     return folder
+
+
+def save_result(write: Callable[[Path], None], path: Path, what: str, chosen: bool) -> bool:
+    """``write(path)`` for a command that has already shown its result (eval.py, sample.py). A run
+    folder shared read-only costs one line saying what was not saved, where; a file the user
+    chose (``chosen``: out=) that cannot be written is an error."""
+    try:
+        write(path)
+        return True
+    except OSError as err:
+        reason = err.strerror or str(err)
+        if chosen:
+            raise ConfigError(f"cannot write out={path} ({reason}); give a file in a folder you can write") from None
+        print(f"{what} not saved: {path} cannot be written ({reason}); pass out=FILE to save it elsewhere",
+              file=sys.stderr)
+        return False

@@ -25,9 +25,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.errors import CheckpointError, ConfigError, FolderTaken
-from genlab.outputs import atomic_write_text, check_writable_folder
+from genlab.outputs import NoFollowFileHandler, atomic_write_text, check_writable_folder, open_no_follow
 from genlab.ranks import Ranks, Start, refusal
 from genlab.runtime import choice, hydra_config, in_sweep, task_overrides
+from genlab.trust import read_json
 
 RUNS = Path("outputs/runs")
 # what a run writes into its folder: a folder holding any of the first five holds a run, and
@@ -89,14 +90,6 @@ def flatten(node: dict, prefix: str = "") -> dict:
 
 def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_MARKERS)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def recorded_overrides(folder: Path) -> list[str] | None:
@@ -205,7 +198,7 @@ class RunFolder:
 
     def _lock(self) -> None:
         lock = self.path / ".lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_no_follow(lock, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -240,7 +233,7 @@ class RunFolder:
             atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})))
         if (job := slurm_job()) is not None:  # a requeued job finds its run by this
             atomic_write_text(record / "slurm.json", json.dumps(job) + "\n")
-        self._file_log = logging.FileHandler(self.path / "train.log", encoding="utf-8")
+        self._file_log = NoFollowFileHandler(self.path / "train.log", encoding="utf-8")
         self._file_log.setFormatter(logging.Formatter(LOG_FORMAT))
         logging.getLogger().addHandler(self._file_log)
         if self._early_log is not None:  # what was logged before the claim, then the buffer goes

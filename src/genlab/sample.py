@@ -3,7 +3,9 @@
 Names models print whole names (starting with ``prompt`` when one is given) and the share that is
 new (not in the training list, which the checkpoint carries); text models continue ``prompt`` by
 ``max_new_tokens`` tokens; the DCGAN writes a grid of images (or, with ``interpolate=true``, a
-walk between two noise vectors). Ctrl-C while text is generated prints what was made so far."""
+walk between two noise vectors) into the checkpoint's run folder, or ``out=``; a run folder that
+cannot be written (shared read-only) costs one line. Ctrl-C while text is generated prints what
+was made so far."""
 
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from omegaconf import DictConfig
 
 from genlab.checkpoints import load_model
 from genlab.checks import is_whole_number
+from genlab.console import printable
 from genlab.data.tokenizer import tokenizer_from_config
 from genlab.errors import ConfigError, exit_on_user_error
 from genlab.figures import image_grid, save_png
-from genlab.outputs import atomic_write_text
+from genlab.outputs import atomic_write_text, save_result
 from genlab.overrides import checked_command_line
+from genlab.runs import run_dir_of
 from genlab.runtime import CONF_DIR, task_overrides
 
 USAGE = """usage: python sample.py ckpt_path=<run folder | .ckpt file | last> [num_samples=20] [temperature=1.0]
@@ -69,9 +73,9 @@ def sample(cfg: DictConfig) -> list[str] | Path:
     else:
         samples = sample_text(model, tokenizer, cfg, prompt)
         text = "\n\n---\n\n".join(samples)
-    print(text)
+    print(printable(text))  # a vocabulary from a shared checkpoint may hold terminal escape sequences
     if cfg.out:
-        atomic_write_text(Path(cfg.out), text + "\n")
+        save_result(lambda p: atomic_write_text(p, text + "\n"), Path(cfg.out), "the samples", chosen=True)
     return samples
 
 
@@ -157,9 +161,10 @@ def sample_images(model, checkpoint: dict, cfg: DictConfig) -> Path:
     else:
         z, nrow, name = model.noise(cfg.num_samples, generator), 8, "samples.png"
     images = model.generate(z)
-    out = Path(cfg.out) if cfg.out else Path(checkpoint["path"]).resolve().parent.parent / name
-    save_png(image_grid(images, nrow=nrow), out)
-    print(f"wrote {len(images)} images to {out}")
+    out = Path(cfg.out) if cfg.out else run_dir_of(Path(checkpoint["path"])) / name
+    if save_result(lambda p: save_png(image_grid(images, nrow=nrow), p), out, f"the {len(images)} images",
+                   chosen=bool(cfg.out)):
+        print(f"wrote {len(images)} images to {out}")
     return out
 
 

@@ -36,8 +36,8 @@ from hydra.utils import get_class
 from genlab.errors import FolderTaken, GenlabError, TrainingDiverged
 from genlab.outputs import write_metrics
 from genlab.quality import require_weights
-from genlab.runs import read_json
 from genlab.runtime import is_first_process, task_overrides
+from genlab.trust import read_json
 
 log = logging.getLogger("genlab")
 NOT_COMPLETED = ("failed", "refused", "diverged")

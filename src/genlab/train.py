@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from genlab.callbacks import CheckpointAtEnd, Samples, TrainingClock, ValidateAtEnd
 from genlab.checkpoints import check_resume, read_checkpoint, trainer_plugins
 from genlab.checks import check_config, validation_interval
-from genlab.console import UpdateProgress, result_summary, route_library_logs, run_summary
+from genlab.console import UpdateProgress, printable, result_summary, route_library_logs, run_summary
 from genlab.errors import DiskFull, TrainingDiverged, exit_on_user_error, instantiate
 from genlab.hparams import log_hparams, run_hparams
 from genlab.lr_finder import find_learning_rate
@@ -171,7 +171,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, sin
         logger=loggers or False,
         default_root_dir=str(run_dir),
         val_check_interval=lightning_steps(val_every, updates_per_step),
-        plugins=trainer_plugins(cfg.trainer),
+        plugins=trainer_plugins(cfg.trainer, run_dir / "checkpoints"),
         check_val_every_n_epoch=None,
         **({"max_epochs": 1, "max_steps": -1} if single_pass else {}),
         **({} if validates else {"limit_val_batches": 0}),
@@ -234,7 +234,7 @@ def print_samples(trainer: L.Trainer) -> None:
     """The run's last samples (genlab.callbacks.Samples wrote them to samples.txt and TensorBoard)."""
     samples = next((c.latest for c in trainer.callbacks if isinstance(c, Samples)), [])
     if samples:
-        print("\n".join(samples))
+        print(printable("\n".join(samples)))
 
 
 # --- stopping ------------------------------------------------------------------------------------
