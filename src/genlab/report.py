@@ -111,12 +111,18 @@ def labels(groups: list[list[Run]], root: Path) -> list[str]:
     return out
 
 
-def published(run: Run) -> list[dict]:
-    """The preset's published figures (``notebook: {val_loss: 1.848, source: ...}``)."""
-    source = run.config.get("notebook.source")
-    return [{"figure": key.removeprefix("notebook."), "value": number(value), "source": str(source or "")}
-            for key, value in run.config.items()
-            if key.startswith("notebook.") and key != "notebook.source" and number(value) is not None]
+def published(group: list[Run]) -> list[dict]:
+    """The preset's published figures (``notebook: {val_loss: 1.848, source: ...}``), each with the
+    group's mean of the same figure minus it (None where the runs have none)."""
+    first = group[0]
+    out = []
+    for key, value in first.config.items():
+        if key.startswith("notebook.") and key != "notebook.source" and number(value) is not None:
+            figure = key.removeprefix("notebook.")
+            mean = spread([run.figure(figure) for run in group])[0]
+            out.append({"figure": figure, "value": number(value), "source": str(first.config.get("notebook.source") or ""),
+                        "difference": None if mean is None else mean - number(value)})
+    return out
 
 
 # --- pictures ----------------------------------------------------------------------------------
@@ -237,7 +243,7 @@ def report_context(root: Path, runs: list[Run]) -> dict:
         rows.append({
             "label": label, "figure": main, "value": mean_sd_text([r.metrics.get(main) for r in group]),
             "second": second, "second_value": mean_sd_text([r.metrics.get(second) for r in group]) if second else "-",
-            "published": published(first), "steps": sorted({str(r.metrics.get("steps", "-")) for r in group}),
+            "published": published(group), "steps": sorted({str(r.metrics.get("steps", "-")) for r in group}),
             "time": seconds_text([r.metrics.get("train_seconds") for r in group]),
             "hardware": sorted({hardware(r) for r in group}), "runs": len(group), "completed": completed,
             "seeds": [str(r.config.get("seed")) for r in group] if len(group) > 1 else [],

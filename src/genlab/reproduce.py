@@ -50,9 +50,10 @@ COURSE = (
                    "shakespeare_gpt_cpu", "faces_dcgan_cpu")),
     Group("gpu", ("notebook_gpt",), ("trainer=gpu",), needs_gpu=True),
 )
-# quick=true: a few updates of every experiment (the counting tables make their one pass), two
-# validations and a training-curve point every 5 updates, to check a machine end to end
-QUICK = ("trainer.max_steps=20", "val_every=10", "trainer.log_every_n_steps=5")
+# quick=true: a few updates of every experiment (the counting tables make their one pass), one
+# validation, at the end (a GPT's costs more than its 20 updates), and a training-curve point every
+# 5 updates, to check a machine end to end
+QUICK = ("trainer.max_steps=20", "val_every=20", "trainer.log_every_n_steps=5")
 OWN_KEYS = ("quick", "dir", "gpu")
 
 
