@@ -21,6 +21,7 @@ import torch
 from conftest import REPO
 from PIL import Image
 
+from genlab.precision import cpu_name
 from genlab.reproduce import COURSE, QUICK, commands
 from genlab.report import write_report
 
@@ -87,7 +88,8 @@ def test_the_report_of_a_sweep_shows_every_run_with_its_figures_and_nothing_outs
     assert len(runs) == 4
     for folder, metrics in runs.items():
         assert metrics["status"] == "completed"
-        assert html.escape(folder.name) in page
+        assert metrics["hardware"] == f"1 thread of {cpu_name()}"  # threads=1: what it trained on, in words
+        assert html.escape(folder.name) in page and html.escape(metrics["hardware"]) in page
         for figure in ("val_loss", "best_val_loss", "test_loss", "val_bpc"):
             assert f">{metrics[figure]:.4f}<" in page, figure  # the runs table: metrics.json's value
         data = json.loads(base64.b64decode(re.search(

@@ -44,8 +44,11 @@ def hardware(trainer) -> str:
     device = trainer.strategy.root_device
     if device.type == "cuda":
         return f"{processes}x {torch.cuda.get_device_name(device)}"
+    if device.type != "cpu":  # Apple's MPS
+        return f"{processes}x {device.type}"
+    threads = torch.get_num_threads()
     where = f"{processes} processes x " if processes > 1 else ""
-    return f"{where}{torch.get_num_threads()} threads of {cpu_name()}" if device.type == "cpu" else f"{processes}x {device.type}"
+    return f"{where}{threads} thread{'s' * (threads != 1)} of {cpu_name()}"
 
 
 def least_capable_gpu() -> tuple[str, tuple[int, int]]:
