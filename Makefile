@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # the offline data mirror beside the checkout, when there is one (docs/data.md)
 export GENLAB_DATA_MIRROR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 
-.PHONY: help setup train test test-slow test-cluster benchmark gpu-check tensorboard clean
+.PHONY: help setup train test test-slow test-cluster benchmark gpu-check reproduce report tensorboard clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ benchmark: setup ## genlab against a plain PyTorch loop of the same model (ARGS=
 # offline, a few hundred updates each (scripts/gpu_check.py). Without CUDA: one line, exit 1
 gpu-check: setup ## on one CUDA GPU: the notebook GPT and DCGAN, tokens/s, MFU, images/s, memory
 	$(PY) scripts/gpu_check.py
+
+# one multirun per group of presets into outputs/reproduce/<commit>/, then its report.html; run again,
+# it continues there. ARGS="quick=true": a few updates each; ARGS="hydra/launcher=slurm": on a cluster
+reproduce: setup ## every course experiment (MLP and WaveNet over 3 seeds), then report.html (ARGS="quick=true"; docs/sweeps.md)
+	$(PY) scripts/reproduce.py $(ARGS)
+
+report: setup ## one HTML page from a sweep or runs: make report ARGS=outputs/multirun/<date>/<time>
+	$(PY) scripts/report.py $(ARGS)
 
 tensorboard: setup ## TensorBoard on outputs/ (every run and sweep)
 	$(VENV)/bin/tensorboard --logdir outputs

@@ -29,10 +29,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from genlab.errors import DataError
 from genlab.figures import plt, save_figure
 from genlab.hparams import GROUPS, INTERNAL_KEYS
-from genlab.runs import flatten
+from genlab.runs import flatten, read_json
 
-# run-specific values that differ between any two runs without being a choice anyone made
-NOT_PARAMETERS = ("paths.", "hydra.", "ckpt_path", "overwrite")
+# run-specific values that differ between any two runs without being a choice anyone made, and the
+# published figure a preset is compared with (notebook.*: a reference, not a setting)
+NOT_PARAMETERS = ("paths.", "hydra.", "ckpt_path", "overwrite", "notebook.")
 SHOWN_PARAMETERS = 4  # columns of the printed table and panels of the figure (comparison.csv has all)
 SHOWN_CURVES = 12  # runs named in the curves' legend
 
@@ -52,9 +53,9 @@ class Run:
         return "images_per_second" in self.metrics or "fid" in self.metrics
 
     def figure(self, name: str) -> float:
-        """A figure of metrics.json; inf where the run has none (failed, or another kind of model)."""
-        value = self.metrics.get(name)
-        return math.inf if value is None else float(value)
+        """A figure of metrics.json; inf where the run has none (failed, another kind of model, not a number)."""
+        value = self.metrics.get(name)  # metrics.json is read as data: a hand-edited text counts as none
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.inf
 
 
 def find_runs(root: Path) -> list[Run]:
@@ -63,8 +64,8 @@ def find_runs(root: Path) -> list[Run]:
     for metrics_file in sorted(root.rglob("metrics.json")):
         folder = metrics_file.parent
         try:
-            metrics = json.loads(metrics_file.read_text())
-            if not isinstance(metrics, dict):
+            metrics = read_json(metrics_file)
+            if metrics is None:
                 raise ValueError("not a JSON object")
             config_file = folder / ".hydra" / "config.yaml"
             config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False) if config_file.exists() else {}
@@ -142,18 +143,26 @@ def replicate_groups(runs: list[Run]) -> list[list[Run]]:
     return list(groups.values())
 
 
-def val_curve(folder: Path, tag: str = "loss/val") -> tuple[list[int], list[float]]:
-    """The run's logged ``tag`` (validation loss, FID, ...) against its steps, from its TensorBoard events."""
+def curves(folder: Path, tags) -> dict[str, tuple[list[int], list[float]]]:
+    """The run's logged ``tags`` (validation loss, FID, ...) that it has, each against its steps,
+    from its TensorBoard events."""
     logs = folder / "tensorboard"
     if not logs.exists():
-        return [], []
+        return {}
     # a run's event files are read in name order, not the order written: keep every event, sort
     events = EventAccumulator(str(logs), size_guidance={"scalars": 0}, purge_orphaned_data=False).Reload()
-    if tag not in events.Tags()["scalars"]:
-        return [], []
-    ordered = sorted(events.Scalars(tag), key=lambda e: e.wall_time)
-    points = {e.step: e.value for e in ordered}  # a step validated twice (a resumed run): the later value
-    return sorted(points), [points[s] for s in sorted(points)]
+    found = {}
+    for tag in tags:
+        if tag in events.Tags()["scalars"]:
+            ordered = sorted(events.Scalars(tag), key=lambda e: e.wall_time)
+            points = {e.step: e.value for e in ordered}  # a step validated twice (a resumed run): the later value
+            found[tag] = (sorted(points), [points[s] for s in sorted(points)])
+    return found
+
+
+def val_curve(folder: Path, tag: str = "loss/val") -> tuple[list[int], list[float]]:
+    """The run's logged ``tag`` against its steps (none: two empty lists)."""
+    return curves(folder, [tag]).get(tag, ([], []))
 
 
 # the figures a row shows, each where some run has it
@@ -188,22 +197,31 @@ def spread(values: list[float]) -> tuple[float | None, float | None, int]:
     return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else None, len(finite)
 
 
+def ranked_groups(runs: list[Run]) -> list[list[Run]]:
+    """The replicate groups, language models first by the mean of the ranking figure, then image
+    models by their mean FID."""
+    figure = ranking_figure(runs)
+
+    def key(group: list[Run]) -> tuple[bool, float]:
+        image = group[0].is_image
+        mean = spread([run.figure("fid" if image else figure) for run in group])[0]
+        return image, math.inf if mean is None else mean
+    return sorted(replicate_groups(runs), key=key)
+
+
 def group_rows(runs: list[Run], params: list[str]) -> list[dict]:
     """One row a replicate group: its parameters (seed apart), the seeds, and each figure's mean ± sd
-    over the group's completed runs; ranked by the mean of the ranking figure."""
-    figure = ranking_figure(runs)
+    over the group's completed runs; ranked (``ranked_groups``)."""
     figures = [f for f in FIGURES if any(f in run.metrics for run in runs)]
     rows = []
-    for group in replicate_groups(runs):
+    for group in ranked_groups(runs):
         first = group[0]
         row = {"runs": len(group), **{p: first.config.get(p) for p in params if p != "seed"},
                "seeds": ",".join(str(run.config.get("seed")) for run in group)}
         for f in figures:
-            mean, sd, count = spread([run.figure(f) for run in group])
-            row[f] = (mean, sd, count)
-        mean = row.get("fid" if first.is_image else figure, (None,))[0]
-        rows.append(((first.is_image, math.inf if mean is None else mean), row))
-    return [row for _, row in sorted(rows, key=lambda r: r[0])]
+            row[f] = spread([run.figure(f) for run in group])
+        rows.append(row)
+    return rows
 
 
 def mean_sd(value: tuple) -> str:

@@ -12,6 +12,9 @@ given; the run's summary line says which it was and why."""
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 from omegaconf import DictConfig, open_dict
 
@@ -22,6 +25,30 @@ NATIVE_BF16 = (8, 0)  # the first compute capability with bfloat16 tensor cores 
 def uses_cuda(trainer_cfg) -> bool:
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo; elsewhere what Python's platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "an unknown CPU"
+
+
+def hardware(trainer) -> str:
+    """What a run trained on, for metrics.json: ``1x NVIDIA H200`` or ``2 threads of AMD EPYC 7B13``."""
+    processes = trainer.world_size
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        return f"{processes}x {torch.cuda.get_device_name(device)}"
+    if device.type != "cpu":  # Apple's MPS
+        return f"{processes}x {device.type}"
+    threads = torch.get_num_threads()
+    where = f"{processes} processes x " if processes > 1 else ""
+    return f"{where}{threads} thread{'s' * (threads != 1)} of {cpu_name()}"
 
 
 def least_capable_gpu() -> tuple[str, tuple[int, int]]:

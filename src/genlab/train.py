@@ -36,7 +36,7 @@ from genlab.hparams import log_hparams, run_hparams
 from genlab.lr_finder import find_learning_rate
 from genlab.outputs import write_metrics
 from genlab.overrides import checked_command_line
-from genlab.precision import resolve_precision
+from genlab.precision import hardware, resolve_precision
 from genlab.quality import image_quality
 from genlab.ranks import Ranks, world_size
 from genlab.runs import RunFolder, slurm_job
@@ -192,7 +192,7 @@ def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds:
     if clock is not None and clock.seconds is not None:
         metrics["update_seconds"] = round(clock.seconds, 3)
     metrics.update(status="completed", steps=int(trainer.global_step), train_seconds=round(train_seconds, 3),
-                   threads=torch.get_num_threads(), world_size=trainer.world_size, **label)
+                   threads=torch.get_num_threads(), world_size=trainer.world_size, hardware=hardware(trainer), **label)
     if trainer.is_global_zero:
         print_samples(trainer)
         for logger in trainer.loggers:
