@@ -31,7 +31,8 @@ from genlab.compare import (FIGURES, Run, curves, find_runs, ranked_groups, rank
 from genlab.errors import DataError, GenlabError
 from genlab.figures import plt
 from genlab.outputs import atomic_write_text
-from genlab.runs import read_json, recorded_overrides
+from genlab.runs import recorded_overrides
+from genlab.trust import read_json
 
 # curves drawn for each kind of model: (tag, label) on the left axis, then the quality axis
 LOSS_CURVES = (("loss/train", "train"), ("loss/val", "val"), ("loss/discriminator", "D"), ("loss/generator", "G"))
