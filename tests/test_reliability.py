@@ -298,6 +298,20 @@ def test_a_preempted_slurm_job_saves_once_requeues_and_its_requeued_start_ends_w
     assert snapshot(run_dir) == before
 
 
+def test_the_same_slurm_job_with_other_settings_is_refused(names_file, tmp_path, monkeypatch):
+    """The found case: a matching SLURM job id alone made any folder "this job's", so a second
+    command with another learning rate was "kept" without running; the job counts only with its plan."""
+    run_dir = tmp_path / "run"
+    fake_slurm(monkeypatch, tmp_path, job="777", restart=0)
+    run_training(run_dir, [f"data.path={names_file}", *SMALL])
+    before = snapshot(run_dir)
+    with pytest.raises(ConfigError, match="already holds a run.*optimizer.lr"):
+        train(compose_config([f"data.path={names_file}", *SMALL, "optimizer.lr=0.5"], run_dir))
+    assert snapshot(run_dir) == before
+    train(compose_config([f"data.path={names_file}", *SMALL], run_dir))  # the same plan: kept as it is
+    assert snapshot(run_dir) == before
+
+
 def test_the_newest_complete_checkpoint_is_resumed_whichever_path_saved_it(tmp_path):
     from genlab.runs import newest_checkpoint
 

@@ -280,6 +280,24 @@ def test_an_interrupted_grid_run_again_keeps_finished_jobs_resumes_the_stopped_o
     assert "trainer.max_steps=300" in record["overrides"]
 
 
+def test_a_sweep_run_again_with_a_bad_setting_keeps_every_finished_result(names_file, tmp_path):
+    """The found case: a configuration error is the job's, but the folders hold finished runs; the
+    error goes beside each job in the sweep folder and the folders stay byte for byte as they were."""
+    from conftest import snapshot
+
+    sweep = tmp_path / "sweep"
+    grid = ["-m", "model=mlp", f"data.path={names_file}", "name=a,b", f"hydra.sweep.dir={sweep}", *TINY]
+    run(grid, tmp_path)
+    before = {i: snapshot(job_dir(sweep, i)) for i in range(2)}
+    assert all(json.loads(b["metrics.json"])["status"] == "completed" for b in before.values())
+    bad = run([*grid, "seed=1.5"], tmp_path, status=1)
+    assert {i: snapshot(job_dir(sweep, i)) for i in range(2)} == before
+    assert "seed must be a whole number" in bad.stderr
+    for i in range(2):
+        record = json.loads((sweep / f"{job_dir(sweep, i).name}.refused.json").read_text())
+        assert record["status"] == "failed" and "seed must be a whole number" in record["error"]
+
+
 def test_two_optuna_workers_started_together_share_one_sqlite_study(names_file, tmp_path):
     import optuna
 
