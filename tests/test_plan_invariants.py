@@ -8,7 +8,7 @@ SIGKILL at random points, resumed, continued (ckpt_path=) and overwritten. After
   an explicit continuation not yet saved, the one it continues, which the record names);
 - no temporary file of a killed save outlives the next start of that run.
 
-GENLAB_PLAN_STEPS=200 runs 200 steps (default 24); GENLAB_PLAN_SEED picks another sequence."""
+GENLAB_PLAN_STEPS=200 runs 200 steps (default 20); GENLAB_PLAN_SEED picks another sequence."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from genlab.errors import GenlabError
 from genlab.outputs import TEMPORARY
 from genlab.train import train
 
-STEPS = int(os.environ.get("GENLAB_PLAN_STEPS", 24))
+STEPS = int(os.environ.get("GENLAB_PLAN_STEPS", 20))
 SEED = int(os.environ.get("GENLAB_PLAN_SEED", 34))
 SIGNAL = "GENLAB_TEST_PLAN_SIGNAL"  # "<folder name>:<signal number>:<batch>": EnvSignal's target
 # the tiniest run that validates and checkpoints: 4 Lightning steps of 5 updates
