@@ -30,7 +30,7 @@ def recorded_plan(run_dir):
 
 
 # --- the plan -------------------------------------------------------------------------------------
-def test_the_plan_is_resolved_before_training_recorded_once_and_never_changed(names_file, tmp_path):
+def test_the_plan_is_resolved_before_training_recorded_once_and_never_changed(names_file, tmp_path, capsys):
     """tune_lr's rate once went into cfg after the folder was claimed: .hydra/config.yaml held the
     rate from before the search while the checkpoint trained with the other. Now the command's cfg
     stays as it was, the plan's is read-only, and the record, the checkpoint and the plan agree."""
@@ -49,6 +49,13 @@ def test_the_plan_is_resolved_before_training_recorded_once_and_never_changed(na
     plan = recorded_plan(run_dir)
     assert plan["config"]["optimizer"]["lr"] == trained_with and plan["updates_per_step"] == 10
     assert plan["data"] and checkpoint["genlab_plan"] == plan["identity"]  # the plan it trained under
+
+    # continued, it trains on with the rate its search found, without searching again
+    run_training(run_dir, [f"data.path={names_file}", *SMALL, "tune_lr=true", "lr_finder.num_training=20",
+                           "val_every=null", "trainer.max_steps=40", f"ckpt_path={run_dir}"])
+    assert "LR finder" not in capsys.readouterr().out.split("LR finder", 1)[1]
+    continued = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert continued["global_step"] == 40 and continued["hyper_parameters"]["optimizer"]["lr"] == trained_with
 
 
 def test_nothing_changes_the_plan_after_it_is_resolved(names_file, tmp_path):

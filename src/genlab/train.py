@@ -86,8 +86,9 @@ def run(plan: Plan, datamodule, run_dir: Path, folder: RunFolder, stop: Graceful
     trust = bool(cfg.get("trust_checkpoint"))
     # first of all: a checkpoint that is refused is refused before anything is built or written
     checkpoint = read_checkpoint(ckpt_path, trust) if ckpt_path is not None else None
-    if checkpoint is not None and cfg.get("tune_lr"):  # a resume trains on with the rate it found
-        plan = plan.with_values(lr=checkpoint["hyper_parameters"].get("optimizer", {}).get("lr"))
+    found = (checkpoint or {}).get("hyper_parameters", {}).get("optimizer", {}).get("lr")
+    if found is not None and cfg.get("tune_lr"):  # a resume trains on with the rate its search found
+        plan = plan.with_values(lr=found)
     if checkpoint is not None and not folder.rerun:  # an explicit ckpt_path=: the record says so
         plan = plan.with_values(continues={"step": checkpoint["global_step"], "checkpoint": str(ckpt_path),
                                            "from": checkpoint.get("genlab_plan"),
