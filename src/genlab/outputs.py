@@ -42,7 +42,29 @@ def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
 def atomic_torch_save(obj, path: str | Path) -> None:
     """``torch.save`` of ``obj`` to ``path``, atomically: streamed into the temporary file record by
     record (never the whole checkpoint in memory)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), size=lambda: saved_size(obj))
+
+
+class _Sink:
+    """Counts the bytes written to it, and keeps none."""
+
+    def __init__(self):
+        self.written = 0
+
+    def write(self, data) -> int:
+        self.written += len(memoryview(data).cast("B"))
+        return self.written
+
+    def flush(self) -> None:
+        pass
+
+
+def saved_size(obj) -> int:
+    """The bytes ``torch.save(obj)`` writes, found by saving into nothing (for a full disk's message:
+    a streamed save does not know its size before it ends)."""
+    sink = _Sink()
+    torch.save(obj, sink)
+    return sink.written
 
 
 def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes], size: int | None = None) -> None:
@@ -76,9 +98,10 @@ class _Counted:
         self.file.flush()
 
 
-def atomic_write(path: str | Path, write, size: int | None = None) -> None:
+def atomic_write(path: str | Path, write, size=None) -> None:
     """``write(f)`` into a temporary file beside ``path``, synced, renamed over ``path``, then the
-    folder synced (the rename itself survives a crash)."""
+    folder synced (the rename itself survives a crash). ``size``: the bytes the file needs, or a
+    function that finds them (asked only if the disk fills), for the ``DiskFull`` message."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, out = None, None
@@ -97,7 +120,8 @@ def atomic_write(path: str | Path, write, size: int | None = None) -> None:
             Path(tmp).unlink(missing_ok=True)
         cause = out.error if out is not None and out.error is not None else err
         if isinstance(cause, OSError) and cause.errno in NO_SPACE:
-            raise disk_full(path, cause, size, out.written if out is not None else 0) from None
+            needed = size() if callable(size) else size
+            raise disk_full(path, cause, needed, out.written if out is not None else 0) from None
         raise
 
 
