@@ -14,6 +14,7 @@ import torch
 
 from conftest import REPO, compose_config, run_training, snapshot
 from genlab.errors import CheckpointError, ConfigError
+from genlab.plan import resolve as resolve_plan
 from genlab.runs import RunFolder
 from genlab.train import train
 
@@ -171,7 +172,7 @@ def test_a_second_run_in_a_folder_holding_a_run_is_refused_unless_it_overwrites(
 def test_two_processes_never_write_one_folder(names_file, tmp_path):
     run_dir = tmp_path / "run"
     with RunFolder(run_dir) as other:  # another run holds the folder
-        other.open(compose_config([f"data.path={names_file}", *SMALL], run_dir))
+        other.open(resolve_plan(compose_config([f"data.path={names_file}", *SMALL], run_dir)))
         cfg = compose_config([f"data.path={names_file}", *SMALL, "overwrite=true"], run_dir)
         with pytest.raises(ConfigError, match=f"another process \\(pid {os.getpid()}\\) is writing {run_dir}"):
             train(cfg)
@@ -269,11 +270,14 @@ def test_a_preempted_slurm_job_saves_once_requeues_and_its_requeued_start_ends_w
         names_file, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     common = [f"data.path={names_file}", *STOPPABLE, "num_samples=0"]
-    preempt = ["+callbacks.kill._target_=conftest.SendSignal", "+callbacks.kill.where=train",
+    # the same command both times (the requeue runs the job's script again): armed in the first only
+    common += ["+callbacks.kill._target_=conftest.SignalInJob", "+callbacks.kill.where=train",
                f"+callbacks.kill.signum={int(signal.SIGUSR1)}", "+callbacks.kill.at=3"]
     requeues = fake_slurm(monkeypatch, tmp_path, job="777", restart=0)
+    monkeypatch.setenv("GENLAB_TEST_SIGNAL_JOB", run_dir.name)
     with pytest.raises(SystemExit) as stopped:
-        train(compose_config(common + preempt, run_dir))
+        train(compose_config(common, run_dir))
+    monkeypatch.delenv("GENLAB_TEST_SIGNAL_JOB")
     assert stopped.value.code == 128 + signal.SIGUSR1
     assert "stopped by SIGUSR1 at step 30" in capsys.readouterr().err
     assert requeues.read_text().split() == ["requeue", "777"]
@@ -295,6 +299,20 @@ def test_a_preempted_slurm_job_saves_once_requeues_and_its_requeued_start_ends_w
     fake_slurm(monkeypatch, tmp_path, job="778", restart=0)
     with pytest.raises(ConfigError, match="already holds a run"):
         train(compose_config(common, run_dir))
+    assert snapshot(run_dir) == before
+
+
+def test_the_same_slurm_job_with_other_settings_is_refused(names_file, tmp_path, monkeypatch):
+    """The found case: a matching SLURM job id alone made any folder "this job's", so a second
+    command with another learning rate was "kept" without running; the job counts only with its plan."""
+    run_dir = tmp_path / "run"
+    fake_slurm(monkeypatch, tmp_path, job="777", restart=0)
+    run_training(run_dir, [f"data.path={names_file}", *SMALL])
+    before = snapshot(run_dir)
+    with pytest.raises(ConfigError, match="already holds a run.*optimizer.lr"):
+        train(compose_config([f"data.path={names_file}", *SMALL, "optimizer.lr=0.5"], run_dir))
+    assert snapshot(run_dir) == before
+    train(compose_config([f"data.path={names_file}", *SMALL], run_dir))  # the same plan: kept as it is
     assert snapshot(run_dir) == before
 
 

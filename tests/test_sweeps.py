@@ -211,9 +211,12 @@ def test_a_failing_job_is_recorded_and_the_other_jobs_run_to_the_end(launcher, n
     done = run(["-m", *launcher, "model=gpt", "model.n_layer=1", "model.n_embd=8", "model.n_head=2,3,4",
                 f"data.path={names_file}", f"hydra.sweep.dir={sweep}", *[a for a in TINY if a != "threads=1"]],
                tmp_path, status=1)
-    jobs = job_metrics(sweep, 3)
+    from genlab.sweeps import job_results
+
+    jobs = list(job_results(sweep).values())  # the failed job never owned its folder: its record is beside it
     assert [j["status"] for j in jobs] == ["completed", "failed", "completed"]
     assert "n_embd=8 is not divisible by model.n_head=3" in jobs[1]["error"] and "model.n_head=3" in jobs[1]["overrides"]
+    assert (sweep / "1-n_head=3.refused.json").exists() and not (sweep / "1-n_head=3").exists()
     assert (job_dir(sweep, 2) / "checkpoints" / "last.ckpt").exists()  # the job after the failure ran whole
     assert "sweep: 2 of 3 jobs completed" in done.stderr and "1-n_head=3 failed: " in done.stderr
     assert "Traceback" not in done.stderr
@@ -227,12 +230,15 @@ def test_an_optuna_study_goes_on_past_a_failing_trial(names_file, tmp_path):
                 "hydra.sweeper.params=null", "data.batch_size=choice(8,0)", "hydra.sweeper.n_trials=2",
                 f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep}", "scheduler.milestones=[1000]",
                 *[a for a in TINY if not a.startswith("data.batch_size")]], tmp_path, status=1)
-    jobs = job_metrics(sweep, 2)
-    assert sorted(j["status"] for j in jobs) == ["completed", "failed"]
+    from genlab.sweeps import job_results
+
+    jobs = job_results(sweep)  # the refused trial's record is beside its folder, which it never owned
+    assert sorted(j["status"] for j in jobs.values()) == ["completed", "failed"]
     assert "data.batch_size must be a whole number of at least 1, got 0" in done.stderr
     assert (sweep / "optimization_results.yaml").exists()  # the study ended normally
-    values = sorted(t.value for t in optuna.load_study(study_name="names_mlp", storage=storage).trials)
-    assert len(values) == 2 and values[0] < 4 and values[1] == 1e4
+    trials = optuna.load_study(study_name="names_mlp", storage=storage).trials
+    states = sorted((t.state.name, t.value) for t in trials)  # a trial that never ran is no measured loss
+    assert len(states) == 2 and states[0][0] == "COMPLETE" and states[0][1] < 4 and states[1] == ("FAIL", None)
 
 
 # --- a sweep run again continues ------------------------------------------------------------------
@@ -276,8 +282,67 @@ def test_an_interrupted_grid_run_again_keeps_finished_jobs_resumes_the_stopped_o
     assert {i: snapshot(job_dir(sweep, i)) for i in range(4)} == before
     assert "sweep: 0 of 4 jobs completed" in refused.stderr and "3-lr=0.1,n_embd=8 refused: " in refused.stderr
     record = json.loads((sweep / "0-lr=0.01,n_embd=4.refused.json").read_text())
-    assert record["status"] == "refused" and "holds a run of another configuration" in record["error"]
+    assert record["status"] == "refused" and "trainer.max_steps: 200 -> 300" in record["error"]
     assert "trainer.max_steps=300" in record["overrides"]
+
+
+def test_a_sweep_run_again_with_a_bad_setting_keeps_every_finished_result(names_file, tmp_path):
+    """The found case (seed=1.5), and the others of its kind found by reading: a bad ckpt_path, and a
+    second sweep driver while another process holds a job's folder. Each failure happens before the
+    job owns its folder: it goes beside the job in the sweep folder, the folders stay byte for byte."""
+    import fcntl
+
+    from conftest import snapshot
+
+    sweep = tmp_path / "sweep"
+    grid = ["-m", "model=mlp", f"data.path={names_file}", "name=a,b", f"hydra.sweep.dir={sweep}", *TINY]
+    run(grid, tmp_path)
+    before = {i: snapshot(job_dir(sweep, i)) for i in range(2)}
+    assert all(json.loads(b["metrics.json"])["status"] == "completed" for b in before.values())
+    for bad, error in ((["seed=1.5"], "seed must be a whole number"),
+                       ([f"ckpt_path={tmp_path / 'none.ckpt'}"], "no checkpoint at")):
+        failed = run([*grid, *bad], tmp_path, status=1)
+        assert {i: snapshot(job_dir(sweep, i)) for i in range(2)} == before
+        assert error in failed.stderr
+        for i in range(2):
+            record = json.loads((sweep / f"{job_dir(sweep, i).name}.refused.json").read_text())
+            assert record["status"] == "failed" and error in record["error"]
+
+    lock = os.open(job_dir(sweep, 0) / ".lock", os.O_RDWR | os.O_CREAT)  # another process writes job 0
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        held = snapshot(job_dir(sweep, 0))
+        busy = run(grid, tmp_path, status=1)
+        assert snapshot(job_dir(sweep, 0)) == held and snapshot(job_dir(sweep, 1)) == before[1]
+        assert "0-name=a failed: another process" in busy.stderr
+    finally:
+        os.close(lock)
+    (job_dir(sweep, 0) / ".lock").unlink()
+    again = run(grid, tmp_path)  # the same sweep once more: both kept, the records beside them gone
+    assert "sweep: all 2 jobs completed" in again.stdout and not list(sweep.glob("*.refused.json"))
+    assert {i: snapshot(job_dir(sweep, i)) for i in range(2)} == before
+
+
+def test_a_sweep_run_again_after_its_yaml_changed_is_refused_naming_the_setting(names_file, tmp_path):
+    """Only the command-line overrides were compared: finished jobs kept the old configuration's
+    results and .hydra/config.yaml was rewritten. The plan compares the resolved configuration."""
+    from conftest import snapshot
+
+    conf = tmp_path / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text("# @package _global_\nmodel:\n  n_hidden: 16\n")
+    sweep = tmp_path / "sweep"
+    grid = ["-m", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=mine", "model=mlp",
+            f"data.path={names_file}", "name=a,b", f"hydra.sweep.dir={sweep}", *TINY]
+    run(grid, tmp_path)
+    before = {i: snapshot(job_dir(sweep, i)) for i in range(2)}
+    (conf / "mine.yaml").write_text("# @package _global_\nmodel:\n  n_hidden: 24\n")
+    refused = run(grid, tmp_path, status=1)
+    assert {i: snapshot(job_dir(sweep, i)) for i in range(2)} == before
+    record = json.loads((sweep / f"{job_dir(sweep, 0).name}.refused.json").read_text())
+    assert record["status"] == "refused" and "model.n_hidden: 16 -> 24" in record["error"]
+    assert "new folder" in record["error"] and "overwrite=true" in record["error"]
+    assert "0-name=a refused: " in refused.stderr
 
 
 def test_two_optuna_workers_started_together_share_one_sqlite_study(names_file, tmp_path):

@@ -29,7 +29,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from genlab.errors import DataError
 from genlab.figures import plt, save_figure
 from genlab.hparams import GROUPS, INTERNAL_KEYS
-from genlab.runs import flatten
+from genlab.plan import flatten
 from genlab.trust import read_json
 
 # run-specific values that differ between any two runs without being a choice anyone made, and the

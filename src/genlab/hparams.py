@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from genlab.runs import flatten
+from genlab.plan import flatten
 from genlab.runtime import choice
 
 GROUPS = ("data", "model", "optimizer", "scheduler", "trainer")

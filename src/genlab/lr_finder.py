@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -14,10 +15,11 @@ from genlab.runtime import choice
 from genlab.steps import use_count
 
 
-def find_learning_rate(cfg: DictConfig, run_dir: Path, datamodule, model) -> tuple[float, Path]:
-    """Lightning's LR finder on ``model``, a fresh copy of the one to train (the notebook's search over 10^-3 .. 10^0):
-    the rate grows exponentially, one update per step, until the loss blows up. Writes
-    ``lr_find.png`` (loss against log10 of the rate) and returns the suggested rate."""
+def find_learning_rate(cfg: DictConfig, datamodule, model) -> tuple[float, dict]:
+    """Lightning's LR finder on ``model``, a fresh copy of the one to train (the notebook's search over
+    10^-3 .. 10^0): the rate grows exponentially, one update per step, until the loss blows up. Runs
+    before the run folder is claimed (the rate is part of the run's plan), so its scratch files go to a
+    temporary folder. Returns the suggested rate and the search's curve (``plot_search``)."""
     from lightning.pytorch.tuner import Tuner
 
     if model.kind != "text" or not model.hparams.get("optimizer"):
@@ -25,25 +27,30 @@ def find_learning_rate(cfg: DictConfig, run_dir: Path, datamodule, model) -> tup
                           f"model={choice('model')} has none to search")
     use_count(model, 1)  # the finder moves the rate once per step
     search = cfg.lr_finder
-    # the finder saves and restores the model around its search: through genlab's checkpoint files
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
-                          plugins=trainer_plugins(cfg.trainer, run_dir),
-                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                          default_root_dir=str(run_dir))
-    finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=search.min_lr, max_lr=search.max_lr,
-                                    num_training=search.num_training, update_attr=False)
+    with tempfile.TemporaryDirectory(prefix="genlab-lr-find-") as scratch:
+        # the finder saves and restores the model around its search: through genlab's checkpoint files
+        trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+                              plugins=trainer_plugins(cfg.trainer, scratch),
+                              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                              default_root_dir=scratch)
+        finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=search.min_lr, max_lr=search.max_lr,
+                                        num_training=search.num_training, update_attr=False)
     suggestion = finder.suggestion() if finder is not None else None
     if suggestion is None:
         raise ConfigError(f"the LR finder found no rate where the loss falls fast; widen lr_finder.min_lr/max_lr "
                           f"or raise lr_finder.num_training (now {search.num_training})")
-    exponents = [math.log10(lr) for lr in finder.results["lr"]]
+    return float(suggestion), {"lr": list(finder.results["lr"]), "loss": list(finder.results["loss"])}
+
+
+def plot_search(search: dict, suggestion: float, run_dir: Path) -> Path:
+    """``lr_find.png`` in the run folder (once it is the run's): loss against log10 of the rate."""
     path = run_dir / "lr_find.png"
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(exponents, finder.results["loss"], lw=1)
+    ax.plot([math.log10(lr) for lr in search["lr"]], search["loss"], lw=1)
     ax.axvline(math.log10(suggestion), color="red", ls="--", label=f"suggested lr = {suggestion:.3g}")
     ax.set(xlabel="log10(learning rate)", ylabel="training loss (smoothed)", title="Learning-rate search")
     ax.legend()
     ax.grid(alpha=0.3)
     save_figure(fig, path)
     print(f"LR finder: suggested learning rate {suggestion:.4g} (plot: {path})")
-    return float(suggestion), path
+    return path

@@ -1,16 +1,21 @@
-"""Files a run writes: atomically (temporary file + rename), so a killed run never leaves a
-truncated ``metrics.json``, ``samples.txt``, cache or checkpoint that a later step would trust.
+"""Files a run writes: atomically (temporary file + rename, then the folder synced), so a killed run
+never leaves a truncated ``metrics.json``, ``samples.txt``, cache or checkpoint that a later step
+would trust.
 
-A temporary file is created private (mode 0600); before the rename it gets the mode an ordinary
-``open()`` would give (0666 less the umask), so other users and tools can read what a run wrote."""
+A temporary file is named ``.<name>.<8 hex digits>.tmp`` beside its target, so that what a killed
+save left (SIGKILL, out of memory, SLURM's time limit) is known as such: the next start of that run
+removes it (``remove_temporaries``). It is created as ``open()`` creates a file (0666 less the
+umask, applied by the system), so other users and tools can read what a run wrote. A full disk at
+any point of a write, the temporary file's creation included, is one ``DiskFull``."""
 
 from __future__ import annotations
 
 import errno
-import io
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -21,11 +26,8 @@ import torch
 
 from genlab.errors import ConfigError, DiskFull
 
-
-def default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def atomic_write_stream(path: str | Path, source: BinaryIO, size: int | None = None) -> None:
@@ -40,35 +42,115 @@ def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """``torch.save`` of ``obj`` to ``path``, atomically: serialised in memory, then written."""
-    data = io.BytesIO()
-    torch.save(obj, data)
-    atomic_write_bytes(path, data.getbuffer())
+    """``torch.save`` of ``obj`` to ``path``, atomically: streamed into the temporary file record by
+    record (never the whole checkpoint in memory)."""
+    atomic_write(path, lambda f: torch.save(obj, f), size=lambda: saved_size(obj))
+
+
+class _Sink:
+    """Counts the bytes written to it, and keeps none."""
+
+    def __init__(self):
+        self.written = 0
+
+    def write(self, data) -> int:
+        self.written += len(memoryview(data).cast("B"))
+        return self.written
+
+    def flush(self) -> None:
+        pass
+
+
+def saved_size(obj) -> int:
+    """The bytes ``torch.save(obj)`` writes, found by saving into nothing (for a full disk's message:
+    a streamed save does not know its size before it ends)."""
+    sink = _Sink()
+    torch.save(obj, sink)
+    return sink.written
 
 
 def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes], size: int | None = None) -> None:
     """Write the bytes ``chunks`` yields to ``path`` atomically, holding one chunk at a time. A full
     disk raises ``DiskFull`` (``size``: the bytes the file needs, where known)."""
+
+    def write(f) -> None:
+        for chunk in chunks:
+            f.write(chunk)
+
+    atomic_write(path, write, size)
+
+
+class _Counted:
+    """The temporary file as the writer sees it: counts what was written, and keeps the error a
+    write met (torch's writer reports it as its own RuntimeError)."""
+
+    def __init__(self, file):
+        self.file, self.written, self.error = file, 0, None
+
+    def write(self, data) -> int:
+        try:
+            n = self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+        self.written += n
+        return n
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def atomic_write(path: str | Path, write, size=None) -> None:
+    """``write(f)`` into a temporary file beside ``path``, synced, renamed over ``path``, then the
+    folder synced (the rename itself survives a crash). ``size``: the bytes the file needs, or a
+    function that finds them (asked only if the disk fills), for the ``DiskFull`` message."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
-        try:
-            for chunk in chunks:
-                written += tmp.write(chunk)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-            os.fchmod(tmp.fileno(), default_file_mode())
-        except BaseException as err:
-            os.unlink(tmp.name)
-            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise disk_full(path, err, size, written) from None
-            raise
+    tmp, out = None, None
     try:
-        os.replace(tmp.name, path)
-    except BaseException:  # e.g. the target is a folder: leave no temporary file behind
-        os.unlink(tmp.name)
+        tmp, fd = create_temporary(path)
+        with os.fdopen(fd, "wb") as f:
+            out = _Counted(f)
+            write(out)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        sync_folder(path.parent)
+    except BaseException as err:
+        if tmp is not None:  # e.g. the target is a folder, or the disk filled: no temporary file left
+            Path(tmp).unlink(missing_ok=True)
+        cause = out.error if out is not None and out.error is not None else err
+        if isinstance(cause, OSError) and cause.errno in NO_SPACE:
+            needed = size() if callable(size) else size
+            raise disk_full(path, cause, needed, out.written if out is not None else 0) from None
         raise
+
+
+def create_temporary(path: Path) -> tuple[str, int]:
+    while True:
+        name = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return str(name), os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+
+
+def sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files that killed writes left under ``folder`` (call it only while no
+    other process writes there: the run folder's lock held); returns them."""
+    found = [p for p in Path(folder).rglob(".*.tmp") if p.is_file() and TEMPORARY.match(p.name)]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def disk_full(path: Path, err: OSError, size: int | None, written: int) -> DiskFull:

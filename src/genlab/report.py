@@ -31,8 +31,7 @@ from genlab.compare import (FIGURES, Run, curves, find_runs, ranked_groups, rank
 from genlab.errors import DataError, GenlabError
 from genlab.figures import plt
 from genlab.outputs import atomic_write_text
-from genlab.runs import recorded_overrides
-from genlab.trust import read_json
+from genlab.trust import read_json, read_overrides
 
 # curves drawn for each kind of model: (tag, label) on the left axis, then the quality axis
 LOSS_CURVES = (("loss/train", "train"), ("loss/val", "val"), ("loss/discriminator", "D"), ("loss/generator", "G"))
@@ -82,7 +81,9 @@ def hardware(run: Run) -> str:
 
 # --- what each run is, and the command that makes it again ---------------------------------------
 def overrides(run: Run) -> list[str]:
-    return [str(o) for o in recorded_overrides(run.folder) or []]
+    """The run's command-line overrides (a job that failed before it started has them in its metrics.json)."""
+    recorded = read_overrides(run.folder / ".hydra" / "overrides.yaml")
+    return recorded if recorded is not None else [str(o) for o in run.metrics.get("overrides") or []]
 
 
 def command(group: list[Run]) -> str:

@@ -22,10 +22,11 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from genlab.errors import CheckpointError, ConfigError, FolderTaken
-from genlab.outputs import NoFollowFileHandler, atomic_write_text, check_writable_folder, open_no_follow
+from genlab.outputs import NoFollowFileHandler, atomic_write_text, check_writable_folder, open_no_follow, remove_temporaries
+from genlab.plan import PLAN_FILE, Plan
 from genlab.ranks import Ranks, Start, refusal
 from genlab.runtime import choice, hydra_config, in_sweep, task_overrides
 from genlab.trust import read_json
@@ -76,29 +77,10 @@ def resolve_run_dir(ckpt_path, model: str, data: str, fresh: str) -> str:
 OmegaConf.register_new_resolver("genlab_run_dir", resolve_run_dir, replace=True)
 
 
-def flatten(node: dict, prefix: str = "") -> dict:
-    """A nested config as dotted keys: {"model": {"n_embd": 10}} -> {"model.n_embd": 10}."""
-    out = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_MARKERS)
 
 
-def recorded_overrides(folder: Path) -> list[str] | None:
-    """The command-line overrides of the run in ``folder`` (those of a job that failed before it
-    started are in its metrics.json)."""
-    try:
-        return list(OmegaConf.load(folder / ".hydra" / "overrides.yaml"))
-    except (OSError, ValueError):
-        return (read_json(folder / "metrics.json") or {}).get("overrides")
 
 
 def slurm_job() -> dict | None:
@@ -125,65 +107,69 @@ def newest_checkpoint(folder: Path) -> Path | None:
 class RunFolder:
     """The folder of one run, held by this process from ``open`` to ``close``.
 
-    ``open`` takes the folder's lock and decides how the run starts there (``Start``): a new run in a
-    free folder, a resume of the run it names, and for a command that started this folder's run
-    before (the same sweep job, or the same SLURM job requeued): keep it if it finished, resume it from
-    its newest checkpoint, or start it again. It refuses a folder that another process is writing or
-    that holds another run (unless ``overwrite=true``), writing nothing but the lock file, which
-    ``close`` removes. ``claim`` records the run (``.hydra/``, ``train.log``) once it is known to be
-    valid there. The first process of a distributed run decides; the others learn its decision
-    (``genlab.ranks``) and write nothing."""
+    ``open`` takes the folder's lock and decides, on the run's plan (``genlab.plan``), how the run
+    starts there (``Start``): a new run in a free folder; a continuation of the run an explicit
+    ``ckpt_path`` names (recorded as such); and where the command is run again (a sweep's job, a
+    requeued SLURM job) with the same plan: keep the run if it finished, resume it from its newest
+    checkpoint, or start it again. Anything else in a folder holding a run is refused (unless
+    ``overwrite=true``), naming the settings that differ. A refusal writes nothing but the lock file,
+    which ``close`` removes. ``claim`` records the run (``.hydra/``, ``plan.json`` once, ``train.log``)
+    once it is known to be valid there; until then the process does not own the folder, and a failure
+    is reported beside it (``genlab.sweeps``). The first process of a distributed run decides; the
+    others learn its decision (``genlab.ranks``) and write nothing."""
 
     def __init__(self, path: Path, primary: bool = True, ranks: Ranks | None = None):
         self.path, self.primary = Path(path), primary
         self.ranks = ranks or Ranks(Path("."), processes=1)
         self.start: Start | None = None
+        self.recorded: dict | None = None  # the plan the folder holds, if any
+        self.rerun = False  # this command run again over its own run (same plan)
         self.claimed = False
         self._lock_fd: int | None = None
         self._early_log: logging.handlers.MemoryHandler | None = None
         self._file_log: logging.Handler | None = None
 
-    def open(self, cfg: DictConfig) -> Start:
+    def open(self, plan: Plan) -> Start:
         if not self.primary:
             self.start = self.ranks.receive()
             return self.start
+        cfg = plan.cfg
         ckpt_path = checkpoint_file(str(cfg.ckpt_path), choice("model"), choice("data")) if cfg.get("ckpt_path") else None
         resuming_here = ckpt_path is not None and run_dir_of(ckpt_path).resolve() == self.path.resolve()
         if self.path.is_file():
             raise ConfigError(f"the run folder {self.path} is a file; choose another folder (hydra.run.dir=...)")
         check_writable_folder(self.path, ConfigError, "choose another folder with hydra.run.dir=...")
         self._lock()
+        self.recorded = read_json(self.path / PLAN_FILE)
         start = Start(ckpt_path=str(ckpt_path) if ckpt_path else None, overwrite=bool(cfg.overwrite))
         if holds_run(self.path) and not resuming_here and not cfg.overwrite:
-            if not self.holds_this_job():
+            differences = plan.differences(self.recorded)
+            if differences or not self.run_again():
                 self.close()
-                if in_sweep():
-                    raise FolderTaken(
-                        f"{self.path} holds a run of another configuration (its .hydra/overrides.yaml differs from "
-                        "this job's), and a folder holds one run. Run this sweep in a new folder (leave "
-                        "hydra.sweep.dir unset or give another), or continue the old one with its own command")
-                raise FolderTaken(
-                    f"{self.path} already holds a run, and a folder holds one run. Continue that run with "
-                    f"ckpt_path={self.path}, start this one in a new folder (leave hydra.run.dir unset or give "
-                    "another), or replace the old run with overwrite=true")
+                raise FolderTaken(self.taken(differences))
+            self.rerun = True
             start = self.continue_job()
         self.start = start
         if start.done is not None:  # nothing to run: the others learn it now
             self.ranks.publish(start)
             return start
-        # what is logged before the claim goes to train.log only if the run goes ahead
-        self._early_log = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
-        logging.getLogger().addHandler(self._early_log)
         return start
 
-    def holds_this_job(self) -> bool:
-        """Whether this command started the folder's run: the same SLURM job (requeued), or in a
-        sweep the same job (the same overrides; the sweep's folder names only the swept ones)."""
+    def run_again(self) -> bool:
+        """Whether this command may meet its own run here (a sweep's job, or the same SLURM job
+        requeued); ``open`` then also requires the same plan."""
         job, recorded = slurm_job(), read_json(self.path / ".hydra" / "slurm.json")
-        if job is not None and recorded is not None and recorded.get("job_id") == job["job_id"]:
-            return True
-        overrides = recorded_overrides(self.path)
-        return in_sweep() and overrides is not None and sorted(overrides) == sorted(task_overrides())
+        return in_sweep() or (job is not None and recorded is not None and recorded.get("job_id") == job["job_id"])
+
+    def taken(self, differences: list[str]) -> str:
+        shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+        what = f"a run of another plan ({shown})" if differences else "a run"
+        if in_sweep():
+            return (f"{self.path} holds {what}, and a folder holds one run. Run this sweep in a new folder (leave "
+                    "hydra.sweep.dir unset or give another), or replace its runs with overwrite=true")
+        return (f"{self.path} already holds {what}, and a folder holds one run. Continue that run with "
+                f"ckpt_path={self.path}, start this one in a new folder (leave hydra.run.dir unset or give "
+                "another), or replace the old run with overwrite=true")
 
     def continue_job(self) -> Start:
         """This command's own run: kept if it ended (a result: completed, or diverged), else resumed
@@ -210,9 +196,11 @@ class RunFolder:
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
-    def claim(self, cfg: DictConfig) -> None:
-        """The run is valid here: the other processes learn it; clear what it replaces, record its
-        config (and SLURM job), start its log file."""
+    def claim(self, plan: Plan) -> None:
+        """The run is valid here: the other processes learn it; clear what it replaces and what killed
+        saves left, record its plan and config (once: a run resumed under its own plan keeps its
+        record; an explicit ``ckpt_path`` continuation records its own, saying what it continues),
+        start its log file."""
         if not self.primary:
             return
         self.ranks.publish(self.start)
@@ -223,14 +211,17 @@ class RunFolder:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
+        remove_temporaries(self.path)  # of saves killed mid-write (this process holds the lock)
         # a resumed run's final figures are written again when it ends: until then it has none, so
         # that nothing (compare.py, a sweep's summary) takes the old ones for the new run's
         (self.path / "metrics.json").unlink(missing_ok=True)
         record = self.path / ".hydra"
-        atomic_write_text(record / "config.yaml", OmegaConf.to_yaml(cfg))
-        atomic_write_text(record / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(task_overrides())))
-        if (hydra := hydra_config()) is not None:
-            atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})))
+        if not (self.rerun and self.recorded is not None and not self.start.overwrite):
+            atomic_write_text(record / "config.yaml", OmegaConf.to_yaml(plan.cfg))
+            atomic_write_text(record / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(task_overrides())))
+            if (hydra := hydra_config()) is not None:
+                atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})))
+            atomic_write_text(self.path / PLAN_FILE, json.dumps(plan.record(), indent=2, sort_keys=True, default=str) + "\n")
         if (job := slurm_job()) is not None:  # a requeued job finds its run by this
             atomic_write_text(record / "slurm.json", json.dumps(job) + "\n")
         self._file_log = NoFollowFileHandler(self.path / "train.log", encoding="utf-8")
@@ -260,9 +251,19 @@ class RunFolder:
                 self.path.rmdir()  # a refused run leaves no empty folder behind
 
     def __enter__(self) -> "RunFolder":
+        if self.primary:  # what is logged before the claim (the plan, the data) goes to train.log if the run goes ahead
+            self._early_log = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+            logging.getLogger().addHandler(self._early_log)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            exc.genlab_owned_folder = self.claimed  # where a sweep records it (genlab.sweeps)
         if self.primary and exc is not None and not self.ranks.published:
             self.ranks.publish(refusal(exc))  # refused before the claim: every process stops with this
         self.close()
+
+
+def owned_folder(err: BaseException) -> bool:
+    """Whether the run folder was this process's when ``err`` ended the run."""
+    return bool(getattr(err, "genlab_owned_folder", False))

@@ -1,8 +1,9 @@
-"""A sweep job's failure belongs to that job. A job that fails (a configuration that cannot work, a
-bug, missing data) or diverges records ``status``, the message and its overrides in its own
-``metrics.json`` and reports ``failed_loss`` to the sweeper, so the other jobs, and an Optuna
-study, go on. A job refused because its folder holds another run records that beside the folder
-(``<sweep>/<job>.refused.json``), never in it. When the sweep ends, ``SweepReport`` lists what did
+"""A sweep job's failure belongs to that job. A job that fails or diverges once it owns its folder
+(``genlab.runs.RunFolder.claim``) records ``status``, the message and its overrides in its own
+``metrics.json``; a job that fails before (a configuration that cannot work, missing data, a folder
+that holds another plan's run or that another process holds) records that beside the folder
+(``<sweep>/<job>.refused.json``), never in it, so a folder's finished run is never lost. Either way
+it reports ``failed_loss`` to the sweeper, so the other jobs, and an Optuna study, go on. When the sweep ends, ``SweepReport`` lists what did
 not complete and the command exits with status 1 if any job failed or was refused (a diverged trial
 is a result of the search, not a failure). This holds for every launcher: the jobs of the parallel
 launcher run in worker processes, which an error would otherwise end together with the job beside it.
@@ -36,6 +37,7 @@ from hydra.utils import get_class
 from genlab.errors import FolderTaken, GenlabError, TrainingDiverged
 from genlab.outputs import write_metrics
 from genlab.quality import require_weights
+from genlab.runs import owned_folder
 from genlab.runtime import is_first_process, task_overrides
 from genlab.trust import read_json
 
@@ -88,8 +90,9 @@ def refusal_file(job_dir: Path) -> Path:
 
 
 def run_sweep_job(train: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
-    """``train(cfg)`` for one job of a sweep; a failure is recorded in the job's folder (beside it
-    when the folder is another run's) instead of ending the sweep. Returns the loss the sweeper sees."""
+    """``train(cfg)`` for one job of a sweep; a failure is recorded in the job's folder where the job
+    owned it (it had claimed it: ``genlab.runs``), else beside it, instead of ending the sweep. Returns
+    the loss the sweeper sees."""
     job_dir = Path(cfg.paths.output_dir)
     first = is_first_process()  # the other processes of a distributed job write nothing
     try:
@@ -104,14 +107,18 @@ def run_sweep_job(train: Callable[[DictConfig], float | None], cfg: DictConfig) 
         if first:
             refusal_file(job_dir).unlink(missing_ok=True)  # refused once, it has run since
         return loss
-    log.error("this job %s: %s; reported to the sweep with loss %g", status, error, cfg.failed_loss)
+    # a job that ran reports failed_loss (a diverged trial is a result of the search); one that never
+    # ran in its folder reports nothing: the Optuna sweeper then marks its trial failed, not measured
+    owned = owned_folder(error)
+    loss = float(cfg.failed_loss) if owned else None
+    log.error("this job %s: %s; %s", status, error,
+              f"reported to the sweep with loss {loss:g}" if owned else "it did not run, so it reports no loss")
     if first:
-        record = refusal_file(job_dir) if status == "refused" else job_dir / "metrics.json"
-        write_metrics(record, {
+        write_metrics(job_dir / "metrics.json" if owned else refusal_file(job_dir), {
             "status": status, "error": str(error), "error_type": type(error).__name__,
-            "overrides": task_overrides(), "reported_loss": cfg.failed_loss, "val_loss": None,
+            "overrides": task_overrides(), "reported_loss": loss, "val_loss": None,
             "steps": getattr(error, "step", None)})
-    return float(cfg.failed_loss)
+    return loss
 
 
 def continue_command(config: DictConfig) -> str:
@@ -171,17 +178,20 @@ def quiet_without_accounting() -> None:
         SlurmInfoWatcher._make_command = lambda self: None  # no sacct call: states come from the result files
 
 
-def job_number(folder: Path) -> int | None:
-    head = folder.name.split("-", 1)[0]
-    return int(head) if folder.is_dir() and head.isdigit() else None
+def job_number(name: str) -> int | None:
+    head = name.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
 def job_results(sweep_dir: Path) -> dict[str, dict | None]:
-    """Each job folder's name (its number first) -> its metrics.json (None: none written), or the
-    record of its refusal where the folder held another run."""
+    """Each job's folder name (its number first) -> the record of a failure beside its folder (a job
+    that failed before it owned the folder may have none), else its metrics.json (None: none written)."""
+    names = {p.name for p in sweep_dir.iterdir() if p.is_dir()}
+    names |= {p.name.removesuffix(".refused.json") for p in sweep_dir.glob("*.refused.json")}
     results = {}
-    for job in sorted((p for p in sweep_dir.iterdir() if job_number(p) is not None), key=job_number):
-        results[job.name] = read_json(refusal_file(job)) or read_json(job / "metrics.json")
+    for name in sorted((n for n in names if job_number(n) is not None), key=job_number):
+        job = sweep_dir / name
+        results[name] = read_json(refusal_file(job)) or read_json(job / "metrics.json")
     return results
 
 

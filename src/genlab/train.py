@@ -1,14 +1,17 @@
 """``python train.py [overrides]``: the path of one run, top to bottom.
 
-1. check the config (values, model and data: ``genlab.checks``) and take the run folder, which
-   refuses a folder that holds another run or that another process is writing (``genlab.runs``);
-2. build the data and the model, check a resumed checkpoint against them, then claim the folder
-   (record the config, start ``train.log``); nothing is written into it before this point;
+1. resolve the run's plan (``genlab.plan``: the config checked by ``genlab.checks``, its validation
+   interval and precision, the data's fingerprint) and take the run folder on it, which refuses a
+   folder that holds another run or that another process is writing (``genlab.runs``);
+2. build the model, check a resumed checkpoint against it, resolve the rest of the plan (the learning
+   rate of ``tune_lr``, the updates per step), then claim the folder (record the plan once, start
+   ``train.log``); nothing is written into it before this point, nothing changes the plan after;
 3. fit; Ctrl-C or SIGTERM finish the step, save and exit with the resume command (``genlab.stopping``);
 4. the wrap-up: final validation and test losses, ``metrics.json`` (samples come after every validation).
 
 Returns the final validation loss (an image model's: its FID), which a sweep minimises (a sweep
-job's failure is recorded in its folder and the sweep goes on: ``genlab.sweeps``)."""
+job's failure is recorded in its folder once the job owns it, else beside it, and the sweep goes on:
+``genlab.sweeps``)."""
 
 from __future__ import annotations
 
@@ -25,18 +28,20 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from genlab.callbacks import CheckpointAtEnd, Samples, TrainingClock, ValidateAtEnd
 from genlab.checkpoints import check_resume, read_checkpoint, trainer_plugins
-from genlab.checks import check_config, validation_interval
+from genlab.checks import validation_interval
 from genlab.console import UpdateProgress, printable, result_summary, route_library_logs, run_summary
 from genlab.errors import DiskFull, TrainingDiverged, exit_on_user_error, instantiate
 from genlab.hparams import log_hparams, run_hparams
-from genlab.lr_finder import find_learning_rate
+from genlab.lr_finder import find_learning_rate, plot_search
 from genlab.outputs import write_metrics
 from genlab.overrides import checked_command_line
-from genlab.precision import hardware, resolve_precision
+from genlab.plan import Plan, optimizer_key
+from genlab.plan import resolve as resolve_plan
+from genlab.precision import hardware
 from genlab.quality import image_quality
 from genlab.ranks import Ranks, world_size
 from genlab.runs import RunFolder, slurm_job
@@ -53,12 +58,18 @@ def train(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.paths.output_dir)
     ranks = Ranks(Path(cfg.paths.root_dir), processes=world_size(cfg.trainer))
     with GracefulStop() as stop, RunFolder(run_dir, primary=is_first_process(), ranks=ranks) as folder:
-        check_config(cfg)
-        start = folder.open(cfg)  # the first process decides; the others learn its decision here
+        # the plan first: a configuration or data that cannot work fails before the folder is touched
+        plan = resolve_plan(cfg)
+        set_threads(plan.cfg)
+        skip_failing_nvml_check()
+        L.seed_everything(plan.cfg.seed, workers=True)
+        datamodule = instantiate(plan.cfg.data)
+        plan = plan.with_values(data=getattr(datamodule, "fingerprint", None))
+        start = folder.open(plan)  # the first process decides; the others learn its decision here
         if start.done is not None:
             return kept_result(start.done, run_dir)
         try:
-            return run(cfg, run_dir, folder, stop, Path(start.ckpt_path) if start.ckpt_path else None)
+            return run(plan, datamodule, run_dir, folder, stop, Path(start.ckpt_path) if start.ckpt_path else None)
         except RunInterrupted:
             report_stop(stop, run_dir)
         except TrainingDiverged as err:
@@ -68,45 +79,54 @@ def train(cfg: DictConfig) -> float | None:
                            f"{how_to_continue(run_dir)}") from None
 
 
-def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, ckpt_path: Path | None) -> float | None:
+def run(plan: Plan, datamodule, run_dir: Path, folder: RunFolder, stop: GracefulStop,
+        ckpt_path: Path | None) -> float | None:
+    """The rest of the plan resolved (the learning rate a search chose, K), the folder claimed with it,
+    then training. From the claim on, nothing changes the plan's config or the built model and data."""
+    cfg = plan.cfg
     trust = bool(cfg.get("trust_checkpoint"))
     # first of all: a checkpoint that is refused is refused before anything is built or written
     checkpoint = read_checkpoint(ckpt_path, trust) if ckpt_path is not None else None
-    set_threads(cfg)
-    skip_failing_nvml_check()
-    precision = resolve_precision(cfg)  # trainer.precision: auto -> the card's (recorded with the run)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    model = build_model(cfg, datamodule)
-    fixed = getattr(model, "updates_per_step", 1)
-    with open_dict(cfg):  # recorded with the run's config: the interval it really used (auto: K divides it)
-        cfg.val_every = validation_interval(cfg, 1 if fixed == "auto" else fixed)
+    found = (checkpoint or {}).get("hyper_parameters", {}).get("optimizer", {}).get("lr")
+    if found is not None and cfg.get("tune_lr"):  # a resume trains on with the rate its search found
+        plan = plan.with_values(lr=found)
+    if checkpoint is not None and not folder.rerun:  # an explicit ckpt_path=: the record says so
+        plan = plan.with_values(continues={"step": checkpoint["global_step"], "checkpoint": str(ckpt_path),
+                                           "from": checkpoint.get("genlab_plan"),
+                                           "differs": plan.differences(folder.recorded)})
+    model = build_model(plan.cfg, datamodule)
     if checkpoint is not None and folder.primary:
         check_resume(checkpoint, model, cfg.trainer.max_steps)
     quality = image_quality(cfg, datamodule) if model.kind == "image" else None
-    folder.claim(cfg)
-
-    lr_figure = None
-    if cfg.get("tune_lr"):
-        lr, lr_figure = find_learning_rate(cfg, run_dir, datamodule, build_model(cfg, datamodule))
-        with open_dict(cfg):
-            cfg.optimizer.lr = lr
-        if not cfg.lr_finder.then_train:
-            write_metrics(run_dir / "metrics.json", {"status": "lr_search_only", "suggested_lr": lr})
-            return None
+    search = None
+    if cfg.get("tune_lr") and checkpoint is None:
+        lr, search = find_learning_rate(cfg, datamodule, model)  # on this first model; training gets a fresh one
+        plan = plan.with_values(lr=lr)
         L.seed_everything(cfg.seed, workers=True)  # training starts as it would with lr= given
-        model = build_model(cfg, datamodule)
+        model = build_model(plan.cfg, datamodule)
+    cfg = plan.cfg
     if hasattr(datamodule, "training_words"):
         model.training_words = sorted(datamodule.training_words())
     updates_per_step = resolve_updates_per_step(model, datamodule, cfg.val_every, checkpoint, cfg.trainer)
     use_count(model, updates_per_step)
     if quality is not None:
         model.quality = quality
+    plan = plan.with_values(updates_per_step=updates_per_step)
+    folder.claim(plan)
+
+    lr_figure = None
+    if search is not None:
+        lr = OmegaConf.select(cfg, f"{optimizer_key(cfg)}.lr")
+        lr_figure = plot_search(search, lr, run_dir)
+        if not cfg.lr_finder.then_train:
+            write_metrics(run_dir / "metrics.json", {"status": "lr_search_only", "suggested_lr": lr})
+            return None
     trainer = build_trainer(cfg, run_dir, updates_per_step, model.single_pass,
                             validates=model.monitor is not None, stop=stop, monitor=model.monitor)
+    trainer.callbacks.append(PlanInCheckpoints(plan))
     log_hparams(trainer.loggers, run_hparams(cfg, trainer.world_size), lr_figure)
     log.info(run_summary({group: choice(group) for group in ("model", "data", "trainer")}, model, trainer, run_dir,
-                         precision))
+                         plan.precision_words))
 
     start = time.perf_counter()
     with shared_with_processes(updates_per_step):
@@ -115,6 +135,16 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     if stop.stop_requested:
         report_stop(stop, run_dir)
     return wrap_up(run_dir, trainer, model, datamodule, train_seconds, label={"name": cfg.get("name"), "tags": list(cfg.get("tags") or [])})
+
+
+class PlanInCheckpoints(L.Callback):
+    """Every checkpoint names the plan it was trained under (``.hydra/plan.json``'s identity)."""
+
+    def __init__(self, plan: Plan):
+        self.identity = plan.record()["identity"]
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["genlab_plan"] = self.identity
 
 
 def kept_result(metrics: dict, run_dir: Path) -> float | None:

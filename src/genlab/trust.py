@@ -45,6 +45,16 @@ def read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+def read_overrides(path: Path) -> list[str] | None:
+    """A run's recorded command-line overrides (``.hydra/overrides.yaml``): a YAML list of strings,
+    read as text (never resolved); None where the file is missing or is not such a list."""
+    try:
+        value = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
+
 # --- recorded configs ------------------------------------------------------------------------------
 def read_config(path: Path) -> dict:
     """A recorded config as plain containers: YAML's own types only, nothing resolved or built yet."""
@@ -155,7 +165,7 @@ def build(node: dict, known: dict[str, type], where: str, source: Path):
 LIGHTNING_ENTRIES = {"epoch", "global_step", "pytorch-lightning_version", "state_dict", "loops", "callbacks",
                      "optimizer_states", "lr_schedulers", "hparams_name", "hyper_parameters",
                      "native_amp_scaling_state"}
-GENLAB_ENTRIES = {"genlab", "carried_state"}
+GENLAB_ENTRIES = {"genlab", "carried_state", "genlab_plan"}  # genlab_plan: the identity of the run plan it trained under
 GENLAB_KEYS = {"class": "str", "rng": "Tensor", "training_words": "list of str", "best_val_loss": "number",
                "updates_per_step": "int", "curve_window": "list", "history": "list", "best_fid": "number"}
 # ModelCheckpoint's state: files Lightning removes when it writes the next ones
@@ -193,6 +203,8 @@ def checked_checkpoint(checkpoint: dict, source: Path, folder: Path) -> dict:
     own = checkpoint.get("genlab")
     if not isinstance(own, dict) or not isinstance(own.get("class"), str) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{source} is not a genlab checkpoint (no model class and weights in it).")
+    if not isinstance(checkpoint.get("genlab_plan", ""), str):
+        raise refused(source, "genlab_plan", f"holds a {type(checkpoint['genlab_plan']).__name__}, not a str")
     for key, value in own.items():
         if key not in GENLAB_KEYS:
             raise refused(source, f"genlab.{key}", "is not an entry genlab writes")

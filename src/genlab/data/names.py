@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from genlab.data.batches import FixedBatches, SequenceBatches, context_windows, replica
-from genlab.data.fetch import RemoteFile, fetch
+from genlab.data.fetch import RemoteFile, fetch, sha256_of
 from genlab.errors import ConfigError, DataError
 from genlab.data.tokenizer import CharTokenizer
 
@@ -148,8 +148,10 @@ class NamesDataModule(L.LightningDataModule):
             source = Path(self.path).expanduser()
             if not source.exists():
                 raise DataError(f"data.path={self.path}: no such file. Give an existing word list, one entry per line.")
+            self.fingerprint = sha256_of(source)  # the run's plan compares it (genlab.plan)
         else:
             source = fetch(ITALIAN_NAMES, self.data_dir, self.mirror)
+            self.fingerprint = ITALIAN_NAMES.sha256  # fetch checked the file against it
         try:
             text = source.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first name
         except UnicodeDecodeError as err:

@@ -166,7 +166,9 @@ class TextDataModule(L.LightningDataModule):
         # the cache entry is named by what it is made from, never by a file name: the source's bytes,
         # their normalisation and the tokenizer (two texts called divina.txt never share an entry)
         made_from = f"{source_sha256}|{normalisation}|{self.tokenizer_name}|{CACHE_FORMAT}"
-        stem = f"{self.name}.{self.tokenizer_name}.{hashlib.sha256(made_from.encode()).hexdigest()[:16]}"
+        # the run's plan compares this too (genlab.plan): the same tokens, whatever the file is called
+        self.fingerprint = hashlib.sha256(made_from.encode()).hexdigest()
+        stem = f"{self.name}.{self.tokenizer_name}.{self.fingerprint[:16]}"
         bin_path, meta_path = self.data_dir / "tokens" / f"{stem}.bin", self.data_dir / "tokens" / f"{stem}.json"
         meta = cached_meta(bin_path, meta_path)
         if meta is None:
