@@ -192,6 +192,8 @@ class FillDisk(L.Callback):
         return {"grown": torch.zeros(self.grow, dtype=torch.uint8)}
 
 
+# the resume runs without the fault injector, whose state the checkpoint holds: Lightning says so
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 def test_a_disk_that_fills_mid_save_keeps_the_previous_checkpoint_and_the_run_resumes(small_disk, names_file):
     run_dir = small_disk / "run"
     common = [f"data.path={names_file}", "val_every=10", *TINY]
