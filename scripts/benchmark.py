@@ -416,7 +416,7 @@ def write_table(argv: list[str]) -> None:
         *rows,
         TABLE_END,
     ])
-    before, rest = page.split(TABLE_START, 1)
+    before, rest = PAGE.read_text(encoding="utf-8").split(TABLE_START, 1)  # the page as it is now
     PAGE.write_text(before + table + rest.split(TABLE_END, 1)[1], encoding="utf-8")
     print(f"\nwrote {len(rows)} rows into {PAGE} ({minutes:.1f} minutes)")
 
