@@ -282,7 +282,8 @@ def measure(argv: list[str]) -> dict:
             batches.extend(b for item in datamodule.train_dataloader() for b in model.unpack(item))
         # auto's choice, made once for every round; the batches a whole number of Lightning steps, so
         # that the framework makes the same updates as the plain loop
-        k = min(steps, resolve_updates_per_step(model, datamodule, cfg.val_every or steps))
+        # (at most a tenth of the updates: the clock starts after a warm-up step and needs steps to time)
+        k = min(max(1, steps // 10), resolve_updates_per_step(model, datamodule, cfg.val_every or steps))
         batches = batches[: steps // k * k]
         per_update = sum(int((y >= 0).sum()) for _, y in batches) / len(batches)
         unit, plain_loop = "tokens", plain_speed
