@@ -282,8 +282,11 @@ def measure(argv: list[str]) -> dict:
             batches.extend(b for item in datamodule.train_dataloader() for b in model.unpack(item))
         # auto's choice, made once for every round; the batches a whole number of Lightning steps, so
         # that the framework makes the same updates as the plain loop
-        # (at most a tenth of the updates: the clock starts after a warm-up step and needs steps to time)
+        # (at most a tenth of the updates, as the clock starts after a warm-up step and needs steps to
+        # time, and a divisor of val_every, as training requires)
         k = min(max(1, steps // 10), resolve_updates_per_step(model, datamodule, cfg.val_every or steps))
+        while (cfg.val_every or steps) % k:
+            k -= 1
         batches = batches[: steps // k * k]
         per_update = sum(int((y >= 0).sum()) for _, y in batches) / len(batches)
         unit, plain_loop = "tokens", plain_speed
@@ -407,7 +410,12 @@ def write_table(argv: list[str]) -> None:
     for command in TABLE_ROWS:
         command = " ".join([command, *argv])
         print(f"\n== python scripts/benchmark.py {command}", flush=True)
-        rows.append(table_row(command, measure(command.split()), where, at))
+        try:
+            rows.append(table_row(command, measure(command.split()), where, at))
+        except Exception as err:  # the row says so, and the others are still measured
+            print(f"failed: {err!r}", flush=True)
+            rows.append(f"| `python scripts/benchmark.py {command}` | {where} | {torch.__version__} | `{at}` | "
+                        f"failed: {type(err).__name__}: {err} | | | |")
     minutes = (time.perf_counter() - started) / 60
     table = "\n".join([
         TABLE_START,
