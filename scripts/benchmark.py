@@ -24,6 +24,7 @@ share of training time.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import statistics
@@ -432,10 +433,15 @@ def write_table(argv: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if "--table" in argv:
-        write_table([a for a in argv if a != "--table"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", action="store_true", help="every CPU row of docs/performance.md, written into it "
+                        "(the overrides then apply to every row)")
+    parser.add_argument("overrides", nargs="*", help="model=<benchmark>, steps=N, rounds=N and train.py overrides")
+    args = parser.parse_args(argv)
+    if args.table:
+        write_table(args.overrides)
     else:
-        measure(argv)
+        measure(args.overrides)
 
 
 if __name__ == "__main__":

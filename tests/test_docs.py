@@ -12,10 +12,12 @@ fenced block."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
+import io
 import re
+import runpy
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from genlab.train import CONF_DIR
@@ -39,7 +42,7 @@ FENCE = re.compile(r"^\s*(```|~~~)")
 ENTRY_POINTS = {"train.py": "train", "sample.py": "sample", "eval.py": "eval"}
 # a placeholder in an example: <run folder>, <date>, ...
 PLACEHOLDER = re.compile(r"<[^<>\n]*>")
-OVERRIDE = re.compile(r"^(?:\+\+|\+|~)?[a-z_][\w.@/-]*=")
+OVERRIDE = re.compile(r"^(?:\+\+|\+|~)?[a-z_][\w.@/]*=")
 
 
 def rel(page: Path) -> str:
@@ -107,57 +110,85 @@ def groups() -> dict[str, list[str]]:
     return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in Path(CONF_DIR).iterdir() if d.is_dir()}
 
 
+def is_group(key: str) -> bool:
+    return "/" in key or (Path(CONF_DIR) / key).is_dir()
+
+
 @functools.lru_cache(maxsize=None)
-def compose_error(config: str, overrides: tuple[str, ...]) -> str | None:
-    """None if ``config`` composes with ``overrides``, else Hydra's message."""
+def composed(config: str, choices: tuple[str, ...]):
+    """The config with these group options (a DictConfig), or Hydra's message. Composing costs a
+    tenth of a second, so each choice of options is composed once and the keys an example sets
+    are looked up in it, as compose would: a key must exist to be set, must not to be added (+)."""
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose(config, overrides=list(overrides), return_hydra_config=True)
+            return compose(config, overrides=list(choices), return_hydra_config=True)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         return " ".join(str(err).split())
+
+
+def key_problem(cfg, override) -> str | None:
+    """What compose would say of ``override`` (a key's override) on ``cfg``, or None."""
+    key, kind = override.key_or_group, override.type.name
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
+    exists = isinstance(node, DictConfig) and leaf in node.keys()
+    if kind == "CHANGE" and not exists:
+        return (f"Could not override '{key}': the composed config has no such key (a key the YAML lacks is added "
+                f"with +{key}=...)")
+    if kind == "ADD" and exists:
+        return f"Could not append to config: an item is already at '{key}' (set it without +)"
+    if kind == "DEL" and not exists:
+        return f"Could not delete '{key}': the composed config has no such key"
     return None
 
 
-def expand(overrides: list[str]) -> list[list[str]]:
-    """A sweep's values, each composed once (the others at their first value); Optuna's ranges and
-    ``tag(...)`` have no value to compose and are left out. A syntax error raises Hydra's message."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    plain, sweeps = [], []
-    for override in parsed:
-        if not override.is_sweep_override():
-            plain.append(override.input_line)
-            continue
-        try:
-            values = list(override.sweep_string_iterator())
-        except Exception:  # interval(...), tag(...)
-            continue
-        prefix = {"ADD": "+", "FORCE_ADD": "++", "DEL": "~"}.get(override.type.name, "")
-        sweeps.append([f"{prefix}{override.get_key_element().lstrip('+~')}={v}" for v in values])
-    firsts = [values[0] for values in sweeps]
-    return [plain + firsts] + [plain + firsts[:i] + [v] + firsts[i + 1:] for i, values in enumerate(sweeps)
-                               for v in values[1:]]
-
-
 def why_not(config: str, overrides: list[str]) -> str | None:
+    """None if ``config`` composes with ``overrides`` (each option a sweep names; a sweep's values and
+    Optuna's ranges need only parse), else what is wrong."""
     try:
-        variants = expand(overrides)
+        parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
         return " ".join(str(err).split())
-    return next((e for v in variants if (e := compose_error(config, tuple(v)))), None)
+    choices: list[list[str]] = [[]]
+    for override in parsed:
+        if is_group(override.key_or_group):
+            options = ([f"{override.get_key_element()}={v}" for v in override.sweep_string_iterator()]
+                       if override.is_sweep_override() else [override.input_line])
+            choices = [c + [o] for c in choices for o in options]
+    for choice in choices:
+        cfg = composed(config, tuple(choice))
+        if isinstance(cfg, str):
+            return cfg
+        for override in parsed:
+            if not is_group(override.key_or_group) and (problem := key_problem(cfg, override)):
+                return problem
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def has_key(group: str, option: str, key: str) -> bool:
+    """Whether conf/<group>/<option>.yaml sets ``key`` (a cheap guess of where a key lives)."""
+    node = OmegaConf.load(Path(CONF_DIR) / group / f"{option}.yaml")
+    return OmegaConf.select(node, key, default=None) is not None or key.split(".")[0] in node
 
 
 def why_not_anywhere(overrides: list[str]) -> str | None:
     """Overrides quoted alone in prose: they must compose with train.py's, sample.py's or eval.py's
     config as it is, or with one option of a group they name a key of (``model.counting=false`` is
-    the bigram's), or with one preset or Optuna search."""
-    choices = [[]]
-    named = {o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] for o in overrides}
+    the bigram's), or with one preset or Optuna search; the options that set the key are tried first."""
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    likely, rest = [], []
     for group, options in groups().items():
-        if group in named or group in ("experiment", "hparams_search"):
-            choices += [[f"{group}={option}"] for option in options]
+        named = [k.split(".", 1)[1] for k in keys if k.startswith(group + ".")]
+        if named or group in ("experiment", "hparams_search"):
+            sets = [o for o in options if any(has_key(group, o, k) for k in named)]
+            likely += [[f"{group}={o}"] for o in sets]
+            rest += [[f"{group}={o}"] for o in options if o not in sets]
+    if any(k.startswith("hydra.sweeper.") for k in keys):  # the Optuna searches set the sweeper
+        likely += [[f"hparams_search={o}"] for o in groups()["hparams_search"]]
     first = None
-    for config in ENTRY_POINTS.values():
-        for choice in choices:
+    for choice in [[]] + likely + rest:
+        for config in ENTRY_POINTS.values():
             error = why_not(config, choice + overrides)
             if error is None:
                 return None
@@ -249,8 +280,21 @@ def problem(command: Command) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def script_help(script: str) -> str | None:
-    done = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    return None if done.returncode == 0 else f"`python {script} --help` exits {done.returncode}: {done.stderr[-500:]}"
+    """``python <script> --help`` exits 0 (run in this process: torch is imported already)."""
+    out, argv = io.StringIO(), sys.argv
+    sys.argv = [script, "--help"]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    except SystemExit as done:
+        if done.code in (0, None):
+            return None
+        return f"`python {script} --help` exits {done.code}: {out.getvalue()[-500:]}"
+    except Exception as err:
+        return f"`python {script} --help` fails: {err!r}"
+    finally:
+        sys.argv = argv
+    return f"`python {script} --help` does not stop after printing its help (it ran the script)"
 
 
 def every_code() -> list[Code]:
@@ -284,7 +328,10 @@ def test_composing_catches_what_the_issue_found():
     assert why_not("train", ["trainer.strategy=ddp"]) is not None  # a key the YAML lacks needs +
     assert why_not("train", ["+trainer.strategy=ddp"]) is None
     assert why_not("train", ["data.path=~/corpus/"]) is not None  # Hydra's grammar: ~ deletes a key
-    assert why_not("train", ["-m", "optimizer.lr=0.01,0.1"][1:]) is None
+    assert why_not("train", ["optimizer.lr=0.01,0.1", "model=mlp,gpt", "model.n_embd=8"]) is None
+    assert why_not("train", ["model=mlp,gpt", "model.n_layer=2"]) is not None  # the MLP has no layers
+    assert why_not("train", ["model=nope"]) is not None
+    assert why_not("train", ["+seed=1"]) is not None and why_not("train", ["~seed"]) is None
     assert why_not("train", ["optimizer.lr=0.01,0.1", "optimizer.lrr=1"]) is not None
     assert why_not_anywhere(["model.counting=false"]) is None  # the bigram's
     assert why_not_anywhere(["interpolate=true"]) is None  # sample.py's
@@ -455,14 +502,33 @@ def quoted_messages(page: Path) -> list[Code]:
     return quoted
 
 
-ANY = "any"  # a hole that prints what a call returns or an error's message: any number of words
-WORDS_PER_VALUE = 4  # what another hole (a name, a number, a path) may print
+ANY = "any"  # a hole that prints what a call returns, a list or an error's message
+# the words a hole may print: a name, a number or a path one or two, a call's result or a list more
+WORDS_PER_VALUE = {None: 2, ANY: 15}
 
 
-def hole(value: ast.FormattedValue) -> str | None:
-    text = ast.unparse(value.value)
-    called = any(isinstance(n, ast.Call) for n in ast.walk(value.value))
-    return ANY if called or re.search(r"\berr|error|reason|message", text) else None
+def string_values(node: ast.AST, names: dict) -> list[list] | None:
+    """The patterns a string expression can print: a literal, an f-string (its ``{name}`` holes
+    filled with what the function assigned to ``name``, where that is a string too), ``a if c else b``."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [[node.value]]
+    if isinstance(node, ast.IfExp):
+        body, orelse = string_values(node.body, names), string_values(node.orelse, names)
+        return body + orelse if body and orelse else None
+    if not isinstance(node, ast.JoinedStr):
+        return None
+    patterns = [[]]
+    for value in node.values:
+        if isinstance(value, ast.Constant):
+            choices = [[value.value]]
+        elif isinstance(value.value, ast.Name) and value.value.id in names:
+            choices = names[value.value.id]
+        else:
+            text = ast.unparse(value.value)
+            called = any(isinstance(n, ast.Call) for n in ast.walk(value.value))
+            choices = [[ANY if called or re.search(r"\berr|error|reason|message", text) else None]]
+        patterns = [p + c for p in patterns for c in choices][:16]
+    return patterns
 
 
 @functools.lru_cache(maxsize=1)
@@ -471,11 +537,17 @@ def source_strings() -> list[list[str | None]]:
     ``{...}`` goes (adjacent literals are one node to Python's parser, so a message is one pattern)."""
     patterns = []
     for file in sorted((REPO / "src").rglob("*.py")):
-        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.JoinedStr):
-                patterns.append([v.value if isinstance(v, ast.Constant) else hole(v) for v in node.values])
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and " " in node.value:
-                patterns.append([node.value])
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        for scope in [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))]:
+            names: dict[str, list] = {}
+            for node in ast.walk(scope):
+                if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                        and (found := string_values(node.value, {}))):
+                    names[node.targets[0].id] = found
+            for node in ast.walk(scope):
+                if isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                                                       and " " in node.value):
+                    patterns += string_values(node, names) or []
     return patterns
 
 
@@ -490,15 +562,19 @@ def glob_of(pieces: list[str | None]) -> list[str | None]:
     return out
 
 
+VALUE = "value"  # a placeholder of the quote (<folder>, N): a value the source prints
+
+
 def could_print(quote: str, pattern: list[str | None]) -> bool:
     """Whether some message that ``pattern`` prints contains ``quote``: two patterns with holes,
-    matched against each other. The quote's holes (<...>, N and ...) stand for any text; a value the
-    source prints stands for a few words of the quote (a list or an error's message for any), so that
-    the quote's other words are the source's."""
+    matched against each other. In the quote, ``...`` elides any text and a placeholder (<folder>,
+    N) stands for a value the source prints (or a word); a value the source prints stands for a few
+    words of the quote (what a call returns, or an error's message, for more), so that the quote's
+    other words are the source's."""
     pieces: list[str | None] = []
     at = 0
     for found in MESSAGE_HOLE.finditer(quote):
-        pieces += [quote[at:found.start()], ANY]
+        pieces += [quote[at:found.start()], ANY if found.group() in ("...", "…") else VALUE]
         at = found.end()
     a = [ANY, *glob_of(pieces + [quote[at:]]), ANY]  # a quote is a part of the message
     b = glob_of(pattern)
@@ -507,11 +583,16 @@ def could_print(quote: str, pattern: list[str | None]) -> bool:
     def match(i: int, j: int, spaces: int) -> bool:  # spaces: what b's current hole has taken
         if i == len(a) or j == len(b):
             return all(x == ANY for x in a[i:]) and all(y in (None, ANY) for y in b[j:])
-        if a[i] == ANY:
+        if a[i] == ANY or (a[i] == VALUE and (b[j] in (None, ANY) or b[j] != " ")):
+            # a placeholder takes the source's values and the letters of a word, never its spaces
             return match(i + 1, j, spaces) or match(i, j + 1, 0)
+        if a[i] == VALUE:
+            return match(i + 1, j, spaces)
         if b[j] in (None, ANY):
+            if b[j] == ANY and i == 1 and j:  # a quote starts with the source's words or a value, not in a sentence
+                return match(i, j + 1, 0)
             taken = spaces + (a[i] == " ")
-            return match(i, j + 1, 0) or ((b[j] == ANY or taken < WORDS_PER_VALUE) and match(i + 1, j, taken))
+            return match(i, j + 1, 0) or (taken < WORDS_PER_VALUE[b[j]] and match(i + 1, j, taken))
         return a[i] == b[j] and match(i + 1, j + 1, 0)
 
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 4 * (len(a) + len(b)) + 100))
@@ -550,6 +631,9 @@ def test_message_matching_reads_holes_on_both_sides():
     assert not could_print("model=gpt works on text files, but data=celeba gives image data", pattern)
     assert not could_print("needs 3 MiB free beside the old one, and", ["needs ", None, ", and"])
     assert could_print("did you mean model.n_embd or model.n_head?", ["did you mean ", ANY, "?"])
+    assert could_print("writing <file> needs <size> free", ["writing ", None, " needs ", ANY, " free, and"])
+    assert not could_print("needs <size> free beside the old one, and <free> are free",
+                           ["needs ", None, " free, and ", None, " are free"])
 
 
 @pytest.mark.parametrize("page", [REPO / "docs" / "troubleshooting.md"], ids=rel)
