@@ -58,7 +58,7 @@ def real_data(tmp_path_factory) -> str:
             fetch(remote, folder)
     except DataError as err:
         pytest.skip(f"needs the real data sets: no data mirror (GENLAB_DATA_MIRROR or ../shared/data) and their "
-                    f"public source cannot be reached ({str(err).splitlines()[1].strip()})")
+                    f"public source cannot be reached ({next(l for l in str(err).splitlines() if 'download:' in l).strip()})")
     return str(folder)
 
 
