@@ -393,7 +393,7 @@ def commit() -> str:
     """The commit measured, ``+changes`` when the working tree differs from it."""
     import subprocess
 
-    root = PAGE.parents[1]
+    root = Path(__file__).resolve().parents[1]
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf", "scripts"],
                            cwd=root, capture_output=True, text=True).stdout.strip()
