@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # the offline data mirror beside the checkout, when there is one (docs/data.md)
 export GENLAB_DATA_MIRROR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 
-.PHONY: help setup train test test-slow test-cluster benchmark gpu-check reproduce report tensorboard clean
+.PHONY: help setup train test test-slow test-cluster benchmark benchmark-table gpu-check reproduce report tensorboard clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ test-cluster: $(VENV)/.cluster ## as root: the checks against a one-node SLURM a
 
 benchmark: setup ## genlab against a plain PyTorch loop of the same model (ARGS="model=gpt"; docs/performance.md)
 	$(PY) scripts/benchmark.py $(ARGS)
+
+benchmark-table: setup ## every CPU row of docs/performance.md at this commit, written into the page (minutes)
+	$(PY) scripts/benchmark.py --table $(ARGS)
 
 # offline, a few hundred updates each (scripts/gpu_check.py). Without CUDA: one line, exit 1
 gpu-check: setup ## on one CUDA GPU: the notebook GPT and DCGAN, tokens/s, MFU, images/s, memory

@@ -2,6 +2,7 @@
 same network, batches and optimizer, in one process.
 
     python scripts/benchmark.py model=mlp [steps=6000] [rounds=4] [any train.py override ...]
+    python scripts/benchmark.py --table   # make benchmark-table: every CPU row of docs/performance.md
 
 ``model=`` names a benchmark of ``PRESETS`` (each sets its model and data): mlp, bigram, wavenet,
 gpt (divina_gpt_cpu), shakespeare_gpt (nanoGPT's CPU recipe), lstm, gru, dcgan.
@@ -23,6 +24,7 @@ share of training time.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import statistics
@@ -256,7 +258,8 @@ def option(args: list[str], key: str, default):
     return type(default)(next((a.split("=", 1)[1] for a in reversed(args) if a.startswith(key + "=")), default))
 
 
-def main(argv: list[str]) -> None:
+def measure(argv: list[str]) -> dict:
+    """One benchmark (``argv`` as on the command line), printed as it goes; returns its figures."""
     model_name = option(argv, "model", "mlp")
     if model_name not in PRESETS:
         raise SystemExit(f"model={model_name}: no such benchmark; use one of {', '.join(PRESETS)}")
@@ -280,7 +283,11 @@ def main(argv: list[str]) -> None:
             batches.extend(b for item in datamodule.train_dataloader() for b in model.unpack(item))
         # auto's choice, made once for every round; the batches a whole number of Lightning steps, so
         # that the framework makes the same updates as the plain loop
-        k = min(steps, resolve_updates_per_step(model, datamodule, cfg.val_every or steps))
+        # (at most a tenth of the updates, as the clock starts after a warm-up step and needs steps to
+        # time, and a divisor of val_every, as training requires)
+        k = min(max(1, steps // 10), resolve_updates_per_step(model, datamodule, cfg.val_every or steps))
+        while (cfg.val_every or steps) % k:
+            k -= 1
         batches = batches[: steps // k * k]
         per_update = sum(int((y >= 0).sum()) for _, y in batches) / len(batches)
         unit, plain_loop = "tokens", plain_speed
@@ -306,23 +313,135 @@ def main(argv: list[str]) -> None:
             print(f"round {round_ + 1}: " + ", ".join(f"{side} {results[side][-1][0]:.2f}" for side in results)
                   + " updates/s")
     (plain, plain_val), (framework, framework_val) = max(results["plain"]), max(results["framework"])
+    figures = {"unit": unit, "per_update": per_update, "k": k, "plain": plain, "framework": framework,
+               "plain_val": plain_val, "framework_val": framework_val}
     print(f"plain PyTorch loop: {plain:9.2f} updates/s  {plain * per_update:11.1f} {unit}/s")
     print(f"genlab (Lightning): {framework:9.2f} updates/s  {framework * per_update:11.1f} {unit}/s")
     if compiled_alone:
-        alone = max(results["compiled"])[0]
+        alone = figures["compiled"] = max(results["compiled"])[0]
         print(f"compiled update in the plain loop (no framework): {alone:.2f} updates/s = {alone / plain:.3f} x plain; "
               f"genlab keeps {framework / alone:.0%} of it")
     if hasattr(model, "flops_per_token"):
-        peak = matmul_flops()
+        peak = figures["peak_flops"] = matmul_flops()
         for name, speed in (("plain", plain), ("genlab", framework)):
-            achieved = model.flops_per_token() * speed * per_update
+            achieved = figures[f"{name}_flops"] = model.flops_per_token() * speed * per_update
             print(f"{name}: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of this machine's fp32 matmul "
                   f"({peak / 1e9:.1f} GFLOP/s)")
     if plain_val is not None and framework_val is not None:  # the same training, so the same loss within noise
         print(f"validation loss after the same updates: plain {plain_val:.4f}, genlab {framework_val:.4f}")
-    ratios = [f[0] / p[0] for f, p in zip(results["framework"], results["plain"])]
+    ratios = figures["ratios"] = [f[0] / p[0] for f, p in zip(results["framework"], results["plain"])]
     print("rounds' ratios: " + ", ".join(f"{r:.3f}" for r in ratios))
-    print(f"ratio={statistics.median(ratios):.3f}")
+    figures["ratio"] = statistics.median(ratios)
+    print(f"ratio={figures['ratio']:.3f}")
+    return figures
+
+
+# make benchmark-table: the CPU rows of docs/performance.md, each a command of this script, shortened
+# (fewer updates and rounds than the presets) so that all of them run in a few minutes on 2 cores
+TABLE_ROWS = [
+    "model=mlp steps=3000 rounds=3",
+    # one update per Lightning step: Lightning's own cost per step (genlab.steps.LIGHTNING_STEP_SECONDS)
+    "model=mlp model.updates_per_step=1 steps=1000 rounds=3",
+    "model=mlp model.compile=true steps=3000 rounds=2",
+    "model=bigram steps=3000 rounds=3",
+    "model=wavenet steps=1000 rounds=2",
+    "model=wavenet model.compile=true steps=1000 rounds=2",
+    "model=lstm steps=300 rounds=2",
+    "model=gru steps=300 rounds=2",
+    "model=shakespeare_gpt steps=60 rounds=2",
+    "model=gpt steps=30 rounds=2",
+    "model=gpt steps=30 rounds=2 model.dropout=0.1",
+    "model=dcgan steps=12 rounds=2",
+]
+TABLE_START, TABLE_END = "<!-- benchmark-table: start -->", "<!-- benchmark-table: end -->"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+
+
+def speed_cell(figures: dict, side: str) -> str:
+    """A side's best speed: updates/s (images/s for the DCGAN), and the GPT's share of the matmul speed."""
+    speed = figures[side]
+    if figures["unit"] == "images":
+        return f"{speed * figures['per_update']:,.1f} images/s"
+    cell = f"{speed:,.{0 if speed >= 100 else 2}f} updates/s"
+    if side + "_flops" in figures:
+        cell += f", {figures[side + '_flops'] / 1e9:.1f} GFLOP/s ({figures[side + '_flops'] / figures['peak_flops']:.0%})"
+    return cell
+
+
+def table_row(command: str, figures: dict, hardware: str, commit: str) -> str:
+    genlab = speed_cell(figures, "framework")
+    if "compiled" in figures:
+        genlab += f"; compiled update alone {figures['compiled']:,.0f} updates/s"
+    # best against best: a round that a stall of the machine hits moves the median of two rounds, not this
+    ratios = figures["ratios"]
+    ratio = f"{figures['framework'] / figures['plain']:.3f} ({min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)})"
+    if "model.updates_per_step=1" in command:  # what one Lightning step costs beyond its update
+        ratio += f"; {1e3 * (1 / figures['framework'] - 1 / figures['plain']):.2f} ms per Lightning step"
+    loss = ("" if figures["plain_val"] is None else
+            f"{figures['plain_val']:.4f} / {figures['framework_val']:.4f}")
+    return (f"| `python scripts/benchmark.py {command}` | {hardware} | {torch.__version__} | `{commit}` | "
+            f"{speed_cell(figures, 'plain')} | {genlab} | {ratio} | {loss} |")
+
+
+def hardware() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "CPU") if Path("/proc/cpuinfo").exists() else "CPU"
+    return f"{torch.get_num_threads()} cores of {cpu}"
+
+
+def commit() -> str:
+    """The commit measured, ``+changes`` when the working tree differs from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "conf", "scripts"],
+                           cwd=root, capture_output=True, text=True).stdout.strip()
+    return (head or "unknown") + ("+changes" if dirty else "")
+
+
+def write_table(argv: list[str]) -> None:
+    """Every row of ``TABLE_ROWS`` at this commit (``argv``: overrides for every row), written into
+    docs/performance.md between its markers."""
+    page = PAGE.read_text(encoding="utf-8")
+    if TABLE_START not in page or TABLE_END not in page:
+        raise SystemExit(f"{PAGE}: no {TABLE_START} ... {TABLE_END} markers to write the table between")
+    started, where, at = time.perf_counter(), hardware(), commit()
+    rows = []
+    for command in TABLE_ROWS:
+        command = " ".join([command, *argv])
+        print(f"\n== python scripts/benchmark.py {command}", flush=True)
+        try:
+            rows.append(table_row(command, measure(command.split()), where, at))
+        except Exception as err:  # the row says so, and the others are still measured
+            print(f"failed: {err!r}", flush=True)
+            rows.append(f"| `python scripts/benchmark.py {command}` | {where} | {torch.__version__} | `{at}` | "
+                        f"failed: {type(err).__name__}: {err} | | | |")
+    minutes = (time.perf_counter() - started) / 60
+    table = "\n".join([
+        TABLE_START,
+        f"`make benchmark-table` wrote these rows in {minutes:.1f} minutes.",
+        "",
+        "| command | hardware | torch | commit | plain PyTorch | genlab | ratio of the best (rounds' range, rounds) | val loss, plain / genlab |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        TABLE_END,
+    ])
+    before, rest = PAGE.read_text(encoding="utf-8").split(TABLE_START, 1)  # the page as it is now
+    PAGE.write_text(before + table + rest.split(TABLE_END, 1)[1], encoding="utf-8")
+    print(f"\nwrote {len(rows)} rows into {PAGE} ({minutes:.1f} minutes)")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", action="store_true", help="every CPU row of docs/performance.md, written into it "
+                        "(the overrides then apply to every row)")
+    parser.add_argument("overrides", nargs="*", help="model=<benchmark>, steps=N, rounds=N and train.py overrides")
+    args = parser.parse_args(argv)
+    if args.table:
+        write_table(args.overrides)
+    else:
+        measure(args.overrides)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ folder."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -161,4 +162,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     sys.exit(main())

@@ -14,9 +14,9 @@ holds that evaluation and its checkpoint. Those updates are counted at the media
 
 from __future__ import annotations
 
+import argparse
 import re
 import statistics
-import sys
 
 ITERATION = re.compile(r"^iter (\d+): loss ([\d.]+), time ([\d.]+)ms")
 EVALUATION = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
@@ -43,7 +43,9 @@ def update_seconds(lines) -> dict:
 
 
 if __name__ == "__main__":
-    with open(sys.argv[1]) as log:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("log", help="nanoGPT's console output (--log_interval=1)")
+    with open(parser.parse_args().log) as log:
         result = update_seconds(log)
     print(f"{result['updates']:,} updates in {result['update_seconds']:.1f} s (median {result['median_ms']:.1f} ms),"
           f" final val loss {result['val_loss']}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Screenshots of TensorBoard's HPARAMS table and Time Series page for a folder of runs, taken in
-# headless Chromium (apt-get install chromium), as in the README:
+# headless Chromium (apt-get install chromium), as README.md and docs/sweeps.md show them:
 #   scripts/tensorboard_screenshots.sh outputs/multirun/<date>/<time> docs/images
 # Time Series is drawn with SVG (?forceSVG=true): headless Chromium does not always finish
 # TensorBoard's WebGL line charts before the screenshot.

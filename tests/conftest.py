@@ -7,6 +7,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -19,6 +21,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from genlab.console import SILENCED_WARNINGS
+from genlab.data.fetch import RemoteFile, fetch
+from genlab.data.names import ITALIAN_NAMES
+from genlab.data.text import DIVINA, SHAKESPEARE
+from genlab.data.tokenizer import GPT2_ENCODER_JSON_SHA256, GPT2_VOCAB_BPE_SHA256
+from genlab.errors import DataError
 from genlab.train import CONF_DIR, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,13 +39,84 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", f"ignore:{message}")
 
 
+# the GPT-2 BPE files where tiktoken downloads them, pinned as genlab checks the mirror's copies
+GPT2_FILES = [RemoteFile(f"gpt2/{name}", f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{name}", sha)
+              for name, sha in (("vocab.bpe", GPT2_VOCAB_BPE_SHA256), ("encoder.json", GPT2_ENCODER_JSON_SHA256))]
+
+
+@pytest.fixture(scope="session")
+def real_data(tmp_path_factory) -> str:
+    """A folder laid out as the data mirror holding the real data sets: the mirror itself where
+    there is one (``GENLAB_DATA_MIRROR``, or ``../shared/data`` beside the checkout, as the Makefile
+    and CI set it), else the public sources fetched once by genlab's own ``fetch`` (whose cache is
+    laid out as a mirror). Without either, the tests that need them skip, saying why."""
+    if MIRROR and Path(MIRROR).exists():
+        return MIRROR
+    folder = tmp_path_factory.mktemp("public-data")
+    try:
+        for remote in (ITALIAN_NAMES, DIVINA, SHAKESPEARE, *GPT2_FILES):
+            fetch(remote, folder)
+    except DataError as err:
+        pytest.skip(f"needs the real data sets: no data mirror (GENLAB_DATA_MIRROR or ../shared/data) and their "
+                    f"public source cannot be reached ({next(l for l in str(err).splitlines() if 'download:' in l).strip()})")
+    return str(folder)
+
+
 @pytest.fixture
-def mirror() -> str:
-    """The offline mirror of the real data (``../shared/data`` beside the checkout, where the Makefile and CI find it)."""
-    assert MIRROR and Path(MIRROR).exists(), (
-        "these tests read the real data: set GENLAB_DATA_MIRROR to a folder like ../shared/data"
-    )
-    return MIRROR
+def mirror(real_data, monkeypatch) -> str:
+    """The real data as a mirror folder (``real_data``), also named by ``GENLAB_DATA_MIRROR`` for
+    the runs a test composes (``paths.data_mirror`` defaults to it)."""
+    monkeypatch.setenv("GENLAB_DATA_MIRROR", real_data)
+    return real_data
+
+
+def mount_namespace_refused() -> str | None:
+    """Why this process cannot mount a filesystem of its own, or None: as root it can; otherwise an
+    unprivileged user and mount namespace (``unshare -rm``) may be allowed by the kernel."""
+    if os.geteuid() == 0:
+        return None
+    try:
+        tried = subprocess.run(["unshare", "-rm", "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"unshare -rm: {err}"
+    return None if tried.returncode == 0 else f"unshare -rm: {tried.stderr.strip() or tried.returncode}"
+
+
+@pytest.fixture
+def small_disk(request, tmp_path):
+    """A filesystem of its own (a 32 MiB tmpfs), so that filling it touches nothing else. As root
+    the test mounts it; otherwise the test runs again in a child pytest inside an unprivileged
+    user and mount namespace (``unshare -rm``, where the kernel allows it), where it is root, and
+    passes or fails with the child (``pytest_pyfunc_call`` below); where neither works it skips."""
+    if os.geteuid() != 0:
+        if (refused := mount_namespace_refused()) is not None:
+            pytest.skip(f"needs a small filesystem of its own: not root, and no unprivileged mount namespace ({refused})")
+        request.node.in_namespace = True
+        yield None
+        return
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.fail(f"this test fills a small filesystem of its own, and mounting a tmpfs at {disk} failed "
+                    f"({mounted.stderr.strip() or mounted.returncode})")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A test that needs ``small_disk`` and is not root: run it in a child pytest as root of a mount namespace."""
+    if not getattr(pyfuncitem, "in_namespace", False):
+        return None
+    basetemp = Path(pyfuncitem.funcargs["tmp_path"]) / "namespace"
+    child = subprocess.run(["unshare", "-rm", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            f"--basetemp={basetemp}", "-m", "", pyfuncitem.nodeid], cwd=REPO, capture_output=True,
+                           text=True)
+    if child.returncode != 0:
+        pytest.fail(f"in a mount namespace (unshare -rm) the test failed:\n{child.stdout[-4000:]}{child.stderr[-2000:]}")
+    return True
 
 
 @pytest.fixture

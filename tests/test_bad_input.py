@@ -41,7 +41,7 @@ def test_a_corrupt_cached_file_is_set_aside_and_fetched_again(tmp_path, mirror):
     assert (cached.parent / (cached.name + ".corrupt")).read_text() == "truncated download"
 
 
-def test_a_damaged_mirror_is_named(tmp_path, mirror):
+def test_a_damaged_mirror_is_named(tmp_path):
     bad_mirror = tmp_path / "mirror"
     (bad_mirror / "names").mkdir(parents=True)
     (bad_mirror / ITALIAN_NAMES.name).write_text("not the names")
@@ -252,11 +252,11 @@ def test_gpt2_bpe_offline_without_a_mirror_says_what_to_do(tmp_path, monkeypatch
                  DataError, "cannot load GPT-2's BPE files")
 
 
-def test_folders_that_cannot_be_written_are_named(names_file, tmp_path, mirror):
+def test_folders_that_cannot_be_written_are_named(names_file, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(DataError, match=f"cannot write into {blocker / 'data'}/names .*paths.data_dir"):
-        NamesDataModule(data_dir=str(blocker / "data"), mirror=mirror)
+        NamesDataModule(data_dir=str(blocker / "data"))  # refused before any data is read
     with pytest.raises(ConfigError, match=f"cannot write into {blocker / 'run'} .*hydra.run.dir"):
         train(compose_config([f"data.path={names_file}"], blocker / "run"))
 

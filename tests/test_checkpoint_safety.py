@@ -159,20 +159,6 @@ def test_checkpoints_under_mixed_precision_load_safely(text_file, tmp_path):
 
 
 # --- a full disk ----------------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
-    """A filesystem of its own (a 32 MiB tmpfs), so that filling it touches nothing else."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.fail(f"this test fills a small filesystem of its own, and mounting a tmpfs at {disk} failed "
-                    f"({mounted.stderr.strip() or mounted.returncode}): run the tests as root, as CI does")
-    yield disk
-    subprocess.run(["umount", "--lazy", str(disk)], check=True)
-
-
 class FillDisk(L.Callback):
     """Fault injection: at the validation after update ``at``, fill the disk that holds the run's
     folder until half of a checkpoint's size is left, and make the checkpoints that follow a

@@ -34,7 +34,7 @@ from genlab.precision import uses_cuda
 
 LIGHTNING_TESTED = ">=2.6,<2.7"
 # Lightning's fixed work per step (its loops, hooks, logging, the progress bar, genlab's callbacks), an
-# upper estimate: docs/performance.md gives the measurement (scripts/benchmark.py with K = 1)
+# upper estimate of the "ms per Lightning step" of docs/performance.md's model.updates_per_step=1 row
 LIGHTNING_STEP_SECONDS = 0.004
 MAX_STEP_SHARE = 0.02  # updates_per_step=auto keeps Lightning's share of the time under this
 AUTO_COUNT_VARIABLE = "GENLAB_AUTO_UPDATES_PER_STEP"  # auto's count, for the processes Lightning starts

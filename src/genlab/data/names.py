@@ -73,7 +73,7 @@ def clean_names(text: str, gist: bool = False, lowercase: bool = True,
     the first. The vocabulary is then the characters the list uses.
 
     ``gist``: the Italian gist's own rules (those of ``nomi_italiani.clean.txt`` in the data
-    README): drop its disclaimer, which ends with a line of dashes; repair its mis-encoded
+    mirror's README): drop its disclaimer, which ends with a line of dashes; repair its mis-encoded
     accents, then strip accents; keep a-z and '-' only (the course's 27 symbols)."""
     lines = text.splitlines()
     header_end = next((i for i, line in enumerate(lines[:20]) if line.strip().startswith("----")), -1) if gist else -1

@@ -127,7 +127,7 @@ def load_gpt2_encoding(mirror: str | None = None):
             f"cannot load GPT-2's BPE files ({err.__class__.__name__}: {str(err)[:160]}). tiktoken downloads "
             "them once into its cache (TIKTOKEN_CACHE_DIR), which needs the internet. Offline, point "
             "paths.data_mirror=/path/to/mirror (or the GENLAB_DATA_MIRROR environment variable) at a folder "
-            "holding gpt2/vocab.bpe and gpt2/encoder.json (see README: Data, offline)."
+            "holding gpt2/vocab.bpe and gpt2/encoder.json (docs/data.md, \"Without internet: the mirror\")."
         ) from None
 
 
