@@ -619,7 +619,8 @@ def candidates(clause: str) -> list[list[str | None]]:
     found = []
     for pattern in source_strings():
         literal = "".join(x for x in pattern if x not in (None, ANY))
-        if half(clause_words, literal) or (words(literal) and half(words(literal), clause)):
+        # a string of a word or two ("seed {value}") would match any clause that starts like it
+        if half(clause_words, literal) or (len(words(literal)) >= 3 and half(words(literal), clause)):
             found.append(pattern)
     return found
 

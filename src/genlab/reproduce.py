@@ -66,7 +66,8 @@ def parse(args: list[str]) -> tuple[dict, list[str]]:
         if key in OWN_KEYS and sep:
             own[key] = value
         elif arg in ("-h", "--help"):
-            raise ConfigError(USAGE)
+            print(USAGE)
+            raise SystemExit(0)
         else:
             passed.append(arg)
     for key, allowed in (("quick", ("true", "false")), ("gpu", ("auto", "true", "false"))):
