@@ -143,7 +143,7 @@ class RunFolder:
 
     def __init__(self, path: Path, primary: bool = True, ranks: Ranks | None = None):
         self.path, self.primary = Path(path), primary
-        self.ranks = ranks or Ranks(Path("."), processes=1)
+        self.ranks = ranks or Ranks()
         self.start: Start | None = None
         self.claimed = False
         self._lock_fd: int | None = None

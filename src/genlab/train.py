@@ -38,7 +38,7 @@ from genlab.outputs import write_metrics
 from genlab.overrides import checked_command_line
 from genlab.precision import resolve_precision
 from genlab.quality import image_quality
-from genlab.ranks import Ranks, world_size
+from genlab.ranks import Ranks
 from genlab.runs import RunFolder, slurm_job
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
 from genlab.steps import lightning_steps, resolve_updates_per_step, shared_with_processes, use_count
@@ -51,8 +51,9 @@ log = logging.getLogger("genlab")
 def train(cfg: DictConfig) -> float | None:
     route_library_logs()
     run_dir = Path(cfg.paths.output_dir)
-    ranks = Ranks(Path(cfg.paths.root_dir), processes=world_size(cfg.trainer))
-    with GracefulStop() as stop, RunFolder(run_dir, primary=is_first_process(), ranks=ranks) as folder:
+    ranks = Ranks(cfg.trainer)  # a failure of any process ends them all, with its message
+    stop = GracefulStop()
+    with ranks, stop, RunFolder(run_dir, primary=ranks.first, ranks=ranks) as folder:
         check_config(cfg)
         start = folder.open(cfg)  # the first process decides; the others learn its decision here
         if start.done is not None:
@@ -103,7 +104,8 @@ def run(cfg: DictConfig, run_dir: Path, folder: RunFolder, stop: GracefulStop, c
     if quality is not None:
         model.quality = quality
     trainer = build_trainer(cfg, run_dir, updates_per_step, model.single_pass,
-                            validates=model.monitor is not None, stop=stop, monitor=model.monitor)
+                            validates=model.monitor is not None, stop=stop, monitor=model.monitor,
+                            ranks=folder.ranks)
     log_hparams(trainer.loggers, run_hparams(cfg, trainer.world_size), lr_figure)
     log.info(run_summary({group: choice(group) for group in ("model", "data", "trainer")}, model, trainer, run_dir,
                          precision))
@@ -147,7 +149,8 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, single_pass: bool = False,
-                  validates: bool = True, stop: GracefulStop | None = None, monitor: str = "loss/val") -> L.Trainer:
+                  validates: bool = True, stop: GracefulStop | None = None, monitor: str = "loss/val",
+                  ranks: Ranks | None = None) -> L.Trainer:
     val_every = validation_interval(cfg, updates_per_step)
     # x=null: off; a callback that watches a figure (best.ckpt's) watches the model's: loss/val, quality/fid
     callbacks = [instantiate(c, **({"monitor": monitor} if "monitor" in c else {}))
@@ -160,8 +163,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, sin
                                          save_top_k=0, save_last=True, enable_version_counter=False))
     callbacks.append(CheckpointAtEnd())  # last.ckpt also when a signal stops training early
     callbacks.append(TrainingClock())  # after CheckpointAtEnd: its last.ckpt counts as validation time
-    if stop is not None:
-        callbacks.append(stop)
+    callbacks.extend(c for c in (stop, ranks) if c is not None)
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(UpdateProgress())
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
