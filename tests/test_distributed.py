@@ -251,3 +251,30 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(name, name
     if fault:  # the run's folder says it too
         assert message in (run_dir / "train.log").read_text()
 
+
+# --- several processes inside -m -----------------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [
+    ["trainer=ddp_cpu"], ["trainer.devices=2"], ["trainer=ddp", "trainer.devices=-1"],
+    ["trainer.devices=2", "+trainer.strategy=fsdp"], ["trainer.devices=2", "+trainer.strategy=deepspeed"],
+    ["trainer=multinode", "trainer.accelerator=cpu", "trainer.precision=32-true"],
+], ids=" ".join)
+def test_every_setting_that_makes_lightning_start_processes_is_refused_inside_a_multirun(overrides, tmp_path,
+                                                                                         monkeypatch):
+    from conftest import compose_config
+
+    import genlab.checks
+    from genlab.errors import ConfigError
+
+    for variable in [v for v in os.environ if v.startswith(LAUNCH_VARIABLES)]:
+        monkeypatch.delenv(variable)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # devices=-1: every GPU of a 2-GPU machine
+    monkeypatch.setattr(genlab.checks, "in_sweep", lambda: True)
+    cfg = compose_config(overrides, tmp_path / "run")
+    for launcher in ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+                     "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"):
+        monkeypatch.setattr(genlab.checks, "launcher_target", lambda: launcher)
+        with pytest.raises(ConfigError, match=r"trains in \d processes.*cannot run inside a Hydra multirun"):
+            genlab.checks.check_processes_in_sweep(cfg)
+    monkeypatch.setattr(genlab.checks, "launcher_target", lambda: "hydra_plugins.hydra_submitit_launcher.x")
+    genlab.checks.check_processes_in_sweep(cfg)  # SLURM starts a job's processes itself
+    genlab.checks.check_processes_in_sweep(compose_config(["trainer=cpu"], tmp_path / "one"))  # one process: fine
