@@ -61,6 +61,8 @@ def check_values(cfg: DictConfig) -> None:
     for key in ("batch_size", "eval_batch_size", "seq_len", "block_size", "image_size"):
         if cfg.data.get(key) is not None:
             check_positive_whole(f"data.{key}", cfg.data[key])
+    if not is_whole_number(cfg.get("max_requeues", 0)) or cfg.get("max_requeues", 0) < 0:
+        raise ConfigError(f"max_requeues must be a whole number (0: never requeue), got {cfg.max_requeues!r}")
     if not is_whole_number(cfg.num_samples) or cfg.num_samples < 0:
         raise ConfigError(f"num_samples must be a whole number (0: none), got {cfg.num_samples!r}")
     where = "model.optimizer" if "optimizer" in cfg.model else "optimizer"

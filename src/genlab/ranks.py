@@ -38,6 +38,7 @@ from datetime import timedelta
 import lightning as L
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from genlab import errors
 from genlab.errors import ConfigError, GenlabError
@@ -134,6 +135,21 @@ def launch(trainer_cfg) -> Launch:
     if apart:  # where the store is: torchrun's, SLURM's (the first node, a port from the job id), given
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = environment.main_address, str(environment.main_port)
     return Launch(rank=rank, world=world, apart=apart, environment=name)
+
+
+def launch_folder(fresh: str) -> str:
+    """A new run's folder under its model and data: inside a SLURM job ``slurm/<job id>`` (an array
+    task has an id of its own), with ``.<step>`` for an ``srun`` step, so that every task of the step
+    and every requeued attempt of the job (its steps numbered again from 0) name one folder, while a
+    timestamp (``fresh``) would differ from task to task and attempt to attempt."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or not job.isdigit():
+        return fresh
+    step = os.environ.get("SLURM_STEP_ID", "")
+    return f"slurm/{job}.{step}" if step.isdigit() else f"slurm/{job}"
+
+
+OmegaConf.register_new_resolver("genlab_launch_folder", launch_folder, replace=True)
 
 
 def start_timeout() -> float:

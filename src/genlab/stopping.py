@@ -35,7 +35,8 @@ class RunInterrupted(BaseException):
 
 
 class GracefulStop(L.Callback):
-    def __init__(self):
+    def __init__(self, max_requeues: int = 3):
+        self.max_requeues = max_requeues  # SIGUSR1 under SLURM requeues the job at most this often
         self.signum: int | None = None  # the signal received by this process
         self.stop_requested = False  # training was asked to stop (on every rank under DDP)
         self.trainer: L.Trainer | None = None  # set while trainer.fit runs (see setup)
@@ -101,19 +102,31 @@ class GracefulStop(L.Callback):
         return signal.Signals(self.signum or signal.SIGTERM).name
 
 
-def requeue_slurm_job() -> str:
-    """Put this SLURM job back in the queue (its array task, in a job array); what happened, in words.
-    SLURM then ends this run with SIGTERM: it is ignored from here, the checkpoint is saved already."""
+def requeue_slurm_job(step: int | None, run_dir, max_requeues: int) -> str:
+    """Put this SLURM job back in the queue (its array task, in a job array), if that continues the
+    run: it has a checkpoint (``step``, None: none yet) and has been requeued fewer than
+    ``max_requeues`` times (``SLURM_RESTART_COUNT``); what happened, in words. SLURM then ends this
+    run with SIGTERM: it is ignored from here, the checkpoint is saved already."""
     job = os.environ["SLURM_JOB_ID"]
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     if not re.fullmatch(r"[0-9_]+", job):
         return f"not requeued: {job!r} is not a SLURM job id"
+    if step is None:  # a start-up longer than the signal's lead would requeue for ever
+        return (f"not requeued: SLURM job {job} was stopped before its first checkpoint, so another attempt would "
+                "start from step 0 again; give it a longer time limit (or validate sooner: val_every=...), then "
+                "submit it again")
+    requeues = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if requeues >= max_requeues:
+        return (f"not requeued: SLURM job {job} has been requeued {requeues} times, max_requeues={max_requeues}; "
+                f"submit it again to continue from step {step} in {run_dir}, or raise max_requeues")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
-        return f"requeueing SLURM job {job} failed ({err}); resubmit it"
+        return f"requeueing SLURM job {job} failed ({err}); submit it again to continue from step {step} in {run_dir}"
     if done.returncode != 0:
-        return f"requeueing SLURM job {job} failed ({done.stderr.strip() or done.returncode}); resubmit it"
-    return f"requeued SLURM job {job}: it continues this run in the same folder"
+        return (f"requeueing SLURM job {job} failed ({done.stderr.strip() or done.returncode}); submit it again to "
+                f"continue from step {step} in {run_dir}")
+    return (f"requeued SLURM job {job} ({requeues + 1} of at most {max_requeues} requeues): its next attempt "
+            f"continues from step {step} in {run_dir}")

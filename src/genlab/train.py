@@ -52,7 +52,7 @@ def train(cfg: DictConfig) -> float | None:
     route_library_logs()
     run_dir = Path(cfg.paths.output_dir)
     ranks = Ranks(cfg.trainer)  # a failure of any process ends them all, with its message
-    stop = GracefulStop()
+    stop = GracefulStop(cfg.get("max_requeues", 3))
     with ranks, stop, RunFolder(run_dir, primary=ranks.first, ranks=ranks) as folder:
         check_config(cfg)
         start = folder.open(cfg)  # the first process decides; the others learn its decision here
@@ -244,13 +244,14 @@ def report_stop(stop: GracefulStop, run_dir: Path) -> NoReturn:
     """After a signal: what was saved and how the run continues (the resume command; in a sweep the
     sweep's command; under SLURM's SIGUSR1 the job requeued), then exit 128 + signal."""
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    if checkpoint.exists():
-        step = read_checkpoint(checkpoint)["global_step"]
+    step = read_checkpoint(checkpoint)["global_step"] if checkpoint.exists() else None
+    if step is not None:
         saved = f"stopped by {stop.name} at step {step}; saved {checkpoint}."
     else:
         saved = f"stopped by {stop.name} before the first checkpoint; nothing to resume."
     if stop.signum == signal.SIGUSR1 and slurm_job() is not None:
-        how = requeue_slurm_job() if is_first_process() else "the first process requeues the job"
+        how = (requeue_slurm_job(step, run_dir, stop.max_requeues) if is_first_process()
+               else "the first process requeues the job")
     elif in_sweep():
         how = f"Continue the sweep (finished jobs are kept, this one resumes) with:\n  {sweep_command()}"
     elif checkpoint.exists():
