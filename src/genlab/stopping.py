@@ -1,17 +1,21 @@
 """Every way to stop a run takes one path: Ctrl-C (SIGINT), ``kill`` (SIGTERM), or SLURM's
-pre-emption and time-limit warning (SIGUSR1, ``--signal=USR1@120``). The run ends with exit status
-128 + the signal's number and prints the command that resumes it; under SLURM, SIGUSR1 requeues
-the job instead (``requeue_slurm_job``), and the requeued job resumes from that one checkpoint.
-Lightning's own SIGUSR1 handler (a checkpoint in the middle of a step, then a second one when the
-SIGTERM that follows the requeue arrives) is not installed, since this one is in place first.
+pre-emption and time-limit warning (SIGUSR1, ``--signal=USR1@120``). The run saves the checkpoint
+of its last finished update within moments, then ends with exit status 128 + the signal's number and
+prints the command that resumes it; under SLURM, SIGUSR1 requeues the job instead
+(``requeue_slurm_job``), and the requeued job resumes from that one checkpoint. Lightning's own
+SIGUSR1 handler (a checkpoint in the middle of a step, then a second one when the SIGTERM that
+follows the requeue arrives) is not installed, since this one is in place first.
 
-- During training (validation inside it included): the current Lightning step finishes, the run
-  validates and ``last.ckpt`` is saved (``CheckpointAtEnd``), then training stops.
+- During training: the current Lightning step finishes; a validation that follows it, or that was
+  running, is abandoned after its current batch; ``last.ckpt`` is saved (``on_exception``, or
+  ``CheckpointAtEnd`` where nothing validates), then training stops. A resumed run starts with
+  the validation it abandoned (Lightning restarts an interrupted validation from its start).
 - Before training or during the wrap-up (final evaluation, samples, ``metrics.json``): the work
   stops at once. ``last.ckpt`` already holds the finished training, and resuming does the wrap-up.
-- A second signal stops at once, wherever it lands.
-- Under DDP the ranks agree after every step whether any of them was asked to stop, so all of them
-  stop after the same step."""
+- A second signal stops at once, wherever it lands; a repeated SIGUSR1 is the same request (SLURM
+  may deliver it to the batch shell and the tasks both).
+- Under DDP the ranks agree after every step and every validation batch whether any of them was
+  asked to stop, so all of them stop at the same point."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import os
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 import lightning as L
 
@@ -41,6 +46,7 @@ class GracefulStop(L.Callback):
         self.stop_requested = False  # training was asked to stop (on every rank under DDP)
         self.trainer: L.Trainer | None = None  # set while trainer.fit runs (see setup)
         self._previous = {}
+        self._abandoned = False  # a validation was abandoned for the stop request
 
     # --- installing the handler ------------------------------------------------------------------
     def __enter__(self):
@@ -74,6 +80,8 @@ class GracefulStop(L.Callback):
     # --- the signal ------------------------------------------------------------------------------
     def handle(self, signum, frame) -> None:
         first = self.signum is None
+        if signum == self.signum == signal.SIGUSR1:
+            return  # the same request again
         self.signum = signum
         if not first or self.trainer is None:
             raise RunInterrupted(signum)
@@ -87,11 +95,34 @@ class GracefulStop(L.Callback):
             if self.stop_requested:
                 trainer.should_stop = True
 
-    def on_fit_end(self, trainer, pl_module):
-        self.trainer = None  # from here on (the wrap-up) a signal stops at once
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.trainer is None:  # the wrap-up's evaluation: a signal there stops at once
+            return
+        if trainer.world_size > 1:
+            self.stop_requested = trainer.strategy.reduce_boolean_decision(self.stop_requested, all=False)
+        if self.stop_requested:  # the checkpoint first (on_exception): the validation is redone on resume
+            self._abandoned = True
+            raise RunInterrupted(self.signum or signal.SIGTERM)
 
     def on_exception(self, trainer, pl_module, exception):
         self.trainer = None
+        if self._abandoned:  # between updates (a second signal may land inside one: not saved then)
+            checkpoint = trainer.checkpoint_callback  # the weights of the last finished update
+            if checkpoint is not None and checkpoint.dirpath:
+                trainer.save_checkpoint(Path(checkpoint.dirpath) / "last.ckpt")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        """The abandoned validation's progress as Lightning records a validation cut short before its
+        first batch was done: a resumed run then runs it again, whole, before it trains on."""
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
+        if self._abandoned and progress:
+            done = progress["total"]["completed"] - progress["current"]["completed"]  # by earlier validations
+            progress["total"] = {"ready": done + 1, "started": done + 1, "processed": done, "completed": done}
+            progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+            progress["is_last_batch"] = False
+
+    def on_fit_end(self, trainer, pl_module):
+        self.trainer = None  # from here on (the wrap-up) a signal stops at once
 
     @property
     def exit_status(self) -> int:
