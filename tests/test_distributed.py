@@ -17,6 +17,8 @@ from genlab.data.batches import FixedBatches, SequenceBatches, StreamBatches, Wi
 
 TINY = ["model=mlp", "data.batch_size=8", "trainer.max_steps=200", "val_every=100", "model.updates_per_step=50",
         "num_samples=3", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "threads=1"]
+SHORT = ["trainer.max_steps=40", "val_every=20", "model.updates_per_step=5",
+         *(o for o in TINY if not o.startswith(("trainer.max_steps=", "val_every=", "model.updates_per_step=")))]
 
 
 def batches_of(items) -> list[tuple]:
@@ -114,7 +116,7 @@ def apart(rank: int, launcher: str, port: str, job: str = "4242") -> dict:
                 "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_PROCID": str(rank),
                 "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_NAME": "genlab",
                 "SLURM_NODELIST": "127.0.0.1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-    return {"TORCHELASTIC_RUN_ID": f"test-{port}", "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0",
+    return {"TORCHELASTIC_RUN_ID": "none", "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0",
             "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
 
 
@@ -142,4 +144,137 @@ def test_processes_started_apart_learn_the_first_ones_decision_and_all_stop_when
             errors.append([line for line in err.splitlines() if line.startswith("error: ")])
         assert errors[0] == errors[1] and f"{run_dir} already holds a run" in errors[0][0], errors
         assert snapshot(run_dir) == before
-    assert not (REPO / "outputs" / ".ranks").exists()  # the decisions went once read
+    # the same launch again (torchrun's run id and port, SLURM's job, as a user's retry gives them) in a
+    # free folder: the earlier launch's refusal is not read, the run goes ahead
+    args[1] = f"hydra.run.dir={tmp_path / 'again'}"
+    for process in [launch(args, apart(rank, "torchrun", port, job="4243")) for rank in range(2)]:
+        finish(process)
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["status"] == "completed"
+    assert not (REPO / "outputs" / ".ranks").exists()  # nothing on disk carries a decision
+
+
+# --- every launch agrees with Lightning on ranks ----------------------------------------------------
+SLURM_TASK = {"SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "genlab", "SLURM_NODELIST": "127.0.0.1"}
+LAUNCHES = {  # name: (environment, trainer.devices, trainer.num_nodes, genlab's (rank, world, apart))
+    "Lightning's own processes (first)": ({}, 2, 1, (0, 2, False)),
+    "srun tasks": ({**SLURM_TASK, "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2",
+                    "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}, 2, 2, (3, 4, True)),
+    "torchrun": ({"TORCHELASTIC_RUN_ID": "none", "RANK": "1", "LOCAL_RANK": "1", "GROUP_RANK": "0",
+                  "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+                 2, 1, (1, 2, True)),
+    "srun x torchrun": ({**SLURM_TASK, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "2",
+                         "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "1",
+                         "TORCHELASTIC_RUN_ID": "77", "RANK": "2", "LOCAL_RANK": "0", "GROUP_RANK": "1",
+                         "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+                        2, 2, (2, 4, True)),
+    "torchrun inside sbatch": ({**SLURM_TASK, "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1",
+                                "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                                "TORCHELASTIC_RUN_ID": "none", "RANK": "1", "LOCAL_RANK": "1", "GROUP_RANK": "0",
+                                "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                "MASTER_PORT": "29500"}, 2, 1, (1, 2, True)),
+    "one command per node": ({"NODE_RANK": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+                             1, 2, (1, 2, True)),
+    "one process": ({}, 1, 1, (0, 1, False)),
+}
+LAUNCH_VARIABLES = ("SLURM_", "TORCHELASTIC_", "RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "WORLD_SIZE",
+                    "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GENLAB_START")
+
+
+@pytest.mark.parametrize("name", list(LAUNCHES))
+def test_every_launch_combination_agrees_with_lightning_on_rank_and_world_size(name, monkeypatch):
+    import lightning as L
+
+    from genlab.ranks import launch
+
+    environment, devices, nodes, expected = LAUNCHES[name]
+    for variable in [v for v in os.environ if v.startswith(LAUNCH_VARIABLES)]:
+        monkeypatch.delenv(variable)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    trainer_cfg = {"accelerator": "cpu", "devices": devices, "num_nodes": nodes}
+    ours = launch(trainer_cfg)
+    assert (ours.rank, ours.world, ours.apart) == expected
+    trainer = L.Trainer(strategy="ddp" if ours.world > 1 else "auto", logger=False, enable_checkpointing=False,
+                        **trainer_cfg)
+    if ours.world > 1:
+        trainer.strategy.set_world_ranks()  # what DDP does when it sets up
+        assert type(trainer.strategy.cluster_environment).__name__ == ours.environment
+    assert (trainer.global_rank, trainer.world_size) == (ours.rank, ours.world)
+
+
+# --- no process waits for one that failed ------------------------------------------------------------
+def torchrun(args, env=None):
+    """Real torchrun, two processes on this machine."""
+    command = [str(REPO / ".venv" / "bin" / "torchrun") if (REPO / ".venv" / "bin" / "torchrun").exists()
+               else os.path.join(os.path.dirname(sys.executable), "torchrun"),
+               "--nproc-per-node=2", "--standalone", "train.py", *args]
+    return subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+FAULTS = {  # name: (how launched, the command's extra settings, a folder prepared, what the failing process says)
+    "rank 0 cannot write train.log at start": ("slurm", [], "train.log", "Is a directory"),
+    "a full disk on rank 0's save": ("slurm", ["+callbacks.fault.rank=0", "+callbacks.fault.kind=disk"], None,
+                                     "is full (No space left on device)"),
+    "a non-finite loss on rank 1 only": ("torchrun", ["+callbacks.fault.rank=1", "+callbacks.fault.kind=loss"],
+                                         None, "the training loss became nan"),
+}
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_a_failure_on_one_process_ends_every_process_with_its_message(name, names_file, tmp_path):
+    how, fault, prepared, message = FAULTS[name]
+    run_dir = tmp_path / "run"
+    if prepared:
+        (run_dir / prepared).mkdir(parents=True)  # rank 0's open() fails on it
+    if fault:
+        fault = ["+callbacks.fault._target_=rank_faults.Fault", "+callbacks.fault.at=10", *fault]
+    args = ["trainer=ddp_cpu", f"hydra.run.dir={run_dir}", f"data.path={names_file}",
+            f"paths.data_dir={tmp_path / 'data'}", *SHORT, *fault]
+    tests = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    if how == "slurm":
+        port = str(free_port())
+        processes = [launch(args, {**apart(rank, how, port), **tests}) for rank in range(2)]
+        outputs = [p.communicate(timeout=240) for p in processes]  # a hang fails here, not the suite
+        assert all(p.returncode == 1 for p in processes), [err[-2000:] for _, err in outputs]
+        said = [out + err for out, err in outputs]
+    else:
+        process = torchrun(args, tests)
+        out, err = process.communicate(timeout=240)
+        assert process.returncode == 1, err[-3000:]
+        said = [line for line in (out + err).splitlines() if "error: " in line]
+        said = ["\n".join(line for line in said if "stopped too" in line),
+                "\n".join(line for line in said if "stopped too" not in line)]
+    for text in said:  # the failing process says what failed, and so does the other
+        assert message in text, text[-3000:]
+    assert "stopped too" in "".join(said)
+    if fault:  # the run's folder says it too
+        assert message in (run_dir / "train.log").read_text()
+
+
+# --- several processes inside -m -----------------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [
+    ["trainer=ddp_cpu"], ["trainer.devices=2"], ["trainer=ddp", "trainer.devices=-1"],
+    ["trainer.devices=2", "+trainer.strategy=fsdp"], ["trainer.devices=2", "+trainer.strategy=deepspeed"],
+    ["trainer=multinode", "trainer.accelerator=cpu", "trainer.precision=32-true"],
+], ids=" ".join)
+def test_every_setting_that_makes_lightning_start_processes_is_refused_inside_a_multirun(overrides, tmp_path,
+                                                                                         monkeypatch):
+    from conftest import compose_config
+
+    import genlab.checks
+    from genlab.errors import ConfigError
+
+    for variable in [v for v in os.environ if v.startswith(LAUNCH_VARIABLES)]:
+        monkeypatch.delenv(variable)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # devices=-1: every GPU of a 2-GPU machine
+    monkeypatch.setattr(genlab.checks, "in_sweep", lambda: True)
+    cfg = compose_config(overrides, tmp_path / "run")
+    for launcher in ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+                     "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"):
+        monkeypatch.setattr(genlab.checks, "launcher_target", lambda: launcher)
+        with pytest.raises(ConfigError, match=r"trains in \d processes.*cannot run inside a Hydra multirun"):
+            genlab.checks.check_processes_in_sweep(cfg)
+    monkeypatch.setattr(genlab.checks, "launcher_target", lambda: "hydra_plugins.hydra_submitit_launcher.x")
+    genlab.checks.check_processes_in_sweep(cfg)  # SLURM starts a job's processes itself
+    genlab.checks.check_processes_in_sweep(compose_config(["trainer=cpu"], tmp_path / "one"))  # one process: fine

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.errors import ConfigError
+from genlab.ranks import launch
 from genlab.runtime import choice, in_sweep, launcher_target, task_overrides
 
 
@@ -60,6 +61,8 @@ def check_values(cfg: DictConfig) -> None:
     for key in ("batch_size", "eval_batch_size", "seq_len", "block_size", "image_size"):
         if cfg.data.get(key) is not None:
             check_positive_whole(f"data.{key}", cfg.data[key])
+    if not is_whole_number(cfg.get("max_requeues", 0)) or cfg.get("max_requeues", 0) < 0:
+        raise ConfigError(f"max_requeues must be a whole number (0: never requeue), got {cfg.max_requeues!r}")
     if not is_whole_number(cfg.num_samples) or cfg.num_samples < 0:
         raise ConfigError(f"num_samples must be a whole number (0: none), got {cfg.num_samples!r}")
     where = "model.optimizer" if "optimizer" in cfg.model else "optimizer"
@@ -91,12 +94,7 @@ def check_compatible(cfg: DictConfig) -> None:
             f"model={choice('model')} works on {model_kind} data, but data={choice('data')} gives "
             f"{data_kind} data; pick a {model_kind} data set or another model."
         )
-    if in_sweep() and str(cfg.trainer.get("strategy", "")).startswith("ddp"):
-        if "submitit" not in launcher_target():  # there SLURM starts every process of a job itself
-            raise ConfigError(
-                f"trainer={choice('trainer')} cannot run inside a Hydra multirun (-m) on this launcher: Lightning's "
-                "DDP launcher re-runs the command for each process, which a sweep cannot do (dropped in "
-                "Lightning 1.8). Sweep with hydra/launcher=slurm, or run each configuration as its own command")
+    check_processes_in_sweep(cfg)
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         from lightning.pytorch.accelerators import MPSAccelerator
 
@@ -110,6 +108,24 @@ def check_compatible(cfg: DictConfig) -> None:
         if ignored:
             raise ConfigError(f"model={choice('model')} sets its optimizers in model.optimizer, so {' '.join(ignored)} "
                               "would have no effect; use model.optimizer.lr=... (and model.optimizer.betas=...)")
+
+
+def check_processes_in_sweep(cfg: DictConfig) -> None:
+    """Inside ``-m``, Lightning cannot start a job's processes: its launcher re-runs the command line
+    for each, and so each would run the whole sweep (dropped in Lightning 1.8). Whatever setting asks
+    for them (a DDP trainer, trainer.devices=2 with strategy auto, devices=-1 on several GPUs, FSDP,
+    DeepSpeed, several nodes) is refused, unless the launcher is SLURM's, which starts them itself."""
+    if not in_sweep() or "submitit" in launcher_target():
+        return
+    processes = launch(cfg.trainer)
+    if processes.world > 1 and not processes.apart:
+        t = cfg.trainer
+        raise ConfigError(
+            f"trainer={choice('trainer')} (trainer.devices={t.get('devices')}, trainer.num_nodes={t.get('num_nodes', 1)}, "
+            f"trainer.strategy={t.get('strategy', 'auto')}) trains in {processes.world} processes, which Lightning "
+            "would start itself, and that cannot run inside a Hydra multirun (-m) on this launcher: Lightning re-runs "
+            "the command for each process, so each would run the whole sweep. Sweep with hydra/launcher=slurm (SLURM "
+            "starts each job's processes), set trainer.devices=1, or run each configuration as its own command")
 
 
 def check_mps(cfg: DictConfig) -> None:

@@ -31,7 +31,7 @@ from genlab.precision import resolve_precision
 
 PLAN_FILE = Path(".hydra") / "plan.json"
 # where and how a run is launched, not what it computes: a resume or a re-run may change these
-LAUNCH_SETTINGS = ("ckpt_path", "overwrite", "trust_checkpoint", "threads", "paths", "failed_loss",
+LAUNCH_SETTINGS = ("ckpt_path", "overwrite", "trust_checkpoint", "threads", "paths", "failed_loss", "max_requeues",
                    "trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 

@@ -120,7 +120,7 @@ class RunFolder:
 
     def __init__(self, path: Path, primary: bool = True, ranks: Ranks | None = None):
         self.path, self.primary = Path(path), primary
-        self.ranks = ranks or Ranks(Path("."), processes=1)
+        self.ranks = ranks or Ranks()
         self.start: Start | None = None
         self.recorded: dict | None = None  # the plan the folder holds, if any
         self.rerun = False  # this command run again over its own run (same plan)

@@ -43,7 +43,7 @@ from genlab.plan import Plan, optimizer_key
 from genlab.plan import resolve as resolve_plan
 from genlab.precision import hardware
 from genlab.quality import image_quality
-from genlab.ranks import Ranks, world_size
+from genlab.ranks import Ranks
 from genlab.runs import RunFolder, slurm_job
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
 from genlab.steps import lightning_steps, resolve_updates_per_step, shared_with_processes, use_count
@@ -56,8 +56,9 @@ log = logging.getLogger("genlab")
 def train(cfg: DictConfig) -> float | None:
     route_library_logs()
     run_dir = Path(cfg.paths.output_dir)
-    ranks = Ranks(Path(cfg.paths.root_dir), processes=world_size(cfg.trainer))
-    with GracefulStop() as stop, RunFolder(run_dir, primary=is_first_process(), ranks=ranks) as folder:
+    ranks = Ranks(cfg.trainer)  # a failure of any process ends them all, with its message
+    stop = GracefulStop(cfg.get("max_requeues", 3))
+    with ranks, stop, RunFolder(run_dir, primary=ranks.first, ranks=ranks) as folder:
         # the plan first: a configuration or data that cannot work fails before the folder is touched
         plan = resolve_plan(cfg)
         set_threads(plan.cfg)
@@ -122,7 +123,8 @@ def run(plan: Plan, datamodule, run_dir: Path, folder: RunFolder, stop: Graceful
             write_metrics(run_dir / "metrics.json", {"status": "lr_search_only", "suggested_lr": lr})
             return None
     trainer = build_trainer(cfg, run_dir, updates_per_step, model.single_pass,
-                            validates=model.monitor is not None, stop=stop, monitor=model.monitor)
+                            validates=model.monitor is not None, stop=stop, monitor=model.monitor,
+                            ranks=folder.ranks)
     trainer.callbacks.append(PlanInCheckpoints(plan))
     log_hparams(trainer.loggers, run_hparams(cfg, trainer.world_size), lr_figure)
     log.info(run_summary({group: choice(group) for group in ("model", "data", "trainer")}, model, trainer, run_dir,
@@ -177,7 +179,8 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, single_pass: bool = False,
-                  validates: bool = True, stop: GracefulStop | None = None, monitor: str = "loss/val") -> L.Trainer:
+                  validates: bool = True, stop: GracefulStop | None = None, monitor: str = "loss/val",
+                  ranks: Ranks | None = None) -> L.Trainer:
     val_every = validation_interval(cfg, updates_per_step)
     # x=null: off; a callback that watches a figure (best.ckpt's) watches the model's: loss/val, quality/fid
     callbacks = [instantiate(c, **({"monitor": monitor} if "monitor" in c else {}))
@@ -190,8 +193,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, sin
                                          save_top_k=0, save_last=True, enable_version_counter=False))
     callbacks.append(CheckpointAtEnd())  # last.ckpt also when a signal stops training early
     callbacks.append(TrainingClock())  # after CheckpointAtEnd: its last.ckpt counts as validation time
-    if stop is not None:
-        callbacks.append(stop)
+    callbacks.extend(c for c in (stop, ranks) if c is not None)
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(UpdateProgress())
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
@@ -272,13 +274,14 @@ def report_stop(stop: GracefulStop, run_dir: Path) -> NoReturn:
     """After a signal: what was saved and how the run continues (the resume command; in a sweep the
     sweep's command; under SLURM's SIGUSR1 the job requeued), then exit 128 + signal."""
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    if checkpoint.exists():
-        step = read_checkpoint(checkpoint)["global_step"]
+    step = read_checkpoint(checkpoint)["global_step"] if checkpoint.exists() else None
+    if step is not None:
         saved = f"stopped by {stop.name} at step {step}; saved {checkpoint}."
     else:
         saved = f"stopped by {stop.name} before the first checkpoint; nothing to resume."
     if stop.signum == signal.SIGUSR1 and slurm_job() is not None:
-        how = requeue_slurm_job() if is_first_process() else "the first process requeues the job"
+        how = (requeue_slurm_job(step, run_dir, stop.max_requeues) if is_first_process()
+               else "the first process requeues the job")
     elif in_sweep():
         how = f"Continue the sweep (finished jobs are kept, this one resumes) with:\n  {sweep_command()}"
     elif checkpoint.exists():
