@@ -27,7 +27,7 @@ NODES="gl-node1 gl-node2"
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 
-start_time() { [ -r "/proc/$1/stat" ] && sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f20; }
+start_time() { local stat; stat=$(cat "/proc/$1/stat" 2>/dev/null) && cut -d' ' -f20 <<<"${stat##*) }"; }
 
 # a folder this script made: root's, mode 0700, with its mark (anything else is not touched)
 checked_dir() {
