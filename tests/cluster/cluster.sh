@@ -27,7 +27,11 @@ NODES="gl-node1 gl-node2"
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 
-start_time() { local stat; stat=$(cat "/proc/$1/stat" 2>/dev/null) && cut -d' ' -f20 <<<"${stat##*) }"; }
+# a process's start time (clock ticks after boot): with its pid, what names it; none once it ended
+# (a zombie waiting for init to reap it has ended)
+start_time() {
+  local stat; stat=$(cat "/proc/$1/stat" 2>/dev/null) && stat=${stat##*) } && [ "${stat%% *}" != Z ] && cut -d' ' -f20 <<<"$stat"
+}
 
 # a folder this script made: root's, mode 0700, with its mark (anything else is not touched)
 checked_dir() {
@@ -84,7 +88,7 @@ stop() {
   done
   [ -n "$(state bridge)" ] && ip link del "$(state bridge)" 2>/dev/null || true
   local pg; pg=$(state pg_dir)
-  [ -n "$pg" ] && [ -d "$pg" ] && [ "$(stat -c %U "$pg")" = postgres ] && rm -rf "$pg"
+  [ -n "$pg" ] && [ -d "$pg" ] && [ ! -L "$pg" ] && [ "$(stat -c %U "$pg")" = postgres ] && rm -rf "$pg"
   rm -rf "$dir"
 }
 
@@ -110,8 +114,17 @@ for tool in slurmctld slurmd slurmdbd munged mariadbd mariadb-install-db ip setp
   command -v "$tool" >/dev/null || missing=yes
 done
 if [ $missing = yes ] || [ -z "$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null)" ]; then
+  # Debian's packages start their services on install (munge, mariadb, slurmd, postgresql, with
+  # the machine's own configs): policy-rc.d tells them not to, unless the machine has one already
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    trap 'rm -f "$policy"' EXIT
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+  fi
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
     slurm-wlm slurmdbd mariadb-server munge postgresql iproute2 util-linux >/dev/null
+  [ -z "$policy" ] || { rm -f "$policy"; trap - EXIT; }
 fi
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
 
@@ -186,8 +199,8 @@ StorageUser=root
 StorageLoc=slurm_acct_db
 CONF
 chmod 600 "$dir/slurmdbd.conf"
-# Each node offers twice its cores (config_overrides: slurmd takes the configured count), so that
-# the checks' small jobs run side by side; they take a core each, mostly waiting.
+# Each node offers four times the machine's cores (config_overrides: slurmd takes the configured
+# count), so that the checks' small jobs run side by side; they take a core each, mostly waiting.
 cat >"$dir/slurm.conf" <<CONF
 ClusterName=genlab
 SlurmctldHost=gl-ctl($net.2)
@@ -215,8 +228,8 @@ AccountingStorageHost=$net.2
 AccountingStoragePass=$dir/munge/munge.socket
 SchedulerType=sched/backfill
 KillWait=10
-NodeName=gl-node1 NodeAddr=$net.11 CPUs=$(( 2 * cpus )) RealMemory=$mem State=UNKNOWN
-NodeName=gl-node2 NodeAddr=$net.12 CPUs=$(( 2 * cpus )) RealMemory=$mem State=UNKNOWN
+NodeName=gl-node1 NodeAddr=$net.11 CPUs=$(( 4 * cpus )) RealMemory=$mem State=UNKNOWN
+NodeName=gl-node2 NodeAddr=$net.12 CPUs=$(( 4 * cpus )) RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 export SLURM_CONF=$dir/slurm.conf  # slurmdbd reads the slurmdbd.conf beside it

@@ -2,18 +2,20 @@
 starts it with ``cluster.sh``, a PostgreSQL server beside it, and stops both). Not collected by
 ``make test``: it needs root and those daemons.
 
-The same 2-node x 1-process training (gloo DDP on the CPU, ``trainer=multinode`` on hosts gl-node1
-and gl-node2) is launched four ways at once, and every way ends at the same step count and losses:
+Four launches start at once. The same 2-node x 1-process training (gloo DDP on the CPU,
+``trainer=multinode`` on hosts gl-node1 and gl-node2) is launched three ways, and every way ends at
+the same step count and losses:
 
 - (a) a 2-job ``hydra/launcher=slurm`` sweep, identical but for the names; one job is pre-empted with
   SIGUSR1 after its first checkpoint, requeued and resumed; the other is left alone;
 - (b) ``torchrun --nnodes=2``, one agent in each node's namespace, c10d rendezvous;
 - (c) ``sbatch`` + ``srun python train.py`` without ``hydra.run.dir``, pre-empted and requeued: it
   continues in the folder it started;
-then (d) a sweep job that FAILED before train.py ends the sweep driver's wait within a minute, with
-the job's error (submitit reads the state from accounting); the sweep of (a) over its own folder with
-another setting is refused on every process of every job; two Optuna workers share one PostgreSQL
-study."""
+and (d) ``srun`` starting a ``torchrun`` agent of two processes on each node (4 processes) agrees
+on its world and trains. Then (e) a sweep job that FAILED before train.py ends the sweep driver's
+wait within a minute, with the job's error (submitit reads the state from accounting); the sweep of
+(a) over its own folder with another setting is refused on every process of every job; two Optuna
+workers share one PostgreSQL study."""
 
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ class Launches:
     sweep: subprocess.Popen
     torchrun: list[subprocess.Popen]
     srun_job: str
+    srun_torchrun_job: str
     preempted: dict[str, Future]
     sweep_output: list[str] = field(default_factory=list)
 
@@ -144,10 +147,25 @@ def launches(tmp_path_factory):
          "--mem=1G", "--requeue", "--open-mode=append", f"--output={srun_dir}/slurm-%j.out", str(script)],
         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
 
+    # (d) srun x torchrun: one SLURM task per node, each a torchrun agent of two processes (4 in all)
+    torchrun_dir = root / "srun-torchrun"
+    torchrun_dir.mkdir()
+    script = torchrun_dir / "job.sh"
+    script.write_text("#!/bin/bash\nfirst=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)\n" + " ".join(
+        ["srun", sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2",
+         "--rdzv-backend=c10d", '--rdzv-endpoint="$first:29500"', '--rdzv-id="$SLURM_JOB_ID"', str(REPO / "train.py"),
+         *MULTINODE, "trainer.devices=2", *TRAINING, "trainer.max_steps=200", *data, "name=srun-torchrun",
+         f"hydra.run.dir={torchrun_dir / 'run'}"]) + "\n")
+    # a launch whose processes disagree on the world waits in the process group: the time limit ends it
+    srun_torchrun_job = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={torchrun_dir}", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+         "--mem=1G", "--time=10", f"--output={torchrun_dir}/slurm-%j.out", str(script)],
+        capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
     with ThreadPoolExecutor(max_workers=2) as pool:
         preempted = {"sweep": pool.submit(preempt_at_first_checkpoint, root / "sweep", "1-name=preempted"),
                      "srun": pool.submit(preempt_at_first_checkpoint, srun_dir / "outputs" / "runs", "*/*/*")}
-        yield Launches(root, data, sweep_command, sweep, torchrun, srun_job, preempted)
+        yield Launches(root, data, sweep_command, sweep, torchrun, srun_job, srun_torchrun_job, preempted)
     for process in (sweep, *torchrun):
         if process.poll() is None:
             process.kill()
@@ -159,7 +177,8 @@ def test_a_preempted_two_node_sweep_job_is_requeued_and_ends_where_the_job_left_
     assert "sweep: all 2 jobs completed" in out
     assert "Bypassing sacct error" not in out  # accounting answers the launcher's sacct calls
     assert sacct(name, "NodeList") == "gl-node[1-2]"  # one process on each node
-    assert sacct(name, "State") == "COMPLETED"
+    # the driver reads the job's result file; accounting records the job's end a moment later
+    assert wait_for(lambda: (s := sacct(name, "State")) in ENDED and s, f"end of job {name}", timeout=120) == "COMPLETED"
     alone_record = json.loads((launches.sweep_dir / "0-name=alone" / ".hydra" / "slurm.json").read_text())
     assert alone_record["restart_count"] == 0  # the signal reached the pre-empted job alone
 
@@ -185,27 +204,41 @@ def test_c_sbatch_and_srun_without_a_run_dir_continue_in_the_same_folder_when_re
     state = wait_for(lambda: (s := sacct(job, "State")) in ENDED and s, f"end of job {job}", timeout=1500)
     log = "".join(p.read_text() for p in (launches.root / "srun").glob("slurm-*.out"))
     assert state == "COMPLETED", log[-4000:]
-    folders = sorted(p.parent.relative_to(launches.root) for p in (launches.root / "srun").rglob(".hydra/config.yaml"))
+    folders = sorted(p.parents[1].relative_to(launches.root) for p in (launches.root / "srun").rglob(".hydra/config.yaml"))
     assert folders == [run.relative_to(launches.root)], f"the requeued job ran in {folders}, not only in {run}"
     assert json.loads((run / ".hydra" / "slurm.json").read_text()) == {"job_id": job, "restart_count": 1}
     assert "Restored all states from the checkpoint" in (run / "train.log").read_text()
     same_run(json.loads((run / "metrics.json").read_text()), launches.alone())
 
 
-def test_d_a_failed_job_ends_the_sweep_drivers_wait_with_its_error(launches, tmp_path):
+def test_d_srun_starting_a_torchrun_agent_on_each_node_agrees_on_four_processes(launches):
+    job = launches.srun_torchrun_job
+    state = wait_for(lambda: (s := sacct(job, "State")) in ENDED and s, f"end of job {job}", timeout=1500)
+    log = "".join(p.read_text() for p in (launches.root / "srun-torchrun").glob("slurm-*.out"))
+    assert state == "COMPLETED", log[-4000:]
+    metrics = json.loads((launches.root / "srun-torchrun" / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 4 and metrics["steps"] == 200 and metrics["status"] == "completed"
+
+
+def test_e_a_failed_job_ends_the_sweep_drivers_wait_with_its_error(launches, tmp_path):
     """Without accounting the driver cannot tell a job that died from one that runs and waits forever;
     with it, sacct says FAILED and the driver stops with the job's error stream."""
-    command = [sys.executable, "train.py", "-m", *SLURM, *TRAINING, *launches.data, "name=fails",
+    command = [sys.executable, "train.py", "-m", *SLURM, *MULTINODE, *TRAINING, *launches.data, "name=fails",
                'hydra.launcher.setup=["echo cluster-check: this job fails before train.py >&2; exit 3"]',
                f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    submitted = tmp_path / "sweep" / ".submitit"
-    jobs = wait_for(lambda: sorted({p.name.split("_")[0] for p in submitted.glob("*_*")}) if submitted.is_dir() else [],
-                    "submitted job", timeout=300)
-    wait_for(lambda: sacct(jobs[0], "State") == "FAILED", f"job {jobs[0]} FAILED", timeout=300)
-    failed_at = time.monotonic()
-    out, _ = driver.communicate(timeout=300)
-    waited = time.monotonic() - failed_at
+    try:
+        submitted = tmp_path / "sweep" / ".submitit"  # holds <job>_<task> folders
+        jobs = wait_for(lambda: driver.poll() is not None or sorted(
+            {p.name.split("_")[0] for p in submitted.glob("*_*") if re.fullmatch(r"\d+_\d+", p.name)}),
+            "submitted job", timeout=300)
+        assert driver.poll() is None, driver.communicate()[0][-4000:]
+        wait_for(lambda: sacct(jobs[0], "State") == "FAILED", f"job {jobs[0]} FAILED", timeout=300)
+        failed_at = time.monotonic()
+        out, _ = driver.communicate(timeout=300)
+        waited = time.monotonic() - failed_at
+    finally:
+        driver.kill()
     assert driver.returncode != 0, out[-4000:]
     assert waited < 60, f"the driver went on waiting {waited:.0f} s after its job FAILED"
     assert "state: FAILED" in out and "cluster-check: this job fails before train.py" in out, out[-4000:]
