@@ -25,14 +25,15 @@ test: setup ## set up, then run the test suite (the slow tests apart)
 test-slow: setup ## the slow end-to-end tests (torch.compile); CI runs them after make test
 	$(PY) -m pytest -q -m slow $(ARGS)
 
-# against a real scheduler (root; Debian's slurm-wlm, munge and postgresql, installed when missing):
-# a one-node SLURM and a PostgreSQL server started for the checks and stopped after them
-# (tests/cluster/run.sh): a pre-empted SLURM job requeued and resumed, a refused job, Optuna workers
+# against a real scheduler (root; Debian's slurm-wlm, slurmdbd, mariadb-server, munge, postgresql and
+# iproute2, installed when missing): a two-node SLURM with accounting (network namespaces as hosts) and
+# a PostgreSQL server, started for the checks and stopped after them (tests/cluster/run.sh): a sweep,
+# torchrun and sbatch+srun across both nodes, pre-empted and requeued; a failed job; Optuna workers
 $(VENV)/.cluster: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[dev,cluster]'
 	touch $@
 
-test-cluster: $(VENV)/.cluster ## as root: the checks against a one-node SLURM and PostgreSQL it starts (docs/distributed.md)
+test-cluster: $(VENV)/.cluster ## as root: the checks on a two-node SLURM and a PostgreSQL it starts (docs/distributed.md)
 	PYTHON=$(PY) tests/cluster/run.sh $(ARGS)
 
 benchmark: setup ## genlab against a plain PyTorch loop of the same model (ARGS="model=gpt"; docs/performance.md)
