@@ -216,7 +216,11 @@ class Ranks(L.Callback):
         self._ended.set()
         if self._watcher is not None:  # not left inside a store call when the interpreter ends
             self._watcher.join()
-        if self.store is None or self.refused:
+        if self.store is None:
+            return
+        if self.refused:  # every process has the refusal, or will get it while the first's store stays
+            if self.first:
+                self._wait_for(self.prefix + "read")
             return
         try:
             if exc is None or isinstance(exc, SystemExit):
@@ -237,9 +241,16 @@ class Ranks(L.Callback):
         """A process that ends well says so; the first, which may serve the store, waits for the
         others, whose watchers would take a store that went away for a failure."""
         self.store.add(self.prefix + "ended", 1)
+        if self.first:
+            self._wait_for(self.prefix + "ended", also_self=True)
+
+    def _wait_for(self, counter: str, also_self: bool = False) -> None:
+        """The first process, which may serve the store, waits (at most ``LEAVE_S``) until every other
+        process has counted itself in ``counter``: one that starts late still finds the store there."""
+        others = self.launch.world - (0 if also_self else 1)
         deadline = time.monotonic() + LEAVE_S
-        while (self.first and int(self.store.add(self.prefix + "ended", 0)) < self.launch.world
-               and self.failure() is None and time.monotonic() < deadline):
+        while (int(self.store.add(counter, 0)) < others and self.failure() is None
+               and time.monotonic() < deadline):
             time.sleep(POLL_S)
 
     def setup(self, trainer, pl_module, stage):
@@ -292,7 +303,9 @@ class Ranks(L.Callback):
                               "started it (no SLURM_NTASKS, TORCHELASTIC_RUN_ID, or LOCAL_RANK with MASTER_PORT): "
                               "start it with one of them")
         try:
-            return self.store.get(self.prefix + "start").decode()
+            text = self.store.get(self.prefix + "start").decode()
+            self.store.add(self.prefix + "read", 1)  # the first, if it refused, waits for this
+            return text
         except RuntimeError:  # DistStoreError: the time ran out, or the first process's store went away
             raise ConfigError(f"the first process of this run decided nothing within {start_timeout():g} s, or ended "
                               f"without a word: see its log; {TIMEOUT}=<seconds> waits longer") from None
