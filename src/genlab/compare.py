@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.ticker import EngFormatter
-from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from genlab.errors import DataError
 from genlab.figures import plt, save_figure
 from genlab.hparams import GROUPS, INTERNAL_KEYS
 from genlab.plan import flatten
-from genlab.trust import read_json
+from genlab.trust import read_config, read_json
 
 # run-specific values that differ between any two runs without being a choice anyone made, and the
 # published figure a preset is compared with (notebook.*: a reference, not a setting)
@@ -69,7 +68,7 @@ def find_runs(root: Path) -> list[Run]:
             if metrics is None:
                 raise ValueError("not a JSON object")
             config_file = folder / ".hydra" / "config.yaml"
-            config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False) if config_file.exists() else {}
+            config = read_config(config_file) if config_file.exists() else {}
             config = {**flatten(config), **choices(folder)}
         except Exception as err:  # cut short, hand-edited, not JSON or YAML: the other runs still compare
             print(f"skipped {folder}: its metrics.json or .hydra/config.yaml cannot be read "
@@ -84,7 +83,8 @@ def choices(folder: Path) -> dict:
     record = folder / ".hydra" / "hydra.yaml"
     if not record.exists():
         return {}
-    chosen = OmegaConf.load(record).hydra.runtime.choices
+    chosen = ((read_config(record).get("hydra") or {}).get("runtime") or {}).get("choices")
+    chosen = chosen if isinstance(chosen, dict) else {}
     return {group: chosen[group] for group in GROUPS if chosen.get(group)}
 
 

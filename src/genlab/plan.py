@@ -57,13 +57,7 @@ class Plan:
 
     def identity(self) -> dict:
         """What is compared: dotted keys -> values (see the module's note)."""
-        settings = {k: v for k, v in flatten(self.config).items() if not is_launch_setting(k)}
-        if self.cfg.model.get("updates_per_step") == "auto":
-            settings.pop("model.updates_per_step", None)
-        lr = f"{optimizer_key(self.cfg)}.lr"
-        if self.cfg.get("tune_lr") and lr in settings:
-            settings.pop(lr)
-        return {**settings, "data (content fingerprint)": self.data}
+        return identity_of(self.config, self.data)
 
     def record(self) -> dict:
         """What ``.hydra/plan.json`` holds."""
@@ -77,15 +71,26 @@ class Plan:
             return ["(the folder records no plan: a run of an older genlab, or of another program)"]
         if recorded.get("identity") == digest(self.identity()):
             return []
-        old = Plan(frozen(OmegaConf.create(recorded.get("config") or {})), data=recorded.get("data"))
-        try:
-            before = old.identity()
-        except Exception:  # noqa: BLE001 (a record genlab cannot read as a plan)
+        config = recorded.get("config")
+        if not isinstance(config, dict):
             return ["(the folder's plan.json cannot be read as a plan)"]
+        before = identity_of(config, recorded.get("data"))  # plain data: nothing in the record is resolved
         now = self.identity()
         keys = sorted(set(before) | set(now))
         return [f"{k}: {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
                 for k in keys if before.get(k, "(unset)") != now.get(k, "(unset)")]
+
+
+def identity_of(config: dict, data) -> dict:
+    """A resolved config (plain containers) and its data's fingerprint as the compared settings:
+    launch settings left out, and the values chosen for the run (K under auto, the rate tune_lr finds)."""
+    settings = {k: v for k, v in flatten(config).items() if not is_launch_setting(k)}
+    if settings.get("model.updates_per_step") == "auto":
+        settings.pop("model.updates_per_step", None)
+    if config.get("tune_lr"):
+        model = config.get("model")
+        settings.pop("model.optimizer.lr" if isinstance(model, dict) and "optimizer" in model else "optimizer.lr", None)
+    return {**settings, "data (content fingerprint)": data}
 
 
 def resolve(cfg: DictConfig) -> Plan:
