@@ -25,6 +25,7 @@ from pathlib import Path
 from matplotlib.ticker import EngFormatter
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from genlab.console import printable
 from genlab.errors import DataError
 from genlab.figures import plt, save_figure
 from genlab.hparams import GROUPS, INTERNAL_KEYS
@@ -310,7 +311,7 @@ def compare(root: str | Path, out: str | Path | None = None) -> list[dict]:
     groups = replicate_groups(runs)
     replicated = len(groups) < len(runs)
     shown_params = [p for p in params if p != "seed"] if replicated else params
-    print(format_table(group_rows(runs, params) if replicated else rows, shown_params))
+    print(printable(format_table(group_rows(runs, params) if replicated else rows, shown_params)))  # names, tags: others' text
     more = f" (the table shows the first {SHOWN_PARAMETERS})" if len(shown_params) > SHOWN_PARAMETERS else ""
     ranked = [{"val_loss": "validation loss", "val_bpc": "bits per character (the tokenizers differ)"}[ranking_figure(runs)]
               ] if not all(r.is_image for r in runs) else []
