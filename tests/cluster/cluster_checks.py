@@ -256,7 +256,7 @@ def test_a_sweep_over_its_folder_with_another_setting_is_refused_on_every_proces
     for job_logs in logs:
         for rank in (0, 1):  # each process, one on each node, ended with the first one's refusal
             text = "".join(p.read_text() for p in job_logs.glob(f"*_{rank}_log.*"))
-            assert "this job refused: " in text and "holds a run of another configuration" in text, text[-2000:]
+            assert "this job refused: " in text and "holds a run of another plan" in text, text[-2000:]
 
 
 def test_two_optuna_workers_share_one_postgresql_study(launches, tmp_path):
