@@ -183,9 +183,15 @@ LAUNCH_VARIABLES = ("SLURM_", "TORCHELASTIC_", "RANK", "LOCAL_RANK", "GROUP_RANK
 @pytest.mark.parametrize("name", list(LAUNCHES))
 def test_every_launch_combination_agrees_with_lightning_on_rank_and_world_size(name, monkeypatch):
     import lightning as L
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
     from genlab.ranks import launch
 
+    # DDP's set_world_ranks makes this process "rank r" for Lightning's rank-zero-only logging, a
+    # global the later tests' runs would keep (their loggers would write nothing)
+    for flag in (rank_zero_only, utils_rank_zero_only):
+        monkeypatch.setattr(flag, "rank", getattr(flag, "rank", 0))
     environment, devices, nodes, expected = LAUNCHES[name]
     for variable in [v for v in os.environ if v.startswith(LAUNCH_VARIABLES)]:
         monkeypatch.delenv(variable)
