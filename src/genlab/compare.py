@@ -292,13 +292,20 @@ def plot(runs: list[Run], params: list[str], path: Path):
     return axes[0]
 
 
-def compare(root: str | Path, out: str | Path | None = None) -> list[dict]:
-    root = Path(root)
+def runs_under(root: Path) -> list[Run]:
+    """The finished runs under ``root`` (compare.py's and report.py's folder), or why there are none."""
     if not root.is_dir():
-        raise DataError(f"{root} is not a folder; give a sweep folder (outputs/multirun/...) or outputs/")
+        raise DataError(f"{root} is not a folder; give a sweep folder (outputs/multirun/...), outputs/reproduce/... "
+                        "or outputs/")
     runs = find_runs(root)
     if not runs:
         raise DataError(f"no finished run under {root} (no metrics.json); runs write one when they end")
+    return runs
+
+
+def compare(root: str | Path, out: str | Path | None = None) -> list[dict]:
+    root = Path(root)
+    runs = runs_under(root)
     params = swept_parameters(runs)
     rows = table_rows(runs, params, root)
     out = Path(out) if out else root

@@ -9,7 +9,7 @@ the ones that differ between runs marked. Pictures are PNG or JPEG inlined as ba
 refers outside the page, so it opens from disk or an e-mail attachment.
 
 Everything read from the run folders is untrusted: metrics.json through genlab's JSON reader
-(``genlab.runs.read_json``, via compare.find_runs), the training names through the safe checkpoint
+(``genlab.trust.read_json``, via compare.find_runs), the training names through the safe checkpoint
 loader, pictures through Pillow with a size bound, and every string escaped by Jinja2's autoescape."""
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 
 from genlab.checkpoints import read_checkpoint
-from genlab.compare import (FIGURES, Run, curves, find_runs, ranked_groups, ranking_figure, short, spread,
+from genlab.compare import (FIGURES, Run, curves, ranked_groups, ranking_figure, runs_under, short, spread,
                             swept_parameters)
-from genlab.errors import DataError, GenlabError
+from genlab.errors import GenlabError
 from genlab.figures import plt
 from genlab.outputs import atomic_write_text
 from genlab.trust import read_json, read_overrides
@@ -286,11 +286,7 @@ def render(root: Path, runs: list[Run]) -> str:
 def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     """The report of every run under ``root``, written to ``out`` (default ``<root>/report.html``)."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root} is not a folder; give a sweep folder (outputs/multirun/...), outputs/reproduce/... or outputs/")
-    runs = find_runs(root)
-    if not runs:
-        raise DataError(f"no finished run under {root} (no metrics.json); runs write one when they end")
+    runs = runs_under(root)
     page = Path(out) if out else root / "report.html"
     atomic_write_text(page, render(root, runs))
     return page
