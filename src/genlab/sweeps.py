@@ -159,6 +159,29 @@ def prepare_study(sweeper: DictConfig) -> None:
                 time.sleep(1 + attempt)
 
 
+def tolerate_the_grid_samplers_stop() -> None:
+    """Hydra's Optuna sweeper asks and tells trials outside ``study.optimize``, where Optuna's grid
+    sampler, told of the grid's last trial, calls ``study.stop()``, which then raises. The sweeper
+    ignores that error for a trial that completed, not for one that failed (a job refused before it
+    ran reports no loss), so a grid whose last trial failed ended its sweep in a traceback: the
+    same error is ignored here for both."""
+    from optuna.samplers import GridSampler
+
+    told = GridSampler.after_trial
+    if getattr(told, "tolerates_stop", False):
+        return
+
+    def after_trial(self, study, trial, state, values):
+        try:
+            told(self, study, trial, state, values)
+        except RuntimeError as err:
+            if "`Study.stop` is supposed to be invoked" not in str(err):
+                raise
+
+    after_trial.tolerates_stop = True
+    GridSampler.after_trial = after_trial
+
+
 def no_accounting_noise(record: logging.LogRecord) -> bool:
     return "Bypassing sacct error" not in record.getMessage()
 
@@ -221,6 +244,8 @@ class SweepReport(Callback):
             require_weights(config.paths.get("inception_weights"))  # the study minimises FID: none, no study
         os.environ[SWEEP_COMMAND] = continue_command(config)
         prepare_study(config.hydra.sweeper)
+        if "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower():
+            tolerate_the_grid_samplers_stop()
         if "submitit" in str(config.hydra.launcher.get("_target_", "")).lower():
             quiet_without_accounting()
 
