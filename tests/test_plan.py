@@ -67,6 +67,65 @@ def test_nothing_changes_the_plan_after_it_is_resolved(names_file, tmp_path):
     assert plan.with_values(lr=0.5).cfg.optimizer.lr == 0.5 and plan.cfg.optimizer.lr != 0.5
 
 
+# what a model's own training hooks update: the rest of a built object is fixed once its plan is claimed
+TRAINING_STATE = {"training", "tokens_seen", "best_val_loss", "curve", "step_losses", "compiled_update"}
+
+
+def settings_of(built) -> dict:
+    """A built object's attributes, less Lightning's (private ones, the attached trainer) and its training
+    state, as values to compare (``state_of``)."""
+    return {k: state_of(v) for k, v in vars(built).items() if not k.startswith("_") and k not in ("trainer", *TRAINING_STATE)}
+
+
+def state_of(value):
+    """Plain values and tensors as copies (compared by value), containers item by item, anything else (a
+    tokenizer, a memory map) by identity."""
+    if isinstance(value, torch.Tensor):
+        return "tensor", id(value), value.tolist()
+    if isinstance(value, dict):
+        return {k: state_of(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value), [state_of(v) for v in value]
+    if isinstance(value, (bool, int, float, str, bytes, type(None), set, frozenset, os.PathLike)):
+        return copy.deepcopy(value)
+    return "object", id(value)
+
+
+@pytest.mark.parametrize("kind", ["names, tune_lr", "text, final whole split"])
+def test_nothing_changes_the_built_data_module_or_model_after_the_plan_is_claimed(kind, names_file, text_file, tmp_path,
+                                                                                    monkeypatch):
+    """The final evaluation of data.final_whole_split=true once set datamodule.whole_split, after the
+    plan was recorded: now the whole split is an argument of that evaluation's loaders."""
+    from genlab import train as train_module
+    from genlab.runs import RunFolder
+
+    built, at_claim = {}, {}
+    resolve_k, claim = train_module.resolve_updates_per_step, RunFolder.claim
+
+    def resolve_updates_per_step(model, datamodule, *args):  # the run's last step before its claim
+        built.update(model=model, datamodule=datamodule)
+        return resolve_k(model, datamodule, *args)
+
+    def claimed(folder, plan):
+        at_claim.update({name: settings_of(obj) for name, obj in built.items()})
+        claim(folder, plan)
+
+    monkeypatch.setattr(train_module, "resolve_updates_per_step", resolve_updates_per_step)
+    monkeypatch.setattr(RunFolder, "claim", claimed)
+    if kind.startswith("names"):
+        overrides = [f"data.path={names_file}", *SMALL, "tune_lr=true", "lr_finder.num_training=20"]
+    else:
+        overrides = ["model=gpt", "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "data=divina",
+                     f"data.path={text_file}", "data.seq_len=16", "data.batch_size=4", "data.val_tokens=64",
+                     "data.final_whole_split=true", "trainer.max_steps=2", "val_every=2", "logger=none", "num_samples=0"]
+    metrics = run_training(tmp_path / "run", overrides)
+    assert metrics["status"] == "completed" and at_claim.keys() == {"model", "datamodule"}
+    for name, obj in built.items():
+        assert settings_of(obj) == at_claim[name], name
+    if kind.startswith("text"):
+        assert metrics["val_whole_split"] and metrics["val_tokens"] > 64  # the final figures: the whole split
+
+
 def test_an_explicit_continuation_says_what_it_continues_and_what_differs(names_file, tmp_path):
     run_dir = tmp_path / "run"
     run_training(run_dir, [f"data.path={names_file}", *SMALL])

@@ -172,11 +172,13 @@ def test_a_large_split_is_sampled_the_same_way_every_time(text_file, tmp_path):
     start, end = dm.ranges["val"]
     scope = dm.evaluation_scope("val")
     assert scope["tokens"] == 192 and not scope["whole_split"] and f"of its {end - start - 1:,} tokens" in scope["description"]
-    starts = dm._window_starts("val")
+    starts = dm._window_starts("val", whole_split=False)
     assert starts[0] == start and starts[-1] == end - 17 and (np.diff(starts) >= 16).all()  # spread over the split
-    dm.whole_split = True  # data.final_whole_split: the final figures
-    assert dm.evaluation_scope("val") == {"tokens": end - start - 1, "whole_split": True,
-                                          "description": f"val: the whole split, {end - start - 1:,} tokens"}
+    # data.final_whole_split: the final figures ask for the whole split, the module itself stays as it is
+    assert dm.evaluation_scope("val", whole_split=True) == {"tokens": end - start - 1, "whole_split": True,
+                                                            "description": f"val: the whole split, {end - start - 1:,} tokens"}
+    whole = torch.cat([y.flatten() for _, y in dm.val_dataloader(whole_split=True)])
+    assert (whole >= 0).sum() == end - start - 1 and dm.evaluation_scope("val") == scope
 
 
 def test_characters_covered_by_bpe_windows_are_exact(tmp_path, mirror):

@@ -237,27 +237,29 @@ def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds:
 def evaluate_language_model(trainer: L.Trainer, model, datamodule) -> dict:
     """Final and best validation loss, and the test loss where the data has a test split, with
     what each covers (the whole split or a fixed sample, and how many tokens)."""
-    whole_at_end = getattr(datamodule, "final_whole_split", False) and not datamodule.evaluation_scope("val")["whole_split"]
-    if whole_at_end:
-        datamodule.whole_split = True  # data.final_whole_split: the final figures cover whole splits
-    if whole_at_end or "loss/val" not in trainer.callback_metrics:  # or a resumed run whose training had ended
-        trainer.validate(model, datamodule=datamodule, verbose=False)
+    # data.final_whole_split: the final figures cover whole splits, a scope given to this evaluation's
+    # loaders (the data module, built before the plan was recorded, is not changed)
+    scope = {"whole_split": True} if getattr(datamodule, "final_whole_split", False) else {}
+    sampled = scope and not datamodule.evaluation_scope("val")["whole_split"]  # validations took a sample
+    if sampled or "loss/val" not in trainer.callback_metrics:  # or a resumed run whose training had ended
+        trainer.validate(model, dataloaders=datamodule.val_dataloader(**scope), verbose=False)
     val = float(trainer.callback_metrics["loss/val"])  # ValidateAtEnd: measured after the last update
     metrics = {"val_loss": val, "best_val_loss": min(model.best_val_loss, val), "test_loss": None,
                "val_bpc": float(trainer.callback_metrics["loss/val_bpc"]), "test_bpc": None}
-    metrics.update(evaluation_scope(datamodule, "val"))
+    metrics.update(evaluation_scope(datamodule, "val", scope=scope))
     if getattr(datamodule, "has_test", True):  # text data has a test split only when data.test_fraction > 0
-        result = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+        result = trainer.test(model, dataloaders=datamodule.test_dataloader(**scope), verbose=False)[0]
         metrics.update(test_loss=float(result["loss/test"]), test_bpc=float(result["loss/test_bpc"]))
-        metrics.update(evaluation_scope(datamodule, getattr(datamodule, "test_split", "test"), "test"))
+        metrics.update(evaluation_scope(datamodule, getattr(datamodule, "test_split", "test"), "test", scope))
     return metrics
 
 
-def evaluation_scope(datamodule, split: str, name: str | None = None) -> dict:
-    """``{name}_tokens`` and ``{name}_whole_split`` for metrics.json, and the same said in the log."""
+def evaluation_scope(datamodule, split: str, name: str | None = None, scope: dict | None = None) -> dict:
+    """``{name}_tokens`` and ``{name}_whole_split`` for metrics.json, and the same said in the log
+    (``scope``: what the evaluation was given, ``{"whole_split": True}`` or nothing)."""
     if not hasattr(datamodule, "evaluation_scope"):
         return {}
-    scope = datamodule.evaluation_scope(split)
+    scope = datamodule.evaluation_scope(split, **(scope or {}))
     log.info("final %s loss over %s", name or split, scope["description"].split(": ", 1)[1])
     return {f"{name or split}_tokens": scope["tokens"], f"{name or split}_whole_split": scope["whole_split"]}
 

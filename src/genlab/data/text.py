@@ -145,8 +145,8 @@ class TextDataModule(L.LightningDataModule):
         self.seed = seed
         self.val_tokens = val_tokens
         # True: the final figures (metrics.json) cover the whole split even where validations sample it
+        # (the final evaluation asks for it: val_dataloader(whole_split=True))
         self.final_whole_split = final_whole_split
-        self.whole_split = False  # evaluate whole splits now (set for the final figures)
         self._load()
 
     def _source(self) -> tuple[Source, str, str]:
@@ -236,40 +236,42 @@ class TextDataModule(L.LightningDataModule):
         """The widths a training batch can have: always ``seq_len``."""
         return [self.seq_len]
 
-    def _samples(self, split: str) -> bool:
-        """Whether an evaluation of ``split`` takes a sample: it has more than ``val_tokens`` targets."""
+    def _samples(self, split: str, whole_split: bool) -> bool:
+        """Whether an evaluation of ``split`` takes a sample: it has more than ``val_tokens`` targets
+        and the whole split was not asked for."""
         start, end = self.ranges[split]
-        return not self.whole_split and self.val_tokens is not None and end - start - 1 > self.val_tokens
+        return not whole_split and self.val_tokens is not None and end - start - 1 > self.val_tokens
 
-    def _window_starts(self, split: str) -> np.ndarray:
+    def _window_starts(self, split: str, whole_split: bool) -> np.ndarray:
         """Where the evaluation windows of ``split`` start: consecutive windows covering every target
         once, or in a sample ``val_tokens`` tokens' worth of whole windows spread evenly over the
         split (the same at every validation)."""
         start, end = self.ranges[split]
-        if not self._samples(split):
+        if not self._samples(split, whole_split):
             return np.arange(start, end - 1, self.seq_len)
         windows = max(1, self.val_tokens // self.seq_len)
         return np.linspace(start, end - 1 - self.seq_len, windows).round().astype(np.int64)
 
-    def _fixed_windows(self, split: str) -> FixedWindows:
-        return FixedWindows(self.tokens, self._window_starts(split), self.seq_len, self.ranges[split][1],
+    def _fixed_windows(self, split: str, whole_split: bool) -> FixedWindows:
+        return FixedWindows(self.tokens, self._window_starts(split, whole_split), self.seq_len, self.ranges[split][1],
                             self.eval_batch_size, replica(self))
 
-    def evaluation_scope(self, split: str) -> dict:
-        """What an evaluation of ``split`` covers now: ``{"tokens", "whole_split", "description"}``."""
+    def evaluation_scope(self, split: str, whole_split: bool = False) -> dict:
+        """What an evaluation of ``split`` covers (of the whole split where ``whole_split``):
+        ``{"tokens", "whole_split", "description"}``."""
         start, end = self.ranges[split]
         targets = end - start - 1
-        if not self._samples(split):
+        if not self._samples(split, whole_split):
             return {"tokens": targets, "whole_split": True, "description": f"{split}: the whole split, {targets:,} tokens"}
-        tokens = len(self._window_starts(split)) * self.seq_len
+        tokens = len(self._window_starts(split, whole_split)) * self.seq_len
         return {"tokens": tokens, "whole_split": False,
                 "description": f"{split}: a fixed sample of {tokens:,} of its {targets:,} tokens (data.val_tokens)"}
 
-    def val_dataloader(self):
-        return self._fixed_windows("val")
+    def val_dataloader(self, whole_split: bool = False):
+        return self._fixed_windows("val", whole_split)
 
-    def test_dataloader(self):
-        return self._fixed_windows(self.test_split)
+    def test_dataloader(self, whole_split: bool = False):
+        return self._fixed_windows(self.test_split, whole_split)
 
     @property
     def test_split(self) -> str:
