@@ -345,6 +345,43 @@ def test_a_sweep_run_again_after_its_yaml_changed_is_refused_naming_the_setting(
     assert "0-name=a refused: " in refused.stderr
 
 
+def test_an_optuna_study_continued_in_its_folder_names_folders_by_trial_and_fails_the_interrupted_trial(names_file,
+                                                                                                        tmp_path):
+    """Hydra numbers an Optuna sweep's jobs from 0 each time it starts while the study numbers its trials
+    on: continued over the same folder, the study's next trial met trial 0's folder, and the trial its
+    stopped sweep left RUNNING stayed so for ever. Job folders are named by trial number now, and the
+    interrupted trial is marked failed, its folder left byte for byte as it was."""
+    import optuna
+    from conftest import snapshot
+
+    sweep, storage = tmp_path / "study", f"sqlite:///{tmp_path / 'study.db'}"
+    study = [sys.executable, "train.py", "-m", "hparams_search=names_mlp_optuna", f"data.path={names_file}",
+             "hydra/sweeper/sampler=grid", "hydra.sweeper.params=null", "optimizer.lr=choice(0.02,0.05,0.1,0.2)",
+             f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}",
+             "scheduler.milestones=[1000]", *TINY, "+callbacks.kill._target_=conftest.SignalInJob",
+             "+callbacks.kill.where=train", f"+callbacks.kill.signum={int(signal.SIGINT)}", "+callbacks.kill.at=1",
+             f"paths.data_dir={tmp_path / 'data'}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    stopped = subprocess.run(study, cwd=REPO, capture_output=True, text=True, timeout=600,
+                             env={**env, "GENLAB_TEST_SIGNAL_JOB": "1"})  # SIGINT in trial 1
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    before = {i: snapshot(job_dir(sweep, i)) for i in range(2)}
+    assert (job_dir(sweep, 1) / "checkpoints" / "last.ckpt").exists() and "metrics.json" not in before[1]
+
+    again = subprocess.run(study, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 1, again.stderr[-3000:]  # trial 1 did not complete, and the summary says so
+    assert "trial 1 was left running by a sweep that stopped" in again.stdout + again.stderr
+    assert f"{job_dir(sweep, 1).name}: no metrics.json" in again.stderr
+    trials = {t.number: t for t in optuna.load_study(study_name="names_mlp", storage=storage).trials}
+    assert {n: t.state.name for n, t in trials.items()} == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE", 3: "COMPLETE"}
+    assert sorted(int(p.name.split("-")[0]) for p in sweep.iterdir() if p.is_dir()) == [0, 1, 2, 3]
+    assert {i: snapshot(job_dir(sweep, i)) for i in range(2)} == before
+    for number in (2, 3):  # each new trial in its own new folder, trained with its own parameters
+        plan = json.loads((job_dir(sweep, number) / ".hydra" / "plan.json").read_text())
+        assert plan["config"]["optimizer"]["lr"] == trials[number].params["optimizer.lr"]
+        assert json.loads((job_dir(sweep, number) / "metrics.json").read_text())["status"] == "completed"
+
+
 def test_two_optuna_workers_started_together_share_one_sqlite_study(names_file, tmp_path):
     import optuna
 
@@ -360,3 +397,46 @@ def test_two_optuna_workers_started_together_share_one_sqlite_study(names_file, 
         assert worker.returncode == 0, err[-3000:]
     trials = optuna.load_study(study_name="shared", storage=storage).trials
     assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    # the workers' trial numbers interleave: each job's folder is named by its trial, one folder a trial
+    folders = {int(p.name.split("-")[0]): p for i in range(2) for p in (tmp_path / f"worker{i}").iterdir() if p.is_dir()}
+    assert sorted(folders) == [0, 1, 2, 3] and sum(1 for i in range(2) for p in (tmp_path / f"worker{i}").iterdir()
+                                                   if p.is_dir()) == 4
+    for trial in trials:
+        plan = json.loads((folders[trial.number] / ".hydra" / "plan.json").read_text())["config"]
+        assert plan["optimizer"]["lr"] == trial.params["optimizer.lr"]
+        assert trial.user_attrs["genlab_sweep_dir"] == str(folders[trial.number].parent)
+
+
+def test_only_a_trial_no_live_process_runs_is_marked_failed(tmp_path):
+    """A study continued marks failed the trials a stopped sweep left RUNNING, and no other: not one a
+    live worker runs (its folder locked), is about to run (not claimed yet) or has finished (its result
+    not yet told, as for the jobs of a batch before the last one ends)."""
+    import fcntl
+
+    import optuna
+
+    from genlab.sweeps import SWEEP_DIR_ATTR, fail_interrupted_trials
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}")
+    sweep = tmp_path / "sweep"
+    folders = {"running": True, "stopped": True, "not claimed": False, "finished": True, "no folder": None}
+    for number, (case, claimed) in enumerate(folders.items()):
+        trial = study.ask()
+        trial.set_user_attr(SWEEP_DIR_ATTR, str(sweep))
+        if claimed is None:
+            continue
+        folder = sweep / f"{number}-lr=0.1"
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".lock").write_text("1")  # a killed process's lock file stays
+        if claimed:
+            (folder / ".hydra" / "plan.json").write_text("{}")
+        if case == "finished":
+            (folder / "metrics.json").write_text('{"status": "completed"}')
+    lock = os.open(sweep / "0-lr=0.1" / ".lock", os.O_RDWR)  # a live process holds trial 0's folder
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fail_interrupted_trials(study)
+    finally:
+        os.close(lock)
+    states = [t.state.name for t in study.get_trials()]
+    assert states == ["RUNNING", "FAIL", "RUNNING", "RUNNING", "RUNNING"]

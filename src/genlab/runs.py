@@ -81,6 +81,21 @@ def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_MARKERS)
 
 
+def held(folder: Path) -> bool:
+    """Whether a live process holds ``folder``'s lock (``RunFolder``: from ``open`` to ``close``). A
+    killed process's lock file stays behind, its lock goes with the process. The probe takes a shared
+    lock for a moment, so a process locking the folder at that very moment would be told to wait."""
+    try:
+        fd = os.open(folder / ".lock", os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # no lock file (or a link, which no run made): nobody holds it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # which also releases the probe's lock
+    return False
 
 
 def slurm_job() -> dict | None:

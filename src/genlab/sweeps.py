@@ -11,7 +11,10 @@ launcher run in worker processes, which an error would otherwise end together wi
 The same sweep command again over the same sweep folder continues the sweep: each job finds its
 folder (``genlab.runs.RunFolder``) and keeps a finished run as it is, resumes an interrupted one from
 its newest checkpoint, or runs; a stop prints that command (``sweep_command``). Optuna workers that
-share one storage find the study made once, before they race for it (``prepare_study``)."""
+share one storage find the study made once, before they race for it (``prepare_study``). An Optuna
+job's folder is named by its trial's number, which goes on when a study is continued (Hydra's job
+numbers start again at 0), so a new trial never meets an old trial's folder; a trial that a stopped
+sweep left running is marked failed when the study continues (``fail_interrupted_trials``)."""
 
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ from hydra.utils import get_class
 from genlab.errors import FolderTaken, GenlabError, TrainingDiverged
 from genlab.outputs import write_metrics
 from genlab.quality import require_weights
-from genlab.runs import owned_folder
+from genlab.plan import PLAN_FILE
+from genlab.runs import held, owned_folder
 from genlab.runtime import is_first_process, task_overrides
 from genlab.trust import read_json
 
@@ -45,6 +49,9 @@ log = logging.getLogger("genlab")
 NOT_COMPLETED = ("failed", "refused", "diverged")
 SWEEP_COMMAND = "GENLAB_SWEEP_COMMAND"  # the command that continues the sweep, for its jobs
 SWEPT_KEYS = "GENLAB_SWEPT_KEYS"  # set by SweepReport when a sweep starts; its jobs inherit it
+# an Optuna job's trial number, given to the job as hydra.job.env_set.GENLAB_OPTUNA_TRIAL (its folder's number)
+OPTUNA_TRIAL = "GENLAB_OPTUNA_TRIAL"
+SWEEP_DIR_ATTR = "genlab_sweep_dir"  # a trial's user attribute: the sweep folder its job's folder is in
 
 
 # --- job folders named by what differs ------------------------------------------------------------
@@ -151,12 +158,70 @@ def prepare_study(sweeper: DictConfig) -> None:
     with FileLock(str(lock)):
         for attempt in range(3):
             try:
-                optuna.create_study(study_name=name, storage=url, load_if_exists=True, **directions)
-                return
+                study = optuna.create_study(study_name=name, storage=url, load_if_exists=True, **directions)
+                break
             except Exception:  # noqa: BLE001 (another machine created the tables or the study meanwhile)
                 if attempt == 2:
                     raise
                 time.sleep(1 + attempt)
+        fail_interrupted_trials(study)
+
+
+def number_jobs_by_trial() -> None:
+    """Hydra's Optuna sweeper numbers its jobs from 0 each time it starts, while a continued study
+    numbers its trials on (and several workers on one storage interleave theirs): each job is given
+    its trial's number (``OPTUNA_TRIAL``), which names its folder (``conf/hydra/default.yaml``), and
+    each trial records the sweep folder its job runs in (for ``fail_interrupted_trials``)."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+
+    configure = OptunaSweeperImpl._configure_trials
+    if getattr(configure, "by_trial", False):
+        return
+
+    def configure_trials(self, trials, *args):
+        overrides = configure(self, trials, *args)
+        sweep_dir = str(Path(self.config.hydra.sweep.dir).resolve())
+        for trial in trials:
+            trial.set_user_attr(SWEEP_DIR_ATTR, sweep_dir)
+        return [(*job, f"++hydra.job.env_set.{OPTUNA_TRIAL}={trial.number}") for job, trial in zip(overrides, trials)]
+
+    configure_trials.by_trial = True
+    OptunaSweeperImpl._configure_trials = configure_trials
+
+
+def interrupted_trial_folder(trial) -> Path | None:
+    """The folder of a trial that a stopped sweep left RUNNING: its job claimed the folder (it records a
+    plan), has no result (metrics.json) and no live process holds it. None where a live worker may
+    still run the trial: its folder not made or not claimed yet, held, or finished (the result is
+    told to the study after the job, for a batch after its last job)."""
+    sweep_dir = trial.user_attrs.get(SWEEP_DIR_ATTR)
+    if not sweep_dir or not Path(sweep_dir).is_dir():
+        return None
+    folders = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and job_number(p.name) == trial.number]
+    if len(folders) != 1:
+        return None
+    folder = folders[0]
+    claimed = (folder / PLAN_FILE).is_file() and not (folder / "metrics.json").exists()
+    return folder if claimed and not held(folder) else None
+
+
+def fail_interrupted_trials(study) -> None:
+    """A sweep stopped while a trial ran (Ctrl-C, kill, a pre-emption) leaves the trial RUNNING in the
+    study's storage, where nothing would end it: when the study continues, such a trial is marked
+    failed (its folder is left as it is, checkpoints included). A trial a live worker may be running
+    is left alone (``interrupted_trial_folder``)."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        folder = interrupted_trial_folder(trial)
+        if folder is None:
+            continue
+        try:
+            study.tell(trial.number, state=TrialState.FAIL)
+        except RuntimeError:  # it ended meanwhile
+            continue
+        log.warning("trial %d was left running by a sweep that stopped (%s): marked failed in the study; its "
+                    "folder is kept as it is", trial.number, folder)
 
 
 def tolerate_the_grid_samplers_stop() -> None:
@@ -246,6 +311,7 @@ class SweepReport(Callback):
         prepare_study(config.hydra.sweeper)
         if "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower():
             tolerate_the_grid_samplers_stop()
+            number_jobs_by_trial()
         if "submitit" in str(config.hydra.launcher.get("_target_", "")).lower():
             quiet_without_accounting()
 
