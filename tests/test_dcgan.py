@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import urllib.error
@@ -114,6 +115,31 @@ def test_resume_continues_the_step_count_and_the_loss_history(faces, tmp_path):
     history = read_checkpoint(run / "checkpoints" / "last.ckpt")["genlab"]["history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4] and set(history[0]) == {"step", "loss_d", "loss_g"}
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # no last-v1.ckpt beside it
+
+
+def test_a_changed_image_folder_is_a_changed_plan(faces, tmp_path):
+    """The image data gave the run's plan no fingerprint: the same command over an edited folder of
+    images was the same plan, so a sweep kept or resumed runs of other images."""
+    def fingerprint():
+        return ImageFolderDataModule(root=str(faces), image_size=16, batch_size=8, num_workers=0,
+                                     val_fraction=0.25).fingerprint
+
+    first = fingerprint()
+    assert first and fingerprint() == first  # the same files: the same plan
+    run_dir = tmp_path / "run"
+    run_training(run_dir, gan_overrides(faces))
+    before = snapshot(run_dir)
+    edited = faces / "003.png"
+    times = edited.stat()
+    Image.new("RGB", (20, 20), "white").save(edited)  # another image under the same name
+    os.utime(edited, ns=(times.st_atime_ns, times.st_mtime_ns + 2 * 10**9))  # written later (whole seconds)
+    edited_print = fingerprint()
+    assert edited_print != first
+    with pytest.raises(Exception, match="data \\(content fingerprint\\)"):
+        train(compose_config(gan_overrides(faces), run_dir))
+    assert snapshot(run_dir) == before
+    Image.new("RGB", (20, 20), "black").save(faces / "024.png")  # one image more
+    assert fingerprint() not in (first, edited_print)
 
 
 def test_a_diverging_gan_stops_naming_the_step_and_no_checkpoint_holds_it(faces, tmp_path, monkeypatch):

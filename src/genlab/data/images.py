@@ -12,6 +12,7 @@ Where ``data.root`` is not given, the data mirror's ``faces/celeba`` is used whe
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -57,6 +58,19 @@ def readable_images(root: Path) -> tuple[list[Path], int]:
         except Exception:
             bad += 1
     return good, bad
+
+
+def folder_fingerprint(root: Path, paths: list[Path]) -> str:
+    """The images' fingerprint, which the run's plan compares (``genlab.plan``): each image's path
+    under ``root``, size and modification time (whole seconds), in order; read from the file system
+    alone, so it costs no image's bytes. An image added, removed, renamed, replaced or edited makes
+    another plan, and so does a copy of the folder that does not keep the times (``cp`` without ``-p``);
+    the folder moved elsewhere does not."""
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}|{stat.st_size}|{int(stat.st_mtime)}\n".encode())
+    return digest.hexdigest()
 
 
 class ImageFiles(Dataset):
@@ -108,6 +122,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataError(f"no readable image (.jpg, .png, ...) in {self.root}; point data.root at a folder of images")
         if bad:
             log.warning("%s: skipped %d file(s) that could not be decoded as images", self.root, bad)
+        self.fingerprint = folder_fingerprint(self.root, paths)
         held_out = set(torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))
                        [: int(len(paths) * val_fraction)].tolist())
         self.paths = [p for i, p in enumerate(paths) if i not in held_out]  # the training images
