@@ -172,7 +172,7 @@ def test_a_large_split_is_sampled_the_same_way_every_time(text_file, tmp_path):
     start, end = dm.ranges["val"]
     scope = dm.evaluation_scope("val")
     assert scope["tokens"] == 192 and not scope["whole_split"] and f"of its {end - start - 1:,} tokens" in scope["description"]
-    starts = dm._window_starts("val", whole_split=False)
+    starts = dm._window_starts("val")
     assert starts[0] == start and starts[-1] == end - 17 and (np.diff(starts) >= 16).all()  # spread over the split
     # data.final_whole_split: the final figures ask for the whole split, the module itself stays as it is
     assert dm.evaluation_scope("val", whole_split=True) == {"tokens": end - start - 1, "whole_split": True,

@@ -236,13 +236,13 @@ class TextDataModule(L.LightningDataModule):
         """The widths a training batch can have: always ``seq_len``."""
         return [self.seq_len]
 
-    def _samples(self, split: str, whole_split: bool) -> bool:
+    def _samples(self, split: str, whole_split: bool = False) -> bool:
         """Whether an evaluation of ``split`` takes a sample: it has more than ``val_tokens`` targets
         and the whole split was not asked for."""
         start, end = self.ranges[split]
         return not whole_split and self.val_tokens is not None and end - start - 1 > self.val_tokens
 
-    def _window_starts(self, split: str, whole_split: bool) -> np.ndarray:
+    def _window_starts(self, split: str, whole_split: bool = False) -> np.ndarray:
         """Where the evaluation windows of ``split`` start: consecutive windows covering every target
         once, or in a sample ``val_tokens`` tokens' worth of whole windows spread evenly over the
         split (the same at every validation)."""
@@ -252,7 +252,7 @@ class TextDataModule(L.LightningDataModule):
         windows = max(1, self.val_tokens // self.seq_len)
         return np.linspace(start, end - 1 - self.seq_len, windows).round().astype(np.int64)
 
-    def _fixed_windows(self, split: str, whole_split: bool) -> FixedWindows:
+    def _fixed_windows(self, split: str, whole_split: bool = False) -> FixedWindows:
         return FixedWindows(self.tokens, self._window_starts(split, whole_split), self.seq_len, self.ranges[split][1],
                             self.eval_batch_size, replica(self))
 
