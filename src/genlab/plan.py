@@ -4,8 +4,8 @@ sweep's job folder) is met again.
 
 A plan holds the resolved configuration with its YAML defaults (``config``: the validation interval
 ``val_every``, ``trainer.precision`` and the learning rate a ``tune_lr`` search chose are filled in),
-the data's content fingerprint (the data module's ``fingerprint``: for text, the hash its token
-cache is keyed by; for images, the files' names, sizes and times) and the updates per step K that
+the data's content fingerprint (the data module's ``fingerprint``: for a word list or a text, a hash
+of its content; for images, the files' names, sizes and times) and the updates per step K that
 the run trains with. Its ``config`` is read-only: nothing changes it after it is made, and nothing
 changes the model and data module built from it once the folder is claimed (the final evaluation of
 a whole split gets the scope as an argument).
