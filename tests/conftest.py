@@ -82,16 +82,25 @@ def mount_namespace_refused() -> str | None:
     return None if tried.returncode == 0 else f"unshare -rm: {tried.stderr.strip() or tried.returncode}"
 
 
+def run_in_a_mount_namespace(request, needs: str) -> bool:
+    """For a test that mounts (``needs`` says what for): True when it is not root and will run again
+    in a child pytest as root of an unprivileged mount namespace (``pytest_pyfunc_call`` below), so
+    the fixture must not mount here; False as root; a skip, with the reason, where neither works."""
+    if os.geteuid() == 0:
+        return False
+    if (refused := mount_namespace_refused()) is not None:
+        pytest.skip(f"needs {needs}: not root, and no unprivileged mount namespace ({refused})")
+    request.node.in_namespace = True
+    return True
+
+
 @pytest.fixture
 def small_disk(request, tmp_path):
     """A filesystem of its own (a 32 MiB tmpfs), so that filling it touches nothing else. As root
     the test mounts it; otherwise the test runs again in a child pytest inside an unprivileged
     user and mount namespace (``unshare -rm``, where the kernel allows it), where it is root, and
     passes or fails with the child (``pytest_pyfunc_call`` below); where neither works it skips."""
-    if os.geteuid() != 0:
-        if (refused := mount_namespace_refused()) is not None:
-            pytest.skip(f"needs a small filesystem of its own: not root, and no unprivileged mount namespace ({refused})")
-        request.node.in_namespace = True
+    if run_in_a_mount_namespace(request, "a small filesystem of its own"):
         yield None
         return
     disk = tmp_path / "disk"
@@ -107,7 +116,7 @@ def small_disk(request, tmp_path):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):
-    """A test that needs ``small_disk`` and is not root: run it in a child pytest as root of a mount namespace."""
+    """A test that mounts (``small_disk``, a read-only view) and is not root: run it in a child pytest as root of a mount namespace."""
     if not getattr(pyfuncitem, "in_namespace", False):
         return None
     basetemp = Path(pyfuncitem.funcargs["tmp_path"]) / "namespace"

@@ -35,10 +35,12 @@ PICTURE = re.compile(r"data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)")
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    """Two learning rates over two seeds: four runs of a tiny MLP on the real names, six updates each."""
+    """Two learning rates over two seeds: four runs of a tiny MLP on real names (the excerpt in
+    tests/data, so that it needs neither the data mirror nor internet), six updates each."""
     tmp = tmp_path_factory.mktemp("report")
     folder = tmp / "sweep"
     done = subprocess.run([sys.executable, "train.py", "-m", *TINY, "optimizer.lr=0.01,0.1", "seed=0,1",
+                           f"data.path={REPO / 'tests' / 'data' / 'names.txt'}",
                            f"hydra.sweep.dir={folder}", f"paths.data_dir={tmp / 'data'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
