@@ -12,10 +12,14 @@ import lightning as L
 
 class Fault(L.Callback):
     """``kind``: ``loss`` (this process's training loss becomes non-finite: its batch only, the
-    others' stay finite), ``disk`` (the disk is full when this process saves its next checkpoint)."""
+    others' stay finite), ``disk`` (the disk is full when this process saves its next checkpoint),
+    ``start`` (a process that Lightning starts, ``LOCAL_RANK`` ``rank``, fails as it builds its
+    callbacks, before its trainer sets up)."""
 
-    def __init__(self, rank: int, kind: str, at: int):
+    def __init__(self, rank: int, kind: str, at: int = 0):
         self.rank, self.kind, self.at = rank, kind, at
+        if kind == "start" and os.environ.get("LOCAL_RANK") == str(rank):
+            raise RuntimeError(f"process {rank} cannot start (rank_faults)")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_rank != self.rank or trainer.global_step < self.at:

@@ -8,6 +8,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -224,6 +226,10 @@ FAULTS = {  # name: (how launched, the command's extra settings, a folder prepar
                                      "is full (No space left on device)"),
     "a non-finite loss on rank 1 only": ("torchrun", ["+callbacks.fault.rank=1", "+callbacks.fault.kind=loss"],
                                          None, "the training loss became nan"),
+    # Lightning's own processes: its launcher's observer ends the first process (SIGKILL) once a child fails
+    "a process Lightning starts fails before it sets up": ("lightning", ["+callbacks.fault.rank=1",
+                                                                         "+callbacks.fault.kind=start"],
+                                                           None, "process 1 cannot start"),
 }
 
 
@@ -238,12 +244,26 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(name, name
     args = ["trainer=ddp_cpu", f"hydra.run.dir={run_dir}", f"data.path={names_file}",
             f"paths.data_dir={tmp_path / 'data'}", *SHORT, *fault]
     tests = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    started = time.monotonic()
+    if how == "lightning":  # one command, as a user starts trainer=ddp_cpu; its children share its output
+        process = launch(args, {**tests, "MASTER_PORT": str(free_port())})
+        out, err = process.communicate(timeout=240)
+        assert process.returncode != 0, err[-3000:]
+        assert message in out + err, err[-3000:]
+        # the first process, waiting in the process group for the child, was ended by Lightning's
+        # observer, and its train.log says which process ended it
+        assert "terminated with code 1" in (run_dir / "train.log").read_text()
+        print(f"\n{name}: every process ended {time.monotonic() - started:.0f} s after the start")
+        return
     if how == "slurm":
         port = str(free_port())
         processes = [launch(args, {**apart(rank, how, port), **tests}) for rank in range(2)]
-        outputs = [p.communicate(timeout=240) for p in processes]  # a hang fails here, not the suite
+        with ThreadPoolExecutor(max_workers=2) as pool:  # a hang fails here, not the suite
+            ends = list(pool.map(lambda p: (*p.communicate(timeout=240), time.monotonic()), processes))
+        outputs = [(out, err) for out, err, _ in ends]
         assert all(p.returncode == 1 for p in processes), [err[-2000:] for _, err in outputs]
         said = [out + err for out, err in outputs]
+        print(f"\n{name}: the other process ended {abs(ends[0][2] - ends[1][2]):.1f} s after the failing one")
     else:
         process = torchrun(args, tests)
         out, err = process.communicate(timeout=240)
@@ -251,6 +271,7 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(name, name
         said = [line for line in (out + err).splitlines() if "error: " in line]
         said = ["\n".join(line for line in said if "stopped too" in line),
                 "\n".join(line for line in said if "stopped too" not in line)]
+    print(f"\n{name}: every process ended {time.monotonic() - started:.0f} s after the start")  # measured only
     for text in said:  # the failing process says what failed, and so does the other
         assert message in text, text[-3000:]
     assert "stopped too" in "".join(said)

@@ -63,3 +63,40 @@ def test_a_stop_during_a_long_validation_saves_at_once_and_the_resume_runs_that_
     assert validated_steps(tmp_path / "straight") == [20, 40, 60]
     assert resumed["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-6)
     assert resumed["best_val_loss"] == pytest.approx(straight["best_val_loss"], rel=1e-6)
+
+
+class SlowTest(L.Callback):
+    """Every batch of the final test evaluation takes ``seconds`` more (a large test split); counts them."""
+
+    batches, ended = 0, 0.0
+
+    def __init__(self, seconds: float = 0.5):
+        self.seconds = seconds
+
+    def on_test_batch_end(self, *args):
+        SlowTest.batches += 1
+        time.sleep(self.seconds)
+        SlowTest.ended = time.monotonic()  # the signal follows (conftest.SendSignal, the next callback)
+
+
+def test_a_sigterm_during_the_final_evaluation_ends_the_run_at_once_and_the_resume_finishes_it(
+        names_file, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    common = [f"data.path={names_file}", *LONG]
+    faults = ["+callbacks.slow._target_=test_stop.SlowTest", "+callbacks.kill._target_=conftest.SendSignal",
+              "+callbacks.kill.where=test"]
+    SlowTest.batches = 0
+    with pytest.raises(SystemExit) as stopped:
+        train(compose_config(common + faults, run_dir))
+    with capsys.disabled():  # measured, not asserted (machines differ)
+        print(f"\nSIGTERM in the final evaluation: exit {time.monotonic() - SlowTest.ended:.2f} s later")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at step 60" in capsys.readouterr().err
+    # the evaluation stopped at the batch the signal came in (Lightning's SIGTERM handler of the test
+    # stage would have run all 30-odd batches, then ended with status 0 and no metrics)
+    assert SlowTest.batches == 1
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 60
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = run_training(run_dir, [*common, f"ckpt_path={run_dir}"])  # the wrap-up, done on resume
+    assert resumed["status"] == "completed" and resumed["steps"] == 60 and "test_loss" in resumed

@@ -9,10 +9,12 @@ the same step count and losses:
 - (a) a 2-job ``hydra/launcher=slurm`` sweep, identical but for the names; one job is pre-empted with
   SIGUSR1 after its first checkpoint, requeued and resumed; the other is left alone;
 - (b) ``torchrun --nnodes=2``, one agent in each node's namespace, c10d rendezvous;
-- (c) ``sbatch`` + ``srun python train.py`` without ``hydra.run.dir``, pre-empted and requeued: it
-  continues in the folder it started;
-and (d) ``srun`` starting a ``torchrun`` agent of two processes on each node (4 processes) agrees
-on its world and trains. Then (e) a sweep job that FAILED before train.py ends the sweep driver's
+- (c) ``sbatch`` + ``srun python train.py`` without ``hydra.run.dir``, its batch shell trapping
+  SIGUSR1 as ``conf/trainer/multinode.yaml`` shows, pre-empted with ``scancel --signal=USR1 --full``
+  (the batch shell gets it too) and requeued: it continues in the folder it started;
+and (d) ``srun`` starting a ``torchrun`` agent of two processes on each node (4 processes) and (f)
+``torchrun`` of two processes run by the batch script itself (one SLURM task) agree on their world
+and train. Then (e) a sweep job that FAILED before train.py ends the sweep driver's
 wait within a minute, with the job's error (submitit reads the state from accounting); the sweep of
 (a) over its own folder with another setting is refused on every process of every job; two Optuna
 workers share one PostgreSQL study."""
@@ -61,9 +63,10 @@ def sacct(job: str, fields: str) -> str:
     return done.stdout.strip()
 
 
-def preempt_at_first_checkpoint(root: Path, pattern: str) -> tuple[str, str, Path]:
+def preempt_at_first_checkpoint(root: Path, pattern: str, full: bool = False) -> tuple[str, str, Path]:
     """Waits for the first ``root/<pattern>/checkpoints/last.ckpt`` and sends SIGUSR1 to that run's
-    SLURM job (its processes, as SLURM does before the time limit); returns the job's id (as
+    SLURM job (its processes, as SLURM does before the time limit; ``full``: its batch shell too, as
+    ``--signal=B:USR1@120`` does); returns the job's id (as
     ``SLURM_JOB_ID`` gives it), its name for scancel and sacct (``<array>_<task>`` in a job array:
     an array task's own id can be the array's, which names every task) and the run's folder."""
     run = wait_for(lambda: next((p.parents[1] for p in root.glob(f"{pattern}/checkpoints/last.ckpt")), None),
@@ -71,7 +74,7 @@ def preempt_at_first_checkpoint(root: Path, pattern: str) -> tuple[str, str, Pat
     job = json.loads((run / ".hydra" / "slurm.json").read_text())["job_id"]
     queue = subprocess.run(["squeue", "-h", "-o", "%A %i"], capture_output=True, text=True, check=True, timeout=60)
     name = dict(line.split() for line in queue.stdout.splitlines())[job]
-    subprocess.run(["scancel", "--signal=USR1", name], check=True, timeout=60)
+    subprocess.run(["scancel", "--signal=USR1", *(["--full"] if full else []), name], check=True, timeout=60)
     return job, name, run
 
 
@@ -83,6 +86,13 @@ def made_up_names(path: Path) -> Path:
     return path
 
 
+def batch_shell_lines() -> tuple[str, str]:
+    """The batch script's trap and wait lines that conf/trainer/multinode.yaml tells users to write."""
+    lines = [line[len("#   "):] for line in (REPO / "conf" / "trainer" / "multinode.yaml").read_text().splitlines()
+             if line.startswith("#   ")]
+    return next(line for line in lines if line.startswith("trap ")), next(line for line in lines if line.startswith("wait "))
+
+
 @dataclass
 class Launches:
     root: Path
@@ -92,6 +102,7 @@ class Launches:
     torchrun: list[subprocess.Popen]
     srun_job: str
     srun_torchrun_job: str
+    torchrun_in_sbatch_job: str
     preempted: dict[str, Future]
     sweep_output: list[str] = field(default_factory=list)
 
@@ -122,7 +133,7 @@ def same_run(metrics: dict, alone: dict) -> None:
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
-    """(a), (b) and (c) started together, so that the requeues' waits overlap the other runs."""
+    """(a), (b), (c), (d) and (f) started together, so that the requeues' waits overlap the other runs."""
     root = tmp_path_factory.mktemp("launches")
     names = made_up_names(root / "names.txt")
     data = [f"data.path={names}", f"paths.data_dir={root / 'data'}"]
@@ -137,12 +148,14 @@ def launches(tmp_path_factory):
          "train.py", *MULTINODE, *TRAINING, *data, "name=torchrun", f"hydra.run.dir={root / 'torchrun'}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in NODES]
 
-    # as a user writes it: no hydra.run.dir, the job requeueable, run from its own project folder
+    # as a user writes it: no hydra.run.dir, the job requeueable, run from its own project folder, and
+    # the batch shell trapping SIGUSR1 as conf/trainer/multinode.yaml shows (it gets the signal too)
     srun_dir = root / "srun"
     srun_dir.mkdir()
     script = srun_dir / "job.sh"
-    script.write_text("#!/bin/bash\n" + " ".join(["srun", sys.executable, str(REPO / "train.py"), *MULTINODE,
-                                                  *TRAINING, *data, "name=srun"]) + "\n")
+    trap, wait = batch_shell_lines()
+    script.write_text("\n".join(["#!/bin/bash", trap, " ".join(["srun", sys.executable, str(REPO / "train.py"),
+                                  *MULTINODE, *TRAINING, *data, "name=srun", "& step=$!"]), wait]) + "\n")
     srun_job = subprocess.run(
         ["sbatch", "--parsable", f"--chdir={srun_dir}", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
          "--mem=1G", "--requeue", "--open-mode=append", f"--output={srun_dir}/slurm-%j.out", str(script)],
@@ -163,10 +176,24 @@ def launches(tmp_path_factory):
          "--mem=1G", "--time=10", f"--output={torchrun_dir}/slurm-%j.out", str(script)],
         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
 
+    # (f) torchrun inside sbatch: the batch script's one SLURM task runs a torchrun agent of two processes
+    inside_dir = root / "torchrun-in-sbatch"
+    inside_dir.mkdir()
+    script = inside_dir / "job.sh"
+    script.write_text("#!/bin/bash\n" + " ".join(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(REPO / "train.py"),
+         *MULTINODE, "trainer.num_nodes=1", "trainer.devices=2", *TRAINING, "trainer.max_steps=200", *data,
+         "name=torchrun-in-sbatch", f"hydra.run.dir={inside_dir / 'run'}"]) + "\n")
+    torchrun_in_sbatch_job = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={inside_dir}", "--nodes=1", "--ntasks=1", "--cpus-per-task=2", "--mem=1G",
+         "--time=10", f"--output={inside_dir}/slurm-%j.out", str(script)],
+        capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
     with ThreadPoolExecutor(max_workers=2) as pool:
         preempted = {"sweep": pool.submit(preempt_at_first_checkpoint, root / "sweep", "1-name=preempted"),
-                     "srun": pool.submit(preempt_at_first_checkpoint, srun_dir / "outputs" / "runs", "*/*/*")}
-        yield Launches(root, data, sweep_command, sweep, torchrun, srun_job, srun_torchrun_job, preempted)
+                     "srun": pool.submit(preempt_at_first_checkpoint, srun_dir / "outputs" / "runs", "*/*/*", True)}
+        yield Launches(root, data, sweep_command, sweep, torchrun, srun_job, srun_torchrun_job, torchrun_in_sbatch_job,
+                       preempted)
     for process in (sweep, *torchrun):
         if process.poll() is None:
             process.kill()
@@ -219,6 +246,15 @@ def test_d_srun_starting_a_torchrun_agent_on_each_node_agrees_on_four_processes(
     assert state == "COMPLETED", log[-4000:]
     metrics = json.loads((launches.root / "srun-torchrun" / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 4 and metrics["steps"] == 200 and metrics["status"] == "completed"
+
+
+def test_f_torchrun_inside_sbatch_agrees_on_its_two_processes_not_on_slurms_one_task(launches):
+    job = launches.torchrun_in_sbatch_job
+    state = wait_for(lambda: (s := sacct(job, "State")) in ENDED and s, f"end of job {job}", timeout=1500)
+    log = "".join(p.read_text() for p in (launches.root / "torchrun-in-sbatch").glob("slurm-*.out"))
+    assert state == "COMPLETED", log[-4000:]
+    metrics = json.loads((launches.root / "torchrun-in-sbatch" / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 200 and metrics["status"] == "completed"
 
 
 def test_e_a_failed_job_ends_the_sweep_drivers_wait_with_its_error(tmp_path):
