@@ -226,12 +226,17 @@ def test_b_torchrun_with_an_agent_on_each_node_ends_where_the_slurm_job_ends(lau
     same_run(json.loads((launches.root / "torchrun" / "metrics.json").read_text()), launches.alone())
 
 
+def completed(job: str, folder: Path) -> None:
+    """Wait for the batch job to end, and check that it COMPLETED (else fail with its output's end)."""
+    state = wait_for(lambda: (s := sacct(job, "State")) in ENDED and s, f"end of job {job}", timeout=1500)
+    log = "".join(p.read_text() for p in folder.glob("slurm-*.out"))
+    assert state == "COMPLETED", log[-4000:]
+
+
 def test_c_sbatch_and_srun_without_a_run_dir_continue_in_the_same_folder_when_requeued(launches):
     job, _, run = launches.preempted["srun"].result(timeout=900)
     assert job == launches.srun_job
-    state = wait_for(lambda: (s := sacct(job, "State")) in ENDED and s, f"end of job {job}", timeout=1500)
-    log = "".join(p.read_text() for p in (launches.root / "srun").glob("slurm-*.out"))
-    assert state == "COMPLETED", log[-4000:]
+    completed(job, launches.root / "srun")
     folders = sorted(p.parents[1].relative_to(launches.root) for p in (launches.root / "srun").rglob(".hydra/config.yaml"))
     assert folders == [run.relative_to(launches.root)], f"the requeued job ran in {folders}, not only in {run}"
     assert json.loads((run / ".hydra" / "slurm.json").read_text()) == {"job_id": job, "restart_count": 1}
@@ -240,19 +245,13 @@ def test_c_sbatch_and_srun_without_a_run_dir_continue_in_the_same_folder_when_re
 
 
 def test_d_srun_starting_a_torchrun_agent_on_each_node_agrees_on_four_processes(launches):
-    job = launches.srun_torchrun_job
-    state = wait_for(lambda: (s := sacct(job, "State")) in ENDED and s, f"end of job {job}", timeout=1500)
-    log = "".join(p.read_text() for p in (launches.root / "srun-torchrun").glob("slurm-*.out"))
-    assert state == "COMPLETED", log[-4000:]
+    completed(launches.srun_torchrun_job, launches.root / "srun-torchrun")
     metrics = json.loads((launches.root / "srun-torchrun" / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 4 and metrics["steps"] == 200 and metrics["status"] == "completed"
 
 
 def test_f_torchrun_inside_sbatch_agrees_on_its_two_processes_not_on_slurms_one_task(launches):
-    job = launches.torchrun_in_sbatch_job
-    state = wait_for(lambda: (s := sacct(job, "State")) in ENDED and s, f"end of job {job}", timeout=1500)
-    log = "".join(p.read_text() for p in (launches.root / "torchrun-in-sbatch").glob("slurm-*.out"))
-    assert state == "COMPLETED", log[-4000:]
+    completed(launches.torchrun_in_sbatch_job, launches.root / "torchrun-in-sbatch")
     metrics = json.loads((launches.root / "torchrun-in-sbatch" / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 200 and metrics["status"] == "completed"
 
