@@ -251,8 +251,11 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(name, name
         assert process.returncode != 0, err[-3000:]
         assert message in out + err, err[-3000:]
         # the first process, waiting in the process group for the child, was ended by Lightning's
-        # observer, and its train.log says which process ended it
-        assert "terminated with code 1" in (run_dir / "train.log").read_text()
+        # observer; its train.log says which process ended it, and why
+        log = (run_dir / "train.log").read_text()
+        assert "terminated with code 1" in log
+        said = [line for line in log.splitlines() if "process 1 of 2 failed before its trainer set up" in line]
+        assert said and message in said[0], log[-3000:]
         print(f"\n{name}: every process ended {time.monotonic() - started:.0f} s after the start")
         return
     if how == "slurm":

@@ -74,7 +74,8 @@ class Start:
 
 
 def describe(err: BaseException) -> str:
-    return str(err) if isinstance(err, GenlabError) else f"{type(err).__name__}: {err}"
+    """One line: a library's message (Hydra's for a target that failed spans two) joined."""
+    return str(err) if isinstance(err, GenlabError) else " ".join(f"{type(err).__name__}: {err}".split())
 
 
 def refusal(err: BaseException) -> Start:

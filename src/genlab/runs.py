@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from genlab.errors import CheckpointError, ConfigError, FolderTaken
 from genlab.outputs import NoFollowFileHandler, atomic_write_text, check_writable_folder, open_no_follow, remove_temporaries
 from genlab.plan import PLAN_FILE, Plan
-from genlab.ranks import Ranks, Start, refusal
+from genlab.ranks import Ranks, Start, describe, refusal
 from genlab.runtime import choice, hydra_config, in_sweep, task_overrides
 from genlab.trust import read_json
 
@@ -276,7 +276,25 @@ class RunFolder:
             exc.genlab_owned_folder = self.claimed  # where a sweep records it (genlab.sweeps)
         if self.primary and exc is not None and not self.ranks.published:
             self.ranks.publish(refusal(exc))  # refused before the claim: every process stops with this
+        elif not self.primary and exc is not None and not isinstance(exc, SystemExit) and self.ranks.store is None:
+            self.record_early_failure(exc)
         self.close()
+
+    def record_early_failure(self, exc: BaseException) -> None:
+        """A process Lightning started that fails before its trainer sets up has no store to tell the
+        first process (``genlab.ranks``), which waits in the process group's set-up until Lightning's
+        launcher ends it: the message goes into the run's train.log (appended to, never created)."""
+        if not (self.path / "train.log").is_file():
+            return  # the first process has not claimed the folder: it refused, and every process knows
+        launch = self.ranks.launch
+        message = f"process {launch.rank} of {launch.world} failed before its trainer set up: {describe(exc)}"
+        try:
+            handler = NoFollowFileHandler(self.path / "train.log", encoding="utf-8")
+        except (OSError, ConfigError):  # gone, or a link: the console has the message all the same
+            return
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.handle(logging.getLogger("genlab").makeRecord("genlab", logging.ERROR, __file__, 0, message, None, None))
+        handler.close()
 
 
 def owned_folder(err: BaseException) -> bool:
