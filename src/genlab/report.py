@@ -265,7 +265,9 @@ def report_context(root: Path, runs: list[Run]) -> dict:
             "steps": str(run.metrics.get("steps", "-")), "time": seconds_text([run.metrics.get("train_seconds")]),
             "hardware": hardware(run), "metrics_uri": data_uri(run.metrics)})
     record = read_json(root / "reproduce.json") or {}
+    machines = {hardware(run) for run in runs}
     return {
+        "hardware": machines.pop() if len(machines) == 1 else None,  # the same for every run: said once
         "title": root.resolve().name, "root": str(root), "rows": rows, "sections": sections,
         "runs": run_rows, "figures_shown": [f for f in FIGURES if any(f in r.metrics for r in runs)],
         "swept": swept, "settings": settings_table(runs, swept),
