@@ -33,8 +33,9 @@ from genlab.models.compiled_update import CUDA_GRAPH_MODES, CompiledUpdate, pad_
 from genlab.precision import uses_cuda
 
 LIGHTNING_TESTED = ">=2.6,<2.7"
-# Lightning's fixed work per step (its loops, hooks, logging, the progress bar, genlab's callbacks), an
-# upper estimate of the "ms per Lightning step" of docs/performance.md's model.updates_per_step=1 row
+# Lightning's fixed work per step (its loops, hooks, logging, the progress bar, genlab's callbacks): an
+# upper estimate of the "ms per Lightning step" that docs/performance.md's benchmark table measures
+# (its model.updates_per_step=1 row), kept above it for slower machines than the table's
 LIGHTNING_STEP_SECONDS = 0.004
 MAX_STEP_SHARE = 0.02  # updates_per_step=auto keeps Lightning's share of the time under this
 AUTO_COUNT_VARIABLE = "GENLAB_AUTO_UPDATES_PER_STEP"  # auto's count, for the processes Lightning starts
