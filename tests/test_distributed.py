@@ -233,6 +233,48 @@ FAULTS = {  # name: (how launched, the command's extra settings, a folder prepar
 }
 
 
+def test_processes_failing_at_once_tell_the_first_failure_whichever_wins():
+    """A non-finite gradient, averaged over the processes, makes every loss non-finite: both fail
+    together. Whichever records first, the other says it followed that one, and the first does not
+    wait out its acknowledgement time (the real race, with torchrun, is in the test below)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from genlab.errors import GenlabError
+    from genlab.ranks import ACK_S, Launch, Ranks
+
+    for attempt in range(10):
+        store = dist.TCPStore("127.0.0.1", free_port(), 2, is_master=True, wait_for_workers=False)
+        processes = []
+        for rank in range(2):
+            ranks = Ranks()
+            ranks.launch, ranks.store, ranks.prefix = Launch(rank=rank, world=2, apart=True), store, f"t{attempt}/"
+            processes.append(ranks)
+        together, ends = threading.Barrier(2), [None, None]
+
+        def fail(rank):
+            together.wait()
+            started = time.monotonic()
+            try:
+                processes[rank].__exit__(RuntimeError, RuntimeError(f"loss nan on {rank}"), None)
+                ends[rank] = ("own", time.monotonic() - started)
+            except GenlabError as err:
+                ends[rank] = (str(err), time.monotonic() - started)
+
+        threads = [threading.Thread(target=fail, args=(rank,)) for rank in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        first = [rank for rank in range(2) if ends[rank][0] == "own"]
+        assert len(first) == 1, ends
+        follower = 1 - first[0]
+        assert ends[follower][0] == (f"process {first[0]} of 2 failed, so this one stopped too: "
+                                     f"RuntimeError: loss nan on {first[0]}"), ends
+        assert ends[first[0]][1] < ACK_S, ends  # acknowledged, not timed out
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_a_failure_on_one_process_ends_every_process_with_its_message(name, names_file, tmp_path):
     how, fault, prepared, message = FAULTS[name]

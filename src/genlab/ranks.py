@@ -227,16 +227,23 @@ class Ranks(L.Callback):
             if exc is None or isinstance(exc, SystemExit):
                 self._leave()
                 return
+            # a launcher ends the others' processes once one ends (torchrun's agent, srun): this
+            # one's message still comes first, its own ending is the one left
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
             other = self.failure()
+            if other is None or other["rank"] == self.launch.rank:
+                other = self.fail(exc)
+            if other is None:
+                return
+            # this one only followed another, or failed as it did (a non-finite gradient, averaged
+            # over the processes, reaches every loss): the launch tells one story, the first failure's
+            self.store.add(self.prefix + "seen", 1)
         except RuntimeError:  # the store went away with the first process: nothing to share
             return
-        if other is not None and other["rank"] != self.launch.rank:  # this one only followed it
-            self.store.add(self.prefix + "seen", 1)
-            message = self.failure_message(other)
-            if not self._recorded:
-                record(message)
-            raise GenlabError(message) from None
-        self.fail(exc)
+        message = self.failure_message(other)
+        if not self._recorded:
+            record(message)
+        raise GenlabError(message) from None
 
     def _leave(self) -> None:
         """A process that ends well says so; the first, which may serve the store, waits for the
@@ -332,23 +339,23 @@ class Ranks(L.Callback):
     def failure_message(self, failure: dict) -> str:
         return f"process {failure['rank']} of {self.launch.world} failed, so this one stopped too: {failure['message']}"
 
-    def fail(self, exc: BaseException) -> None:
-        """Tell the others, and give them the time to read it (the first process serves the store)."""
+    def fail(self, exc: BaseException) -> dict | None:
+        """Tell the others, and give them the time to read it (the first process serves the store);
+        where another process failed first, its failure is returned, for this one to follow."""
         from genlab.stopping import RunInterrupted
 
-        # a launcher ends the others' processes once one ends (torchrun's agent, srun): this one's
-        # message still comes first, its own ending is the one left
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         message = f"stopped by {exc} on its own" if isinstance(exc, RunInterrupted) else describe(exc)
         record = json.dumps({"rank": self.launch.rank, "message": message})
         try:
-            if self.store.compare_set(self.prefix + "failed", "", record).decode() != record:
-                return  # another failed first: the others follow that one
+            first = self.store.compare_set(self.prefix + "failed", "", record).decode()
+            if first != record:
+                return json.loads(first)
             deadline = time.monotonic() + ACK_S
             while int(self.store.add(self.prefix + "seen", 0)) < self.launch.world - 1 and time.monotonic() < deadline:
                 time.sleep(POLL_S)
         except RuntimeError:  # the store is gone with its process: the others noticed that
             pass
+        return None
 
     def _watch(self) -> None:
         self._watcher = threading.Thread(target=self._watching, name="genlab-ranks", daemon=True)
@@ -360,16 +367,27 @@ class Ranks(L.Callback):
             while not self._ended.wait(POLL_S):
                 failure = self.failure(store)
                 if failure is not None and failure["rank"] != self.launch.rank:
-                    store.add(self.prefix + "seen", 1)
-                    self._end(self.failure_message(failure))
+                    break
+            else:
+                return
         except RuntimeError as err:  # the store's process ended without a word
             if not self._ended.is_set():
                 self._end(f"the first process of this run ended without a word (its store went away: {err}); "
                           "see its log")
+            return
+        # said before the failing process hears it was seen: once that one ends, its launcher may
+        # end this one (torchrun's agent sends SIGTERM) before it could say why
+        self._end(self.failure_message(failure), seen=store)
 
-    def _end(self, message: str) -> None:
-        """End this process now: its main thread may wait in a collective that never completes."""
-        record(message)
+    def _end(self, message: str, seen: dist.Store | None = None) -> None:
+        """Say why, then end this process now: its main thread may wait in a collective that never
+        completes."""
         print(f"error: {message}", file=sys.stderr, flush=True)
+        record(message)
+        if seen is not None:
+            try:
+                seen.add(self.prefix + "seen", 1)
+            except RuntimeError:  # the failing process stopped waiting
+                pass
         logging.shutdown()
         os._exit(1)
