@@ -9,11 +9,11 @@ gpt (divina_gpt_cpu), shakespeare_gpt (nanoGPT's CPU recipe), lstm, gru, dcgan.
 
 Prints both speeds in optimizer updates per second and tokens/s (the DCGAN: images/s; the GPT
 also the achieved FLOP/s against this machine's measured matmul FLOP/s), the validation loss each
-side reaches after the same updates (``model.compile=true`` must train the same model as the eager
+side reaches after the same updates (``loop.compile=true`` must train the same model as the eager
 loop, within noise), and on the last line ``ratio=<framework/plain>``: the median of the rounds'
 ratios (one round that the machine's other work slows does not move it). Each side goes first in
 every other round (whichever runs first in a round tends to be faster on a shared machine), so
-an even number of rounds balances the order. With ``model.compile=true`` where the whole update
+an even number of rounds balances the order. With ``loop.compile=true`` where the whole update
 compiles, a third side runs the plain loop with the compiled update in place of the eager one: the
 compiled graph's speed without the framework around it. The framework
 side runs with logging (TensorBoard), the progress bar, validation, checkpointing and the insight
@@ -183,7 +183,7 @@ def plain_speed(model, cfg, batches, datamodule):
     """The same network and optimizer in the loop a PyTorch user would write by hand."""
 
     def eager_update(model, optimizer):
-        clip = model.hparams.get("grad_clip")
+        clip = model.loop.grad_clip
 
         def update(x, y):
             logits = model.training_forward(x, y)  # the model's forward (WaveNet: with the padding mask)
@@ -200,11 +200,11 @@ def plain_speed(model, cfg, batches, datamodule):
 
 
 def compiled_loop_speed(model, cfg, batches, datamodule):
-    """The plain loop with ``model.compile``'s whole-update graph in place of its eager update: what
+    """The plain loop with ``loop.compile``'s whole-update graph in place of its eager update: what
     the compiled update reaches without the framework around it (the ceiling for genlab's side)."""
 
     def compiled_update(model, optimizer):
-        return CompiledUpdate(model, optimizer, model.hparams.get("grad_clip"), datamodule.training_widths(),
+        return CompiledUpdate(model, optimizer, model.loop.grad_clip, datamodule.training_widths(),
                               model.compile_mode())
 
     return loop_speed(model, cfg, batches, datamodule, compiled_update)
@@ -302,7 +302,7 @@ def measure(argv: list[str]) -> dict:
           f"{per_update:.1f} {unit} per update, {torch.get_num_threads()} threads, "
           f"{k} update(s) per Lightning step")
 
-    # model.compile=true where the framework compiles the whole update: its graph alone, too
+    # loop.compile=true where the framework compiles the whole update: its graph alone, too
     compiled_alone = model.kind == "text" and model.compile_mode() is not None and model.whole_update_compiles()
     results = {"plain": [], "framework": [], **({"compiled": []} if compiled_alone else {})}
     with tempfile.TemporaryDirectory() as tmp:
@@ -348,11 +348,11 @@ def measure(argv: list[str]) -> dict:
 TABLE_ROWS = [
     "model=mlp steps=3000 rounds=3",
     # one update per Lightning step: Lightning's own cost per step (genlab.steps.LIGHTNING_STEP_SECONDS)
-    "model=mlp model.updates_per_step=1 steps=1000 rounds=3",
-    "model=mlp model.compile=true steps=3000 rounds=2",
+    "model=mlp loop.updates_per_step=1 steps=1000 rounds=3",
+    "model=mlp loop.compile=true steps=3000 rounds=2",
     "model=bigram steps=3000 rounds=3",
     "model=wavenet steps=1000 rounds=2",
-    "model=wavenet model.compile=true steps=1000 rounds=2",
+    "model=wavenet loop.compile=true steps=1000 rounds=2",
     "model=lstm steps=300 rounds=2",
     "model=gru steps=300 rounds=2",
     "model=shakespeare_gpt steps=60 rounds=2",
@@ -382,7 +382,7 @@ def table_row(command: str, figures: dict, hardware: str, commit: str) -> str:
     # best against best: a round that a stall of the machine hits moves the median of two rounds, not this
     ratios = figures["ratios"]
     ratio = f"{figures['framework'] / figures['plain']:.3f} ({min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)})"
-    if "model.updates_per_step=1" in command:  # what one Lightning step costs beyond its update
+    if "loop.updates_per_step=1" in command:  # what one Lightning step costs beyond its update
         ratio += f"; {1e3 * (1 / figures['framework'] - 1 / figures['plain']):.2f} ms per Lightning step"
     loss = ("" if figures["plain_val"] is None else
             f"{figures['plain_val']:.4f} / {figures['framework_val']:.4f}")

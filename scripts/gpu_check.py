@@ -1,10 +1,10 @@
 """``make gpu-check``: a short, offline check of genlab on one CUDA GPU (data from the mirror).
 
 Runs, each through ``genlab.train.train`` in this process, with ``trainer=gpu`` (its precision
-chosen by the card, ``model.updates_per_step: auto`` timed on it):
+chosen by the card, ``loop.updates_per_step: auto`` timed on it):
 
-- ``experiment=notebook_gpt`` for ``GPT_UPDATES`` updates: eager, with ``model.compile=true`` (the
-  whole update compiled ahead of time) and with ``model.compile=reduce-overhead`` (CUDA graphs);
+- ``experiment=notebook_gpt`` for ``GPT_UPDATES`` updates: eager, with ``loop.compile=true`` (the
+  whole update compiled ahead of time) and with ``loop.compile=reduce-overhead`` (CUDA graphs);
 - ``experiment=notebook_dcgan`` for ``DCGAN_STEPS`` steps: with ``data.num_workers=auto`` and with 4;
 
 The first line names the card, its compute capability and the precision chosen, torch's version
@@ -35,9 +35,9 @@ GPT_UPDATES = 300
 DCGAN_STEPS = 300
 RUNS = {
     "notebook_gpt": ["experiment=notebook_gpt", f"trainer.max_steps={GPT_UPDATES}"],
-    "notebook_gpt compiled": ["experiment=notebook_gpt", f"trainer.max_steps={GPT_UPDATES}", "model.compile=true"],
+    "notebook_gpt compiled": ["experiment=notebook_gpt", f"trainer.max_steps={GPT_UPDATES}", "loop.compile=true"],
     "notebook_gpt compiled, CUDA graphs": ["experiment=notebook_gpt", f"trainer.max_steps={GPT_UPDATES}",
-                                           "model.compile=reduce-overhead"],
+                                           "loop.compile=reduce-overhead"],
     "notebook_dcgan": ["experiment=notebook_dcgan", f"trainer.max_steps={DCGAN_STEPS}"],  # num_workers=auto
     # the same with half auto's ceiling of JPEG-decoding workers: does decoding hold the GPU back?
     "notebook_dcgan 4 workers": ["experiment=notebook_dcgan", f"trainer.max_steps={DCGAN_STEPS}", "data.num_workers=4"],

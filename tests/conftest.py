@@ -183,7 +183,7 @@ def compose_config(overrides: list[str], run_dir: Path):
 # How far below ln V (the loss of predicting every token alike) a test's short run must end to count
 # as having learned, in nats. An untrained language model scores ln V within a few hundredths
 # (measured: 0.04 below it at most); the tests' runs of 5-60 updates end 0.46 or more below it.
-# Their losses do not depend on the machine: they fix model.updates_per_step.
+# Their losses do not depend on the machine: they fix loop.updates_per_step.
 LEARNED = 0.25
 
 

@@ -64,7 +64,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     run_dir = tmp_path / "run"
     # the learning rate jumps to 1e36 after update 20: the weights overflow, just after a validation and checkpoint
     cfg = compose_config([f"data.path={names_file}", "optimizer=sgd", "scheduler=step", "scheduler.milestones=[20]",
-                          "scheduler.gamma=1e37", "model.updates_per_step=10", "val_every=20",
+                          "scheduler.gamma=1e37", "loop.updates_per_step=10", "val_every=20",
                           "trainer.max_steps=200", "num_samples=0", "logger=none"], run_dir)
     with pytest.raises(TrainingDiverged, match="became (nan|inf) at step 30"):
         train(cfg)
@@ -189,7 +189,7 @@ def test_a_language_model_on_image_data_names_both_options(tmp_path):
     (["optimizer.lr=-0.1"], "optimizer.lr must be a positive finite number"),
     (["optimizer.lr=nan"], "optimizer.lr must be a positive finite number"),
     (["num_samples=-2"], "num_samples must be a whole number"),
-    (["model.updates_per_step=7", "val_every=20"], "val_every=20 must be a multiple of model.updates_per_step=7"),
+    (["loop.updates_per_step=7", "val_every=20"], "val_every=20 must be a multiple of loop.updates_per_step=7"),
 ])
 def test_values_that_cannot_work(overrides, pattern, names_file, tmp_path):
     expect_error(tmp_path, [f"data.path={names_file}", *overrides], ConfigError, pattern)
@@ -224,7 +224,7 @@ def test_a_byte_order_mark_and_a_line_of_dashes_lose_no_name(tmp_path):
 
 def test_a_names_model_given_a_prompt_samples_whole_names_that_start_with_it(names_file, tmp_path):
     run_dir = tmp_path / "run"
-    run_training(run_dir, [f"data.path={names_file}", "model.updates_per_step=10", "trainer.max_steps=50",
+    run_training(run_dir, [f"data.path={names_file}", "loop.updates_per_step=10", "trainer.max_steps=50",
                            "val_every=50", "num_samples=0", "logger=none"])
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("sample", overrides=[f"ckpt_path={run_dir}", "prompt=ma", "num_samples=20"])
@@ -273,7 +273,7 @@ def test_cached_data_is_readable_by_others(tmp_path, mirror):
 
 
 def test_a_run_diverging_before_its_first_checkpoint_says_there_is_none(names_file, tmp_path):
-    cfg = compose_config([f"data.path={names_file}", "optimizer=sgd", "optimizer.lr=1e37", "model.updates_per_step=10",
+    cfg = compose_config([f"data.path={names_file}", "optimizer=sgd", "optimizer.lr=1e37", "loop.updates_per_step=10",
                           "val_every=100", "trainer.max_steps=200", "num_samples=0", "logger=none"], tmp_path / "run")
     with pytest.raises(TrainingDiverged, match="No checkpoint was saved before that"):
         train(cfg)
@@ -283,7 +283,7 @@ def test_compare_skips_a_corrupt_metrics_file_and_says_so(names_file, tmp_path, 
     from genlab.compare import compare
 
     outputs = tmp_path / "outputs"
-    run_training(outputs / "good", [f"data.path={names_file}", "model.updates_per_step=10", "trainer.max_steps=20",
+    run_training(outputs / "good", [f"data.path={names_file}", "loop.updates_per_step=10", "trainer.max_steps=20",
                                     "val_every=20", "num_samples=0", "logger=none"])
     (outputs / "broken").mkdir()
     (outputs / "broken" / "metrics.json").write_text('{"val_loss": 1.2')  # cut short

@@ -10,7 +10,7 @@ from conftest import hparams_of, run_eval, run_training
 from genlab.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from genlab.models.base import LanguageModel
 
-GPT = ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.updates_per_step=1"]
+GPT = ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "loop.updates_per_step=1"]
 
 
 def text_run(tmp_path, text_file, tokenizer: str, *extra) -> dict:

@@ -26,7 +26,7 @@ from genlab.figures import plot_curves
 from genlab.sample import sample
 from genlab.train import CONF_DIR, train
 
-TINY = ["model.n_hidden=16", "model.updates_per_step=10", "num_samples=0", "logger=none"]
+TINY = ["model.n_hidden=16", "loop.updates_per_step=10", "num_samples=0", "logger=none"]
 
 
 class RunsACommand:

@@ -1,4 +1,4 @@
-"""model.compile=true: the whole update compiled as one graph trains exactly what the eager update
+"""loop.compile=true: the whole update compiled as one graph trains exactly what the eager update
 trains (the same losses, parameters, BatchNorm statistics and optimizer state), whatever the
 optimizer's settings and the batch widths; options it does not write out are refused."""
 
@@ -125,7 +125,7 @@ def test_disabled_compile_caches_are_named_with_the_fix():
     model = MLP(tokenizer=TOKENIZER, seq_len=8)
     # the config's own patch: monkeypatch's undo would delete the setting from torch's config module
     with torch.compiler.config.patch(force_disable_caches=True):
-        with pytest.raises(ConfigError, match="unset TORCHINDUCTOR_FORCE_DISABLE_CACHES, or set model.compile=false"):
+        with pytest.raises(ConfigError, match="unset TORCHINDUCTOR_FORCE_DISABLE_CACHES, or set loop.compile=false"):
             CompiledUpdate(model, torch.optim.SGD(model.parameters(), lr=0.1), None)
     assert not torch.compiler.config.force_disable_caches
 
@@ -135,7 +135,7 @@ def test_an_unknown_compile_mode_is_refused_before_the_run_starts(tmp_path, name
 
     from genlab.train import train
 
-    cfg = compose_config([f"data.path={names_file}", "model.compile=fastest"], tmp_path / "run")
-    with pytest.raises(ConfigError, match="model.compile=fastest: use false, true or one of torch.compile's modes"):
+    cfg = compose_config([f"data.path={names_file}", "loop.compile=fastest"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="loop.compile=fastest: use false, true or one of torch.compile's modes"):
         train(cfg)
     assert not (tmp_path / "run").exists()

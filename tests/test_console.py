@@ -17,7 +17,7 @@ from conftest import REPO, compose_config, run_training
 from genlab.checks import validation_interval
 from genlab.console import result_summary
 
-QUIET = ["trainer.max_steps=200", "model.updates_per_step=50", "num_samples=2", "callbacks.insight=null", "threads=1"]
+QUIET = ["trainer.max_steps=200", "loop.updates_per_step=50", "num_samples=2", "callbacks.insight=null", "threads=1"]
 
 
 def test_the_console_shows_a_summary_progress_in_updates_and_no_library_noise(names_file, tmp_path):
@@ -50,7 +50,7 @@ def test_an_image_runs_summary_names_its_fid_and_kid():
 
 def test_progress_continues_from_the_resumed_update(names_file, tmp_path, caplog):
     run_dir = tmp_path / "run"
-    common = [f"data.path={names_file}", "model.updates_per_step=20", "num_samples=0", "logger=none",
+    common = [f"data.path={names_file}", "loop.updates_per_step=20", "num_samples=0", "logger=none",
               "callbacks.insight=null", "trainer.enable_progress_bar=true", "val_every=20"]
     run_training(run_dir, [*common, "trainer.max_steps=100"])
     caplog.clear()
@@ -69,7 +69,7 @@ def test_on_a_terminal_a_bar_counts_updates_to_the_true_total(names_file, tmp_pa
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=None: __import__("os").terminal_size((120, 40)))
-    run_training(tmp_path / "run", [f"data.path={names_file}", "model.updates_per_step=50", "trainer.max_steps=200",
+    run_training(tmp_path / "run", [f"data.path={names_file}", "loop.updates_per_step=50", "trainer.max_steps=200",
                                     "num_samples=0", "logger=none", "callbacks.insight=null",
                                     "trainer.enable_progress_bar=true"])
     shown = terminal.getvalue().replace("\r", "\n")

@@ -17,10 +17,10 @@ from conftest import REPO, hparams_of, training_loop
 
 from genlab.data.batches import FixedBatches, SequenceBatches, StreamBatches, WindowBatches
 
-TINY = ["model=mlp", "data.batch_size=8", "trainer.max_steps=200", "val_every=100", "model.updates_per_step=50",
+TINY = ["model=mlp", "data.batch_size=8", "trainer.max_steps=200", "val_every=100", "loop.updates_per_step=50",
         "num_samples=3", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "threads=1"]
-SHORT = ["trainer.max_steps=40", "val_every=20", "model.updates_per_step=5",
-         *(o for o in TINY if not o.startswith(("trainer.max_steps=", "val_every=", "model.updates_per_step=")))]
+SHORT = ["trainer.max_steps=40", "val_every=20", "loop.updates_per_step=5",
+         *(o for o in TINY if not o.startswith(("trainer.max_steps=", "val_every=", "loop.updates_per_step=")))]
 
 
 def batches_of(items) -> list[tuple]:

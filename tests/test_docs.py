@@ -446,7 +446,7 @@ def tiny_run(tmp_path_factory):
     from conftest import run_eval, run_training
 
     run = tmp_path_factory.mktemp("docs") / "run"
-    run_training(run, ["trainer.max_steps=4", "val_every=2", "model.updates_per_step=1",
+    run_training(run, ["trainer.max_steps=4", "val_every=2", "loop.updates_per_step=1",
                        f"data.path={REPO / 'tests' / 'data' / 'names.txt'}"])
     run_eval([f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
     return run

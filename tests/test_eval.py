@@ -13,7 +13,7 @@ from conftest import REPO, run_eval, run_training
 
 from genlab.errors import CheckpointError, ConfigError
 
-SMALL = ["model.updates_per_step=20", "trainer.max_steps=40", "val_every=20", "num_samples=0", "logger=none",
+SMALL = ["loop.updates_per_step=20", "trainer.max_steps=40", "val_every=20", "num_samples=0", "logger=none",
          "callbacks.insight=null"]
 
 
@@ -72,7 +72,7 @@ def test_help_lists_only_the_commands_own_options(script, own, foreign):
 
 def test_debug_profile_writes_where_the_time_went(names_file, tmp_path):
     run = tmp_path / "run"
-    run_training(run, [f"data.path={names_file}", "debug=profile", "trainer.max_steps=40", "model.updates_per_step=20",
+    run_training(run, [f"data.path={names_file}", "debug=profile", "trainer.max_steps=40", "loop.updates_per_step=20",
                        "num_samples=0", "logger=none", "callbacks.insight=null"])
     profile = (run / "fit-profile.txt").read_text()
     assert "run_training_batch" in profile

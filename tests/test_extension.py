@@ -41,7 +41,7 @@ class TinyVAE(ImageModel):
     """A variational autoencoder: a linear encoder to a Gaussian over z, a linear decoder."""
 
     def __init__(self, image_size: int, nz: int = 4, optimizer: dict | None = None, scheduler: dict | None = None,
-                 grid_every: int = 2, grid_size: int = 4, seed: int = 0, compile: bool = False):
+                 grid_every: int = 2, grid_size: int = 4, seed: int = 0):
         super().__init__(image_size, grid_every, grid_size, seed)
         self.save_hyperparameters()
         self.latent_shape = (nz,)
@@ -80,16 +80,16 @@ def sample_from(run_dir, *overrides):
 def test_sampling_a_model_of_ones_own_needs_its_class_named(names_file, tmp_path):
     """genlab imports no class that a checkpoint names: the user names their own (model_class=)."""
     run_dir = tmp_path / "run"
-    train_model({"_target_": "test_extension.TinyLM", "updates_per_step": 10}, run_dir,
-                [f"data.path={names_file}", "val_every=10", "trainer.max_steps=10"])
+    train_model({"_target_": "test_extension.TinyLM"}, run_dir,
+                [f"data.path={names_file}", "loop.updates_per_step=10", "val_every=10", "trainer.max_steps=10"])
     with pytest.raises(CheckpointError, match=r"'test_extension\.TinyLM', which is not one of genlab's models"):
         sample_from(run_dir)
     assert len(sample_from(run_dir, "num_samples=2", "model_class=test_extension.TinyLM")) == 2
 
 
 def test_a_language_model_defined_outside_the_package(names_file, tmp_path):
-    run_dir, model = tmp_path / "run", {"_target_": "test_extension.TinyLM", "n_embd": 8, "updates_per_step": 10}
-    data = [f"data.path={names_file}", "val_every=20", "optimizer.lr=0.03"]
+    run_dir, model = tmp_path / "run", {"_target_": "test_extension.TinyLM", "n_embd": 8}
+    data = [f"data.path={names_file}", "loop.updates_per_step=10", "val_every=20", "optimizer.lr=0.03"]
     first = train_model(model, run_dir, [*data, "trainer.max_steps=20"])
     assert first["status"] == "completed"
     assert_learned(first, run_dir)

@@ -34,7 +34,7 @@ def test_steady_clock_times_the_last_two_thirds_of_a_run(tmp_path, names_file):
     """The clock the check reads, on the CPU: it starts a third of the way in and stops at the last
     update, so its rate covers two thirds of the tokens trained on."""
     metrics = run_training(tmp_path / "run", [
-        "model=mlp", f"data.path={names_file}", "trainer.max_steps=60", "model.updates_per_step=5",
+        "model=mlp", f"data.path={names_file}", "trainer.max_steps=60", "loop.updates_per_step=5",
         "val_every=30", "logger=none", f"+callbacks.steady_clock._target_={SteadyClock.__module__}.SteadyClock"])
     clock = SteadyClock.latest
     assert clock.start is not None and clock.rate is not None and clock.rate > 0
@@ -54,6 +54,6 @@ def test_every_run_of_the_check_composes_and_passes_the_checks_on_a_gpu(fake_gpu
         check_config(cfg)
         assert resolve_precision(cfg).startswith("bf16-mixed, as NVIDIA H200") and cfg.trainer.accelerator == "gpu"
         assert cfg.trainer.max_steps == 300  # the command line's count, not the preset's
-        compiled[name] = cfg.model.compile
+        compiled[name] = cfg.loop.compile
     assert sorted(map(str, compiled.values())) == ["False", "False", "False", "True", "reduce-overhead"]
     assert len({run_config(name, tmp_path).paths.output_dir for name in RUNS}) == len(RUNS)

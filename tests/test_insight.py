@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from genlab.checkpoints import load_model
 from genlab.insight import pca_2d, window_means
 
-SMALL = ["trainer.max_steps=400", "val_every=200", "model.updates_per_step=100", "callbacks.insight.every_n_steps=200"]
+SMALL = ["trainer.max_steps=400", "val_every=200", "loop.updates_per_step=100", "callbacks.insight.every_n_steps=200"]
 
 
 def events(run):
@@ -80,5 +80,5 @@ def test_the_bigram_table_is_drawn_with_counts_and_probabilities(names_file, tmp
 def test_insight_can_be_turned_off(names_file, tmp_path):
     run = tmp_path / "run"
     run_training(run, ["model=mlp", f"data.path={names_file}", "trainer.max_steps=200", "val_every=200",
-                       "model.updates_per_step=100", "callbacks.insight=null"])
+                       "loop.updates_per_step=100", "callbacks.insight=null"])
     assert not (run / "insight").exists()

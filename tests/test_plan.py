@@ -21,7 +21,7 @@ from genlab.outputs import atomic_torch_save, atomic_write_text
 from genlab.plan import resolve
 from genlab.train import train
 
-SMALL = ["model.updates_per_step=10", "model.n_hidden=32", "trainer.max_steps=20", "val_every=20", "num_samples=0",
+SMALL = ["loop.updates_per_step=10", "model.n_hidden=32", "trainer.max_steps=20", "val_every=20", "num_samples=0",
          "logger=csv"]
 
 

@@ -34,7 +34,7 @@ STEPS = int(os.environ.get("GENLAB_PLAN_STEPS", 20))
 SEED = int(os.environ.get("GENLAB_PLAN_SEED", 34))
 SIGNAL = "GENLAB_TEST_PLAN_SIGNAL"  # "<folder name>:<signal number>:<batch>": EnvSignal's target
 # the tiniest run that validates and checkpoints: 4 Lightning steps of 5 updates
-TINY = ["model=mlp", "model.n_embd=2", "model.n_hidden=8", "model.updates_per_step=5", "val_every=10",
+TINY = ["model=mlp", "model.n_embd=2", "model.n_hidden=8", "loop.updates_per_step=5", "val_every=10",
         "data.batch_size=8", "num_samples=0", "logger=csv", "callbacks.insight=null", "threads=1",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         f"+callbacks.kill._target_={__name__}.EnvSignal"]

@@ -69,7 +69,7 @@ def test_the_run_summary_names_the_precision_and_why(fake_gpus, tmp_path):
 
 def test_auto_on_the_cpu_is_float32_and_the_run_records_it(names_file, tmp_path):
     run_dir = tmp_path / "run"
-    metrics = run_training(run_dir, [f"data.path={names_file}", "trainer.precision=auto", "model.updates_per_step=5",
+    metrics = run_training(run_dir, [f"data.path={names_file}", "trainer.precision=auto", "loop.updates_per_step=5",
                                      "trainer.max_steps=10", "val_every=10", "num_samples=0", "logger=none"])
     assert metrics["status"] == "completed"
     assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").trainer.precision == "32-true"
@@ -92,8 +92,8 @@ def test_trainer_gpu_on_a_mac_points_to_trainer_mps(names_file, monkeypatch, tmp
 
 
 @pytest.mark.parametrize("override, refusal", [
-    ("model.compile=true", "model.compile=True does not run on trainer=mps.*set model.compile=false"),
-    ("model.compile=reduce-overhead", "model.compile=reduce-overhead does not run on trainer=mps"),
+    ("loop.compile=true", "loop.compile=True does not run on trainer=mps.*set loop.compile=false"),
+    ("loop.compile=reduce-overhead", "loop.compile=reduce-overhead does not run on trainer=mps"),
     ("trainer.precision=bf16-mixed", "trainer.precision=bf16-mixed does not run on trainer=mps.*32-true or 16-mixed"),
     ("+trainer.strategy=ddp", "trainer=mps trains on one device"),
     ("trainer.devices=2", "trainer=mps trains on one device")])

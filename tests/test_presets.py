@@ -50,7 +50,7 @@ def test_a_preset_trains_two_updates(preset, faces, tmp_path, mirror):
     if network == "DCGAN":
         overrides.append(f"data.root={faces}")
     else:
-        overrides.append("model.updates_per_step=1")
+        overrides.append("loop.updates_per_step=1")
     metrics = run_training(tmp_path / "run", overrides)
     assert metrics["status"] == "completed"
     assert metrics["steps"] == 2 or (network == "Bigram" and metrics["steps"] > 2)  # counting: one pass

@@ -19,8 +19,8 @@ from genlab.runs import RunFolder
 from genlab.train import train
 
 MODELS = {
-    "mlp": ["model=mlp", "model.n_hidden=32", "model.updates_per_step=10"],
-    "lstm": ["model=lstm", "model.n_hidden=32", "model.dropout=0.2", "model.updates_per_step=10", "data=divina", "data.sampling=sequential",
+    "mlp": ["model=mlp", "model.n_hidden=32", "loop.updates_per_step=10"],
+    "lstm": ["model=lstm", "model.n_hidden=32", "model.dropout=0.2", "loop.updates_per_step=10", "data=divina", "data.sampling=sequential",
              "data.seq_len=16", "data.batch_size=4"],
     "gpt": ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.dropout=0.2",
             "data=divina", "data.seq_len=16", "data.batch_size=4"],
@@ -48,7 +48,7 @@ def test_resume_continues_exactly(name, names_file, text_file, tmp_path):
 
 def test_a_checkpoint_of_another_model_is_refused(names_file, tmp_path):
     run_dir = tmp_path / "mlp"
-    run_training(run_dir, [f"data.path={names_file}", "model.updates_per_step=10", "trainer.max_steps=20",
+    run_training(run_dir, [f"data.path={names_file}", "loop.updates_per_step=10", "trainer.max_steps=20",
                            "val_every=20", "num_samples=0", "logger=none"])
     cfg = compose_config([f"data.path={names_file}", "model=gpt", f"ckpt_path={run_dir}"], tmp_path / "gpt")
     with pytest.raises(CheckpointError, match="holds a MLP model.*is a GPT"):
@@ -59,7 +59,7 @@ def test_a_checkpoint_of_another_model_is_refused(names_file, tmp_path):
 def test_unreadable_checkpoints_are_refused(content, names_file, tmp_path):
     bad = tmp_path / "bad.ckpt"
     if content is None:  # a real checkpoint cut short, as by a killed copy
-        run_training(tmp_path / "run", [f"data.path={names_file}", "model.updates_per_step=10",
+        run_training(tmp_path / "run", [f"data.path={names_file}", "loop.updates_per_step=10",
                                         "trainer.max_steps=20", "val_every=20", "num_samples=0", "logger=none"])
         content = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()[:2000]
     bad.write_bytes(content)
@@ -70,7 +70,7 @@ def test_unreadable_checkpoints_are_refused(content, names_file, tmp_path):
 
 
 def test_same_seed_same_metrics_and_seed_zero_is_valid(names_file, tmp_path):
-    common = [f"data.path={names_file}", "model.updates_per_step=10", "trainer.max_steps=60", "val_every=30",
+    common = [f"data.path={names_file}", "loop.updates_per_step=10", "trainer.max_steps=60", "val_every=30",
               "num_samples=0", "logger=none", "seed=0", "data.seed=0"]
     first = run_training(tmp_path / "a", common)
     second = run_training(tmp_path / "b", common)
@@ -81,7 +81,7 @@ def test_same_seed_same_metrics_and_seed_zero_is_valid(names_file, tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_a_checkpoint_prints_the_resume_command_and_resumes(signum, names_file, tmp_path):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "train.py", f"data.path={names_file}", "model.updates_per_step=10",
+    args = [sys.executable, "train.py", f"data.path={names_file}", "loop.updates_per_step=10",
             "trainer.max_steps=100000000", "val_every=100000", "num_samples=0", f"hydra.run.dir={run_dir}",
             "trainer.enable_progress_bar=false"]
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -107,7 +107,7 @@ def test_a_signal_saves_a_checkpoint_prints_the_resume_command_and_resumes(signu
 
 
 # --- a signal wherever it lands -------------------------------------------------------------------
-STOPPABLE = ["model.updates_per_step=10", "trainer.max_steps=60", "val_every=20", "num_samples=3", "logger=csv"]
+STOPPABLE = ["loop.updates_per_step=10", "trainer.max_steps=60", "val_every=20", "num_samples=3", "logger=csv"]
 
 
 @pytest.mark.parametrize("where, saved_step", [("train", 10), ("validation", 20), ("test", 60)])
@@ -147,7 +147,7 @@ def test_the_resume_command_printed_after_a_late_sigterm_finishes_the_run(names_
 
 
 # --- one run per folder ---------------------------------------------------------------------------
-SMALL = ["model.updates_per_step=10", "model.n_hidden=32", "trainer.max_steps=20", "val_every=20", "num_samples=0",
+SMALL = ["loop.updates_per_step=10", "model.n_hidden=32", "trainer.max_steps=20", "val_every=20", "num_samples=0",
          "logger=csv"]
 
 

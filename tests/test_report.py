@@ -28,7 +28,7 @@ from genlab.report import write_report
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 TINY = ["model=mlp", "model.n_embd=4", "model.n_hidden=16", "data.batch_size=8", "trainer.max_steps=6",
-        "val_every=3", "trainer.log_every_n_steps=2", "model.updates_per_step=1", "num_samples=8",
+        "val_every=3", "trainer.log_every_n_steps=2", "loop.updates_per_step=1", "num_samples=8",
         "trainer.enable_progress_bar=false", "callbacks.insight=null", "threads=1"]
 PICTURE = re.compile(r"data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)")
 

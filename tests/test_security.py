@@ -25,7 +25,7 @@ from genlab.evaluate import evaluate
 from genlab.sample import sample
 from genlab.train import CONF_DIR, train
 
-TINY = ["model.n_hidden=16", "model.updates_per_step=10", "num_samples=0", "logger=none", "callbacks.insight=null",
+TINY = ["model.n_hidden=16", "loop.updates_per_step=10", "num_samples=0", "logger=none", "callbacks.insight=null",
         "val_every=10"]
 SYLLABLES = ["ma", "ri", "o", "lu", "ca", "gio", "van", "na", "an", "to", "el", "sa"]
 NAMES = sorted({a + b + c for a in SYLLABLES for b in SYLLABLES for c in ("", "na", "to")})[:200]

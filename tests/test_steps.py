@@ -42,7 +42,7 @@ def test_global_step_counts_every_update_of_every_lightning_step(names_file, tmp
     updates = []
     handle = register_optimizer_step_post_hook(lambda *args: updates.append(1))
     try:
-        metrics = run_training(tmp_path / "run", [f"data.path={names_file}", "model.updates_per_step=30",
+        metrics = run_training(tmp_path / "run", [f"data.path={names_file}", "loop.updates_per_step=30",
                                                   "trainer.max_steps=100", "val_every=30", "num_samples=0",
                                                   "logger=none", "callbacks.insight=null"])
     finally:
@@ -70,14 +70,14 @@ def test_intervals_between_the_two_counts():
 def test_auto_trains_exactly_as_a_fixed_count_and_keeps_its_count_on_resume(names_file, tmp_path):
     common = [f"data.path={names_file}", "trainer.max_steps=120", "val_every=60", "num_samples=0", "logger=none",
               "callbacks.insight=null"]
-    fixed = run_training(tmp_path / "fixed", [*common, "model.updates_per_step=1"])
-    auto = run_training(tmp_path / "auto", [*common, "model.updates_per_step=auto"])
+    fixed = run_training(tmp_path / "fixed", [*common, "loop.updates_per_step=1"])
+    auto = run_training(tmp_path / "auto", [*common, "loop.updates_per_step=auto"])
     assert auto["val_loss"] == fixed["val_loss"] and auto["test_loss"] == fixed["test_loss"]
     chosen = read_checkpoint(tmp_path / "auto")["genlab"]["updates_per_step"]
     assert isinstance(chosen, int) and 60 % chosen == 0
 
     # a resume keeps the count (Lightning's restored step count then still validates on multiples of 60)
-    resumed = run_training(tmp_path / "auto", [*common, "model.updates_per_step=auto", "trainer.max_steps=240",
+    resumed = run_training(tmp_path / "auto", [*common, "loop.updates_per_step=auto", "trainer.max_steps=240",
                                                f"ckpt_path={tmp_path / 'auto'}"])
     assert resumed["steps"] == 240 and read_checkpoint(tmp_path / "auto")["genlab"]["updates_per_step"] == chosen
 
@@ -96,7 +96,7 @@ def test_auto_keeps_lightnings_share_under_two_percent_where_val_every_allows(up
 
 @pytest.mark.slow
 def test_auto_times_the_compiled_update_where_training_will_compile_it(names_file, tmp_path, monkeypatch):
-    """With model.compile, auto's count comes from the compiled update (several times faster on a small
+    """With loop.compile, auto's count comes from the compiled update (several times faster on a small
     model: timed eager, the count would leave Lightning a larger share). One graph is compiled; the
     model and the random stream are left as they were."""
     import torch
@@ -114,7 +114,7 @@ def test_auto_times_the_compiled_update_where_training_will_compile_it(names_fil
             made.append(self)
 
     monkeypatch.setattr(genlab.steps, "CompiledUpdate", Spy)
-    cfg = compose_config([f"data.path={names_file}", "model.compile=true"], tmp_path / "run")
+    cfg = compose_config([f"data.path={names_file}", "loop.compile=true"], tmp_path / "run")
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
     before = {name: t.clone() for name, t in model.state_dict().items()}
@@ -140,9 +140,9 @@ def test_the_training_curve_does_not_depend_on_the_updates_per_step(names_file, 
               "num_samples=0", "callbacks.insight=null"]
     runs = {}
     for k in ("1", "7", "auto"):
-        runs[k] = run_training(tmp_path / k, [*common, f"model.updates_per_step={k}"])
-    run_training(tmp_path / "resumed", [*common, "model.updates_per_step=7", "trainer.max_steps=70"])
-    runs["resumed"] = run_training(tmp_path / "resumed", [*common, "model.updates_per_step=7",
+        runs[k] = run_training(tmp_path / k, [*common, f"loop.updates_per_step={k}"])
+    run_training(tmp_path / "resumed", [*common, "loop.updates_per_step=7", "trainer.max_steps=70"])
+    runs["resumed"] = run_training(tmp_path / "resumed", [*common, "loop.updates_per_step=7",
                                                           f"ckpt_path={tmp_path / 'resumed'}"])
     curve = train_curve(tmp_path / "1")
     assert [step for step, _ in curve] == list(range(20, 141, 20))  # 60 -> 80 spans the resume at 70

@@ -24,7 +24,7 @@ from genlab.compare import compare
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-TINY = ["data.batch_size=8", "trainer.max_steps=200", "val_every=100", "model.updates_per_step=100",
+TINY = ["data.batch_size=8", "trainer.max_steps=200", "val_every=100", "loop.updates_per_step=100",
         "num_samples=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "callbacks.insight=null", "threads=1"]
 
@@ -248,8 +248,8 @@ def test_an_interrupted_grid_run_again_keeps_finished_jobs_resumes_the_stopped_o
     sweep = tmp_path / "sweep"
     # the same command both times; SignalInJob sends SIGINT in job 1 only while GENLAB_TEST_SIGNAL_JOB=1
     grid = ["-m", "model=mlp", f"data.path={names_file}", "optimizer.lr=0.01,0.1", "model.n_embd=4,8",
-            f"hydra.sweep.dir={sweep}", *[a for a in TINY if not a.startswith("model.updates_per_step")],
-            "model.updates_per_step=10", "+callbacks.kill._target_=conftest.SignalInJob", "+callbacks.kill.where=train",
+            f"hydra.sweep.dir={sweep}", *[a for a in TINY if not a.startswith("loop.updates_per_step")],
+            "loop.updates_per_step=10", "+callbacks.kill._target_=conftest.SignalInJob", "+callbacks.kill.where=train",
             f"+callbacks.kill.signum={int(signal.SIGINT)}", "+callbacks.kill.at=5", f"paths.data_dir={tmp_path / 'data'}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     stopped = subprocess.run([sys.executable, "train.py", *grid], cwd=REPO, capture_output=True, text=True,

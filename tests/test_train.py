@@ -32,7 +32,7 @@ TINY = {
 @pytest.mark.parametrize("name", TINY)
 def test_a_few_training_steps_write_a_complete_run(name, names_file, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = TINY[name] + [f"data.path={names_file}", "data.batch_size=8", "model.updates_per_step=10",
+    overrides = TINY[name] + [f"data.path={names_file}", "data.batch_size=8", "loop.updates_per_step=10",
                               "trainer.max_steps=60", "val_every=20", "num_samples=5"]
     metrics = run_training(run_dir, overrides)
     assert set(metrics) >= {"val_loss", "best_val_loss", "test_loss", "steps", "train_seconds", "tokens_per_second"}
@@ -54,7 +54,7 @@ def test_a_few_training_steps_write_a_complete_run(name, names_file, tmp_path):
 def test_every_model_trains_on_text(name, text_file, tmp_path):
     sampling = ["data.sampling=sequential"] if name in ("rnn", "lstm", "gru") else []
     overrides = TINY[name] + sampling + ["data=divina", f"data.path={text_file}", "data.seq_len=16",
-                                         "data.batch_size=4", "model.updates_per_step=1", "trainer.max_steps=30",
+                                         "data.batch_size=4", "loop.updates_per_step=1", "trainer.max_steps=30",
                                          "val_every=15", "logger=none"]
     metrics = run_training(tmp_path / "run", overrides)
     assert metrics["steps"] == 30
@@ -69,7 +69,7 @@ def test_updates_per_step_does_not_change_training(names_file, tmp_path):
     weights = []  # 45 updates cross the end of the first pass over the data (30 batches)
     for k in (1, 5):
         run_dir = tmp_path / f"k{k}"
-        run_training(run_dir, common + [f"model.updates_per_step={k}"])
+        run_training(run_dir, common + [f"loop.updates_per_step={k}"])
         state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
         assert state["global_step"] == 45
         weights.append(state["state_dict"])
@@ -79,7 +79,7 @@ def test_updates_per_step_does_not_change_training(names_file, tmp_path):
 
 def test_sampling_from_a_checkpoint_alone(names_file, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    run_training(run_dir, [f"data.path={names_file}", "data.batch_size=8", "model.updates_per_step=10",
+    run_training(run_dir, [f"data.path={names_file}", "data.batch_size=8", "loop.updates_per_step=10",
                            "trainer.max_steps=100", "val_every=50", "num_samples=0"])
     names_file.unlink()  # the data is gone: the checkpoint must be enough
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -145,7 +145,7 @@ def test_sampling_text_with_a_prompt(text_file, tmp_path, capsys):
 def test_a_few_gpt_steps_on_the_real_text(data, mirror, tmp_path):
     metrics = run_training(tmp_path / "run", ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
                                               f"data={data}", "data.seq_len=32", "data.batch_size=8",
-                                              "model.updates_per_step=1", "trainer.max_steps=20", "val_every=20",
+                                              "loop.updates_per_step=1", "trainer.max_steps=20", "val_every=20",
                                               "logger=none", f"paths.data_mirror={mirror}"])
     assert metrics["steps"] == 20
     assert_learned(metrics, tmp_path / "run")
@@ -154,7 +154,7 @@ def test_a_few_gpt_steps_on_the_real_text(data, mirror, tmp_path):
 def test_gpt_trains_on_gpt2_tokens(text_file, mirror, tmp_path):
     metrics = run_training(tmp_path / "run", ["model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
                                               "data=divina", f"data.path={text_file}", "data.tokenizer=gpt2",
-                                              "data.seq_len=8", "data.batch_size=4", "model.updates_per_step=1",
+                                              "data.seq_len=8", "data.batch_size=4", "loop.updates_per_step=1",
                                               "trainer.max_steps=5", "val_every=5", "logger=none",
                                               f"paths.data_mirror={mirror}"])
     assert metrics["steps"] == 5
@@ -175,7 +175,7 @@ def test_trainer_gpu_without_cuda_says_so(names_file, tmp_path):
 def test_compiled_model_checkpoints_without_compiler_prefixes(names_file, tmp_path):
     run_dir = tmp_path / "run"
     run_training(run_dir, [f"data.path={names_file}", "model=gpt", "model.n_layer=1", "model.n_embd=32",
-                           "model.n_head=2", "model.compile=true", "trainer.max_steps=10", "val_every=10",
+                           "model.n_head=2", "loop.compile=true", "trainer.max_steps=10", "val_every=10",
                            "num_samples=3", "logger=none"])
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not any("_orig_mod" in key for key in state)
@@ -204,7 +204,7 @@ def test_a_checkpoint_saved_under_the_older_names_loads_and_resumes(names_file, 
 
     run = tmp_path / "run"
     common = ["model=bigram", "model.counting=false", "model.block_size=2", f"data.path={names_file}",
-              "model.updates_per_step=10", "val_every=10", "num_samples=0", "logger=none", "callbacks.insight=null"]
+              "loop.updates_per_step=10", "val_every=10", "num_samples=0", "logger=none", "callbacks.insight=null"]
     run_training(run, [*common, "trainer.max_steps=10"])
     path = run / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(path, weights_only=True)

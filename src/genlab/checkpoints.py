@@ -27,6 +27,7 @@ from genlab.errors import CheckpointError, ConfigError, instantiate
 from genlab.outputs import atomic_torch_save
 from genlab.runs import checkpoint_file, run_dir_of
 from genlab.runtime import choice
+from genlab.steps import LOOP_KEYS
 from genlab.trust import TRUST, check_model_settings, checked_checkpoint, read_json
 
 
@@ -84,13 +85,17 @@ RENAMED_IN = {"genlab.models.bigram.Bigram": {"context": "block_size"}}
 
 
 def upgrade_hyperparameters(checkpoint: dict) -> bool:
-    """Rename the hyper-parameters of an older checkpoint in place; True if one was renamed."""
+    """Rename (or drop, for the loop's settings) the hyper-parameters of an older checkpoint in place;
+    True if one was changed."""
     hparams = checkpoint.get("hyper_parameters") or {}
     renames = {**RENAMED, **RENAMED_IN.get(checkpoint["genlab"]["class"], {})}
     old = [key for key in renames if key in hparams]
     for key in old:
         hparams[renames[key]] = hparams.pop(key)
-    return bool(old)
+    moved = [key for key in LOOP_KEYS if key in hparams]  # the loop's now (conf/loop), not the network's
+    for key in moved:
+        del hparams[key]
+    return bool(old or moved)
 
 
 def class_name(cls: type) -> str:
@@ -155,7 +160,7 @@ def load_model(path: str | Path, map_location="cpu", trust: bool = False, named:
 
 
 # model settings a resumed run may change: how it trains, not what the network is
-TRAINING_SETTINGS = ("optimizer", "scheduler", "updates_per_step", "compile", "grad_clip")
+TRAINING_SETTINGS = ("optimizer", "scheduler")
 
 
 def check_resume(checkpoint: dict, model, max_steps: int) -> None:

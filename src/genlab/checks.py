@@ -37,13 +37,13 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def compile_mode(value) -> str | None:
-    """``model.compile``: false (None), true (torch.compile's default mode) or the name of a mode."""
+    """``loop.compile``: false (None), true (torch.compile's default mode) or the name of a mode."""
     if value in (None, False):
         return None
     if value is True:
         return "default"
     if value not in COMPILE_MODES:
-        raise ConfigError(f"model.compile={value}: use false, true or one of torch.compile's modes "
+        raise ConfigError(f"loop.compile={value}: use false, true or one of torch.compile's modes "
                           f"({', '.join(COMPILE_MODES)})")
     return value
 
@@ -51,7 +51,7 @@ def compile_mode(value) -> str | None:
 def check_values(cfg: DictConfig) -> None:
     if not is_whole_number(cfg.seed):
         raise ConfigError(f"seed must be a whole number (e.g. seed=42), got {cfg.seed!r}")
-    compile_mode(cfg.model.get("compile"))
+    check_loop(cfg.loop)
     if cfg.val_every is not None:
         check_positive_whole("val_every", cfg.val_every)
     check_positive_whole("trainer.max_steps", cfg.trainer.max_steps, allowed=(-1,))
@@ -71,6 +71,17 @@ def check_values(cfg: DictConfig) -> None:
         check_learning_rate(f"{where}.lr", lr)
 
 
+def check_loop(loop: DictConfig) -> None:
+    """``conf/loop``: K a whole number or auto, a positive finite clipping norm or none, a compile mode."""
+    if loop.updates_per_step != "auto":
+        check_positive_whole("loop.updates_per_step", loop.updates_per_step)
+    clip = loop.grad_clip
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip)
+                             or clip <= 0):
+        raise ConfigError(f"loop.grad_clip must be a positive finite number (e.g. 1.0) or null (no clipping), got {clip!r}")
+    compile_mode(loop.compile)
+
+
 VALIDATIONS_PER_RUN = 20  # val_every=null: about this many validation points on every curve
 
 
@@ -81,7 +92,7 @@ def validation_interval(cfg: DictConfig, updates_per_step: int) -> int:
         max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else 20_000
         return max(1, max_steps // VALIDATIONS_PER_RUN // updates_per_step) * updates_per_step
     if cfg.val_every % updates_per_step:
-        raise ConfigError(f"val_every={cfg.val_every} must be a multiple of model.updates_per_step={updates_per_step}")
+        raise ConfigError(f"val_every={cfg.val_every} must be a multiple of loop.updates_per_step={updates_per_step}")
     return cfg.val_every
 
 
@@ -135,10 +146,10 @@ def check_mps(cfg: DictConfig) -> None:
     if not MPSAccelerator.is_available():
         raise ConfigError("trainer=mps needs the GPU of an Apple-silicon Mac (Metal), and this machine shows none "
                           "(torch.backends.mps.is_available() is False, or not an arm64 Mac); use trainer=cpu")
-    mode = compile_mode(cfg.model.get("compile"))
+    mode = compile_mode(cfg.loop.compile)
     if mode is not None:
-        raise ConfigError(f"model.compile={cfg.model.compile} does not run on trainer=mps: torch.compile's Metal "
-                          "backend is a prototype (and CUDA graphs are CUDA's); set model.compile=false")
+        raise ConfigError(f"loop.compile={cfg.loop.compile} does not run on trainer=mps: torch.compile's Metal "
+                          "backend is a prototype (and CUDA graphs are CUDA's); set loop.compile=false")
     precision = str(cfg.trainer.get("precision"))
     if "bf16" in precision:
         raise ConfigError(f"trainer.precision={precision} does not run on trainer=mps: bfloat16 on Metal depends on "

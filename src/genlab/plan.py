@@ -12,7 +12,7 @@ a whole split gets the scope as an argument).
 
 What is compared (``identity``): the configuration less the settings that say where and how a run is
 launched rather than what it computes (``LAUNCH_SETTINGS``), and the data's fingerprint. Not K when
-``model.updates_per_step=auto`` chose it by timing: the curves, checkpoints and validations are the
+``loop.updates_per_step=auto`` chose it by timing: the curves, checkpoints and validations are the
 same whatever K is (DESIGN.md, "Behaviour that does not depend on the machine"), and a resumed run
 takes the K its checkpoint trained with, so a re-run on a busier machine is still the same run. Not
 the learning rate a search chose either: it follows from the configuration (``tune_lr=true`` and
@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genlab.checks import check_config, validation_interval
 from genlab.precision import resolve_precision
+from genlab.steps import LOOP_KEYS
 
 PLAN_FILE = Path(".hydra") / "plan.json"
 # where and how a run is launched, not what it computes: a resume or a re-run may change these
@@ -88,8 +89,11 @@ def identity_of(config: dict, data) -> dict:
     """A resolved config (plain containers) and its data's fingerprint as the compared settings:
     launch settings left out, and the values chosen for the run (K under auto, the rate tune_lr finds)."""
     settings = {k: v for k, v in flatten(config).items() if not is_launch_setting(k)}
-    if settings.get("model.updates_per_step") == "auto":
-        settings.pop("model.updates_per_step", None)
+    for key in LOOP_KEYS:  # a plan recorded when these were the model's settings
+        if f"model.{key}" in settings:
+            settings[f"loop.{key}"] = settings.pop(f"model.{key}")
+    if settings.get("loop.updates_per_step") == "auto":
+        settings.pop("loop.updates_per_step", None)
     if config.get("tune_lr"):
         model = config.get("model")
         settings.pop("model.optimizer.lr" if isinstance(model, dict) and "optimizer" in model else "optimizer.lr", None)
@@ -101,7 +105,7 @@ def resolve(cfg: DictConfig) -> Plan:
     interval and precision filled in. Raises ConfigError before anything is loaded or written."""
     check_config(cfg)
     work = copy.deepcopy(cfg)  # the command's own cfg is never changed
-    fixed = work.model.get("updates_per_step", 1)
+    fixed = work.loop.updates_per_step
     with open_dict(work):
         work.val_every = validation_interval(work, 1 if fixed == "auto" else fixed)
     words = resolve_precision(work)

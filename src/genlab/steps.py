@@ -2,7 +2,7 @@
 ``callbacks.insight.every_n_steps``, ``trainer.log_every_n_steps`` and the x-axis of every curve
 count updates.
 
-One Lightning step (one ``training_step`` call) makes K = ``model.updates_per_step`` updates, each
+One Lightning step (one ``training_step`` call) makes K = ``loop.updates_per_step`` updates, each
 on its own batch (genlab.models.base), because Lightning's fixed work per step would otherwise cost
 a tiny model most of its speed. K changes speed only: this module is the one place that knows it.
 It counts each update in ``trainer.global_step``, chooses K under ``auto``, gives the data the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import math
 import os
@@ -35,13 +36,28 @@ from genlab.precision import uses_cuda
 LIGHTNING_TESTED = ">=2.6,<2.7"
 # Lightning's fixed work per step (its loops, hooks, logging, the progress bar, genlab's callbacks): an
 # upper estimate of the "ms per Lightning step" that docs/performance.md's benchmark table measures
-# (its model.updates_per_step=1 row), kept above it for slower machines than the table's
+# (its loop.updates_per_step=1 row), kept above it for slower machines than the table's
 LIGHTNING_STEP_SECONDS = 0.004
-MAX_STEP_SHARE = 0.02  # updates_per_step=auto keeps Lightning's share of the time under this
+MAX_STEP_SHARE = 0.02  # loop.updates_per_step=auto keeps Lightning's share of the time under this
 AUTO_COUNT_VARIABLE = "GENLAB_AUTO_UPDATES_PER_STEP"  # auto's count, for the processes Lightning starts
 # min | max: auto takes its smallest (1) or largest (val_every) count without timing anything, so
 # that the test suite can check that nothing it asserts depends on the count a machine's speed picks
 FORCED_AUTO_VARIABLE = "GENLAB_AUTO_UPDATES"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """``conf/loop``: how the loop trains a model, whichever model it is (``train.build_model`` gives
+    them to the model it builds; checked by ``genlab.checks``). Not the model's hyper-parameters: a
+    checkpoint's model loads and samples without them."""
+
+    updates_per_step: int | str = 1  # K, or "auto"
+    grad_clip: float | None = None  # the gradients' largest norm; None: not clipped
+    compile: bool | str = False  # torch.compile: False, True or one of its modes
+
+
+# the settings of LoopSettings, which earlier genlab kept among the model's (model.updates_per_step, ...)
+LOOP_KEYS = tuple(field.name for field in dataclasses.fields(LoopSettings))
 
 
 def count_update(trainer: L.Trainer) -> None:
@@ -123,7 +139,7 @@ class TrainingCurve:
         self.read, self.pending = [float(v) for v in values], []
 
 
-# --- updates_per_step: auto ------------------------------------------------------------------------
+# --- loop.updates_per_step: auto --------------------------------------------------------------------
 def choose_updates_per_step(update_seconds: float, val_every: int) -> int:
     """The fewest updates per Lightning step that keep Lightning's share under MAX_STEP_SHARE, among
     the divisors of ``val_every`` (validation falls between Lightning steps); at most ``val_every``."""
@@ -136,7 +152,7 @@ def measure_update_seconds(model, datamodule, device: torch.device | None = None
     """Seconds per optimizer update of a language model on its own training batches, on ``device``
     (the one training will use) under ``autocast_dtype`` (bf16-mixed, 16-mixed): the median of
     ``updates`` plain updates of a copy (two more first, untimed; on a GPU each timed to its end).
-    Where ``model.compile`` will compile the whole update, the compiled update is timed (several
+    Where ``loop.compile`` will compile the whole update, the compiled update is timed (several
     times faster on a small model): batches padded to the widest, so that one graph is compiled
     (and cached for training's own); under DDP, which compiles ``forward`` only, that overrates
     the speed and the count only grows. The model, its optimizer state and the random stream are left
@@ -154,7 +170,7 @@ def measure_update_seconds(model, datamodule, device: torch.device | None = None
         widest = max(x.shape[1] for x, _ in batches)
         batches = [pad_to(x, y, widest) for x, y in batches]
         # timed without CUDA graphs: a copy's graphs would hold their own memory
-        update = CompiledUpdate(probe, optimizer, probe.hparams.grad_clip,
+        update = CompiledUpdate(probe, optimizer, probe.loop.grad_clip,
                                 mode="default" if device.type == "cuda" and mode in CUDA_GRAPH_MODES else mode)
     else:
         def update(x, y):
@@ -186,12 +202,19 @@ def training_device(trainer_cfg) -> tuple[torch.device, torch.dtype | None]:
 
 def resolve_updates_per_step(model, datamodule, val_every: int, checkpoint: dict | None = None,
                              trainer_cfg=None) -> int:
-    """``model.updates_per_step``, or for ``auto`` the count chosen by timing the model's updates on
+    """``loop.updates_per_step``, or for ``auto`` the count chosen by timing the model's updates on
     the device of ``trainer_cfg``. A resumed run keeps the count it was trained with, so that
     Lightning's restored step count still lands its validations on multiples of ``val_every``. The
     processes that Lightning starts for DDP take the first process's count (``AUTO_COUNT_VARIABLE``):
-    they must validate at the same steps."""
-    requested = getattr(model, "updates_per_step", 1)
+    they must validate at the same steps. A single-pass model (the counting bigram) makes one update
+    per Lightning step, so that its pass ends exactly at the end of the data, as does a model that
+    makes one per step (``several_updates_per_step``: the GAN)."""
+    requested = model.loop.updates_per_step
+    if not model.several_updates_per_step and requested not in ("auto", 1):
+        raise ConfigError(f"loop.updates_per_step={requested}: this model makes one update per Lightning step; "
+                          "leave it at auto (or 1)")
+    if model.single_pass or not model.several_updates_per_step:
+        return 1
     if requested != "auto":
         return requested
     used = (checkpoint or {}).get("genlab", {}).get("updates_per_step")
@@ -223,5 +246,5 @@ def check_same_count(trainer: L.Trainer, updates_per_step: int) -> None:
     """Processes started apart (SLURM, torchrun) time their updates apart and could choose different
     counts under ``auto``, then validate at different steps and hang: refuse that at the start."""
     if trainer.world_size > 1 and trainer.strategy.broadcast(updates_per_step, src=0) != updates_per_step:
-        raise ConfigError(f"the processes of this run chose different model.updates_per_step under auto; "
-                          f"set it for all of them, e.g. model.updates_per_step={updates_per_step}")
+        raise ConfigError(f"the processes of this run chose different loop.updates_per_step under auto; "
+                          f"set it for all of them, e.g. loop.updates_per_step={updates_per_step}")

@@ -46,7 +46,7 @@ from genlab.quality import image_quality
 from genlab.ranks import Ranks
 from genlab.runs import RunFolder, slurm_job
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
-from genlab.steps import lightning_steps, resolve_updates_per_step, shared_with_processes, use_count
+from genlab.steps import LoopSettings, lightning_steps, resolve_updates_per_step, shared_with_processes, use_count
 from genlab.stopping import GracefulStop, RunInterrupted, requeue_slurm_job
 from genlab.sweeps import run_sweep_job, sweep_command
 
@@ -170,12 +170,14 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
     if "optimizer" not in cfg.model:  # a model with optimizers of its own (the GAN's two) keeps them
         sizes["optimizer"] = OmegaConf.to_container(cfg.optimizer, resolve=True)
         sizes["scheduler"] = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None
-    return instantiate(
+    model = instantiate(
         cfg.model,
         **sizes,
         _recursive_=False,
         _convert_="all",  # plain dicts and lists in the hyper-parameters (checkpoints load safely)
     )
+    model.loop = LoopSettings(**cfg.loop)  # how the loop trains it, whichever model it is
+    return model
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, single_pass: bool = False,

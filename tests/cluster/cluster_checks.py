@@ -44,7 +44,7 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.lau
          "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=20"]
 # a few hundred updates of the smallest model: long enough to be pre-empted after its first
 # checkpoint (every 100 updates)
-TRAINING = ["model=mlp", "data.batch_size=8", "trainer.max_steps=600", "val_every=100", "model.updates_per_step=10",
+TRAINING = ["model=mlp", "data.batch_size=8", "trainer.max_steps=600", "val_every=100", "loop.updates_per_step=10",
             "num_samples=0", "trainer.enable_progress_bar=false", "callbacks.insight=null", "threads=1"]
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 

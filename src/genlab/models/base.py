@@ -46,6 +46,7 @@ def vocab_size_of(tokenizer: dict) -> int:
 
 class LanguageModel(GenlabModule):
     kind = "text"
+    several_updates_per_step = True
     block_size: int | None = None  # tokens each prediction sees; None: unbounded (recurrent)
     # True where the context is what the model can read at all (a GPT's position table), so a
     # longer prompt would be cut; False where a fixed window slides over any text (MLP, WaveNet)
@@ -59,9 +60,6 @@ class LanguageModel(GenlabModule):
         sequential: bool = False,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
-        updates_per_step: int | str = 1,
-        grad_clip: float | None = None,
-        compile: bool | str = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -71,13 +69,13 @@ class LanguageModel(GenlabModule):
         # data.sampling=sequential: consecutive training batches continue each other row by row (text
         # read in order), so a recurrent model may carry its state from one batch to the next
         self.sequential = sequential
-        self.updates_per_step = updates_per_step
+        self.updates_per_step = 1  # K, resolved for the run (genlab.steps.use_count)
         self._eval_totals = None
         self.tokens_seen = 0  # real target tokens trained on, for tokens/s
         self.training_words: list[str] | None = None  # set for names: sampling measures novelty
         self.step_losses: list[torch.Tensor] = []  # the losses of the last Lightning step's updates
         self.best_val_loss = math.inf  # the lowest validation loss so far (kept in checkpoints)
-        self.compiled_update: CompiledUpdate | None = None  # compile=True: set at the start of training
+        self.compiled_update: CompiledUpdate | None = None  # loop.compile: set at the start of training
         self.curve = TrainingCurve(1)  # the training curves' points (set at the start of training)
         self._curve_to_restore: list[float] = []  # a resumed run's open window of the curve
 
@@ -111,7 +109,7 @@ class LanguageModel(GenlabModule):
         scheduler = self.lr_schedulers()
         updates = min(len(batch[0]), updates_left(self.trainer))  # the last item may hold more than is left
         losses = []
-        compiled, clip = self.compiled_update, self.hparams.grad_clip  # looked up once, not per update
+        compiled, clip = self.compiled_update, self.loop.grad_clip  # looked up once, not per update
         for x, y in itertools.islice(self.unpack(batch), updates):
             if compiled is not None:
                 loss = compiled(x, y)
@@ -130,7 +128,7 @@ class LanguageModel(GenlabModule):
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the training loss became {loss.item()} at step {self.global_step}; lower the "
-                "learning rate or clip gradients (model.grad_clip).", step=self.global_step)
+                "learning rate or clip gradients (loop.grad_clip).", step=self.global_step)
         points = self.curve.add(losses, self.global_step)
         if points:
             tokens_per_second = self.rate_since_last_point(self.tokens_seen)  # one figure for the step's points
@@ -168,7 +166,7 @@ class LanguageModel(GenlabModule):
         return type(self).training_forward is LanguageModel.training_forward
 
     def compiles_whole_update(self) -> bool:
-        """Whether ``compile=True`` compiles the whole update in this run: where it can, but not
+        """Whether ``loop.compile`` compiles the whole update in this run: where it can, but not
         under DDP (its gradients go through DDP's reducer) or 16-mixed (the loss scaler), which
         compile ``forward`` instead; nor outside training (sampling compiles ``forward``)."""
         trainer = self._trainer
@@ -185,7 +183,7 @@ class LanguageModel(GenlabModule):
             optimizer = self.optimizers()
             widths = getattr(self.trainer.datamodule, "training_widths", lambda: None)()
             self.compiled_update = CompiledUpdate(self, getattr(optimizer, "optimizer", optimizer),
-                                                  self.hparams.grad_clip, widths, self.compile_mode())
+                                                  self.loop.grad_clip, widths, self.compile_mode())
 
     def compiled_modules(self):
         return [] if self.compiles_whole_update() else [self]

@@ -26,7 +26,6 @@ class Bigram(LanguageModel):
             self.register_buffer("counts", torch.zeros(rows, self.vocab_size))
             self.hparams.optimizer = None  # nothing to optimise: the table is counted
             self.single_pass = True  # one epoch over the training split, whatever max_steps says
-            self.updates_per_step = 1  # so that the pass ends exactly at the end of the split
         else:
             self.logit_table = nn.Embedding(rows, self.vocab_size)
             nn.init.zeros_(self.logit_table.weight)  # uniform at start, loss = ln V

@@ -1,4 +1,4 @@
-"""``model.compile=true``: one optimizer update (forward, loss, backward, gradient clipping and the
+"""``loop.compile=true``: one optimizer update (forward, loss, backward, gradient clipping and the
 optimizer's step) as one ``torch.compile(fullgraph=True)`` graph.
 
 Compiling only ``forward`` leaves the backward, the optimizer and the Python between them eager;
@@ -73,9 +73,9 @@ class CompiledUpdate:
             self.compiler = torch.compile(self.update, fullgraph=True, dynamic=False, mode=mode)
         else:  # compiled ahead of time and called without guards (see graph): none are kept
             if torch.compiler.config.force_disable_caches:  # aot_compile refuses to run without them
-                raise ConfigError("model.compile=true compiles each update ahead of time, which needs "
+                raise ConfigError("loop.compile=true compiles each update ahead of time, which needs "
                                   "torch.compile's caches, and they are disabled: unset "
-                                  "TORCHINDUCTOR_FORCE_DISABLE_CACHES, or set model.compile=false")
+                                  "TORCHINDUCTOR_FORCE_DISABLE_CACHES, or set loop.compile=false")
             options = {key: value for key, value in torch._inductor.list_mode_options(mode).items()
                        if key != "triton.cudagraphs"}
             options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
@@ -181,15 +181,15 @@ def check_supported(optimizer: torch.optim.Optimizer) -> None:
     """The optimizers and options the compiled update writes out; anything else is refused."""
     name = type(optimizer).__name__
     if not isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
-        raise ConfigError(f"model.compile=true compiles the whole update for SGD, Adam and AdamW, not {name}; "
-                          "use one of those (optimizer=sgd or optimizer=adamw) or model.compile=false")
+        raise ConfigError(f"loop.compile=true compiles the whole update for SGD, Adam and AdamW, not {name}; "
+                          "use one of those (optimizer=sgd or optimizer=adamw) or loop.compile=false")
     for group in optimizer.param_groups:
         unsupported = [key for key in ("amsgrad", "maximize", "differentiable") if group.get(key)]
         if group.get("dampening"):
             unsupported.append("dampening")
         if unsupported:
-            raise ConfigError(f"model.compile=true: {name} with {', '.join(unsupported)} is not written out in the "
-                              "compiled update; leave them at their defaults or set model.compile=false")
+            raise ConfigError(f"loop.compile=true: {name} with {', '.join(unsupported)} is not written out in the "
+                              "compiled update; leave them at their defaults or set loop.compile=false")
 
 
 def clip_grad_norm(grads: dict, max_norm: float) -> None:

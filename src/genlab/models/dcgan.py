@@ -72,7 +72,7 @@ def init_weights(module: nn.Module) -> None:
 class DCGAN(ImageModel):
     def __init__(self, image_size: int = 64, nz: int = 100, ngf: int = 64, ndf: int = 64,
                  optimizer: dict | None = None, grid_every: int = 500, grid_size: int = 64,
-                 seed: int = 0, compile: bool | str = False):
+                 seed: int = 0):
         super().__init__(image_size, grid_every, grid_size, seed)
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -103,12 +103,12 @@ class DCGAN(ImageModel):
         fake_logits = self.discriminator(fake.detach())
         loss_d = (F.binary_cross_entropy_with_logits(real_logits, ones)
                   + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(ones)))
-        self.update(d_optimizer, loss_d, count=False)
+        self.update(d_optimizer, loss_d, clip=self.loop.grad_clip, count=False)
 
         # generator: make the updated discriminator call its images real
         fake_logits_after = self.discriminator(fake)
         loss_g = F.binary_cross_entropy_with_logits(fake_logits_after, ones)
-        self.update(g_optimizer, loss_g)  # counts the step: one batch
+        self.update(g_optimizer, loss_g, clip=self.loop.grad_clip)  # counts the step: one batch
 
         self.record(real.shape[0], loss_d=loss_d.detach(), loss_g=loss_g.detach())
         self.log_dict({"loss/discriminator": loss_d.detach(), "loss/generator": loss_g.detach(),

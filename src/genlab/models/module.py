@@ -11,13 +11,17 @@ import lightning as L
 import torch
 
 from genlab.checks import compile_mode
-from genlab.steps import check_same_count, count_update
+from genlab.steps import LoopSettings, check_same_count, count_update
 
 
 class GenlabModule(L.LightningModule):
     kind = "text"  # the data kind this model consumes ("text" or "image")
     single_pass = False  # True: trained by one pass over the data (counting), not by updates
+    # True where a Lightning step may make loop.updates_per_step updates, each on its own batch (the
+    # language models); False: one update per step (the GAN's step is one update of both networks)
+    several_updates_per_step = False
     monitor: str | None = "loss/val"  # the figure validation measures and best.ckpt minimises; None: none
+    loop = LoopSettings()  # conf/loop's settings, given by train.build_model (a loaded model: the defaults)
 
     def __init__(self):
         super().__init__()
@@ -51,14 +55,14 @@ class GenlabModule(L.LightningModule):
         return self.parameters()
 
     def compiled_modules(self) -> list[torch.nn.Module]:
-        """The modules whose ``forward`` ``compile=True`` compiles."""
+        """The modules whose ``forward`` ``loop.compile=true`` compiles."""
         return [self]
 
     def compile_mode(self) -> str | None:
-        return compile_mode(self.hparams.get("compile"))
+        return compile_mode(self.loop.compile)
 
     def configure_model(self) -> None:
-        """``compile=True``: run ``forward`` through ``torch.compile``. The compiled function replaces
+        """``loop.compile=true``: run ``forward`` through ``torch.compile``. The compiled function replaces
         the bound method on the instance, so parameter names (and checkpoints) are unchanged: no
         ``_orig_mod.`` prefix."""
         mode = self.compile_mode()

@@ -44,7 +44,7 @@ class SequenceBatchNorm(nn.BatchNorm1d):
         """``leave_one_out`` (B,) bool: the rows normalised with the other rows' statistics (whole
         sequences); the others, and all rows when it is None, take the whole batch's (windows).
         Chosen per row by ``torch.where``, not by branching on the data, so that the compiled whole
-        update (``model.compile``) is one graph."""
+        update (``loop.compile``) is one graph."""
         if not self.training or (leave_one_out is not None and h.shape[0] < 2):  # one sequence has no others
             return F.batch_norm(h.transpose(1, 2), self.running_mean, self.running_var, self.weight, self.bias,
                                 training=False, eps=self.eps).transpose(1, 2)
