@@ -45,7 +45,7 @@ from genlab.callbacks import TrainingClock
 from genlab.insight import Insight
 from genlab.models.compiled_update import CompiledUpdate
 from genlab.precision import resolve_precision
-from genlab.steps import resolve_updates_per_step
+from genlab.steps import fit, resolve_updates_per_step
 from genlab.train import CONF_DIR, build_model, build_trainer, skip_failing_nvml_check
 
 # the configuration each model is benchmarked at, unless overridden on the command line
@@ -71,14 +71,16 @@ class Clock(TrainingClock):
         super().__init__()
         self.warmup = warmup
         self.start_step = None
+        self.steps_begun = 0  # Lightning steps begun in this fit
 
     def on_train_start(self, trainer, pl_module):
         pass  # the clock starts after the warm-up steps
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.resume()
-        if self.started is None and trainer.fit_loop.epoch_loop._batches_that_stepped >= self.warmup:
+        if self.started is None and self.steps_begun >= self.warmup:
             self.started, self.start_step = time.perf_counter(), trainer.global_step
+        self.steps_begun += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # the clock stops after the last update, before the final validation
@@ -104,7 +106,7 @@ class Replay:
 
 
 class FixedTrainData(L.LightningDataModule):
-    """The given training items, in order."""
+    """The given training batches, in order."""
 
     def __init__(self, items):
         super().__init__()
@@ -115,7 +117,7 @@ class FixedTrainData(L.LightningDataModule):
 
 
 class FixedTrainRealValidation(FixedTrainData):
-    """The given training items; validation from the real data module."""
+    """The given training batches; validation from the real data module."""
 
     def __init__(self, items, real):
         super().__init__(items)
@@ -134,17 +136,15 @@ class FixedTrainRealValidation(FixedTrainData):
 
 def framework_speed(cfg, model, datamodule, batches, run_dir, k: int):
     """``k`` updates per Lightning step (``len(batches)`` a multiple of it: both sides train alike)."""
-    model.updates_per_step = k
-    items = [pack(batches[i : i + k]) for i in range(0, len(batches), k)] if model.kind == "text" else batches
     with open_dict(cfg):
-        cfg.trainer.max_steps = len(items) * k
+        cfg.trainer.max_steps = len(batches)
         cfg.trainer.max_epochs = -1
         cfg.paths.output_dir = str(run_dir)
     trainer = build_trainer(cfg, run_dir, k, validates=model.kind == "text")
-    clock = Clock(warmup=max(1, len(items) // 10))
+    clock = Clock(warmup=max(1, len(batches) // k // 10))
     trainer.callbacks.append(clock)
-    data = FixedTrainRealValidation(items, datamodule) if model.kind == "text" else FixedTrainData(items)
-    trainer.fit(model, datamodule=data)
+    data = FixedTrainRealValidation(batches, datamodule) if model.kind == "text" else FixedTrainData(batches)
+    fit(trainer, model, data, k)
     speed = clock.updates / clock.seconds
     val = trainer.callback_metrics.get("loss/val")  # measured after the last update (ValidateAtEnd)
     insight = next((c for c in trainer.callbacks if isinstance(c, Insight)), None)
@@ -152,15 +152,6 @@ def framework_speed(cfg, model, datamodule, batches, run_dir, k: int):
         training = trainer.global_step / speed
         print(f"insight callback: {insight.seconds:.3f} s of {training:.1f} s of training = {insight.seconds / training:.1%}")
     return speed, None if val is None else float(val)
-
-
-def pack(batches):
-    """Single batches -> one training item (xs, ys, widths), as the data modules group them."""
-    width = max(x.shape[1] for x, _ in batches)
-    pad = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-    xs = torch.stack([pad(x, 0) for x, _ in batches])
-    ys = torch.stack([pad(y, -1) for _, y in batches])
-    return xs, ys, torch.tensor([x.shape[1] for x, _ in batches])
 
 
 def loop_speed(model, cfg, batches, datamodule, make_update):
@@ -287,7 +278,7 @@ def measure(argv: list[str]) -> dict:
     else:
         batches = []  # single batches, as a plain loop sees them
         while len(batches) < steps:
-            batches.extend(b for item in datamodule.train_dataloader() for b in model.unpack(item))
+            batches.extend(datamodule.train_dataloader())
         # auto's choice, made once for every round; the batches a whole number of Lightning steps, so
         # that the framework makes the same updates as the plain loop
         # (at most a tenth of the updates, as the clock starts after a warm-up step and needs steps to

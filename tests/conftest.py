@@ -163,11 +163,10 @@ def fake_gpus(monkeypatch):
     return install
 
 
-def training_loop(updates_per_step: int = 1, rank: int = 0, world: int = 1):
+def training_loop(rank: int = 0, world: int = 1):
     """What a training stream asks a data module's trainer for (``genlab.data.batches.BatchStream``),
     without a trainer: a data module, or the ``loop`` of a stream looked at on its own."""
-    trainer = SimpleNamespace(lightning_module=SimpleNamespace(updates_per_step=updates_per_step), global_step=0,
-                              global_rank=rank, world_size=world, overfit_batches=0)
+    trainer = SimpleNamespace(global_step=0, global_rank=rank, world_size=world, overfit_batches=0)
     return SimpleNamespace(trainer=trainer)
 
 

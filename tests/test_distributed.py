@@ -23,30 +23,30 @@ SHORT = ["trainer.max_steps=40", "val_every=20", "loop.updates_per_step=5",
          *(o for o in TINY if not o.startswith(("trainer.max_steps=", "val_every=", "loop.updates_per_step=")))]
 
 
-def batches_of(items) -> list[tuple]:
-    """Each batch of a stream's items as a hashable tuple of its rows."""
-    return [tuple(map(tuple, x.tolist())) for item in items for x in item[0]]
+def rows_of(batches) -> list[tuple]:
+    """Each batch of a stream as a hashable tuple of its rows."""
+    return [tuple(map(tuple, x.tolist())) for x, _ in batches]
 
 
 @pytest.mark.parametrize("make", [
-    lambda rep: SequenceBatches(torch.arange(96).view(48, 2), torch.zeros(48, 2), 4, seed=1, loop=training_loop(2, *rep)),
-    lambda rep: WindowBatches(torch.arange(500), 6, 4, seed=1, loop=training_loop(2, *rep)),
+    lambda rep: SequenceBatches(torch.arange(96).view(48, 2), torch.zeros(48, 2), 4, seed=1, loop=training_loop(*rep)),
+    lambda rep: WindowBatches(torch.arange(500), 6, 4, seed=1, loop=training_loop(*rep)),
 ])
 def test_ranks_take_different_batches_that_together_make_the_single_process_stream(make):
     single = list(make((0, 1)))
     rank0, rank1 = list(make((0, 2))), list(make((1, 2)))
     assert len(rank0) == len(rank1)
-    assert not set(batches_of(rank0)) & set(batches_of(rank1))
+    assert not set(rows_of(rank0)) & set(rows_of(rank1))
     # update p of rank r is global batch 2p + r: the first updates of both ranks are the single stream's first batches
-    first_single = [x for item in single for x in item[0]][:4]
-    first_ranks = [rank0[0][0][0], rank1[0][0][0], rank0[0][0][1], rank1[0][0][1]]
+    first_single = [x for x, _ in single][:4]
+    first_ranks = [rank0[0][0], rank1[0][0], rank0[1][0], rank1[1][0]]
     assert all(torch.equal(a, b) for a, b in zip(first_single, first_ranks))
 
 
 def test_each_rank_reads_its_own_text_streams():
     text = torch.arange(1000)
-    rank0 = next(iter(StreamBatches(text, 10, 3, loop=training_loop(1, 0, 2))))[0][0]
-    rank1 = next(iter(StreamBatches(text, 10, 3, loop=training_loop(1, 1, 2))))[0][0]
+    rank0 = next(iter(StreamBatches(text, 10, 3, loop=training_loop(0, 2))))[0]
+    rank1 = next(iter(StreamBatches(text, 10, 3, loop=training_loop(1, 2))))[0]
     assert not set(rank0.flatten().tolist()) & set(rank1.flatten().tolist())
     assert rank0[:, 0].tolist() == [0, 160, 320] and rank1[:, 0].tolist() == [480, 640, 800]
 

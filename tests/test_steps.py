@@ -16,14 +16,16 @@ from test_dcgan import faces, gan_overrides  # noqa: F401  (faces is a fixture)
 from genlab.checkpoints import read_checkpoint
 from genlab.steps import (
     FORCED_AUTO_VARIABLE,
+    UpdateHook,
     TrainingCurve,
     LIGHTNING_STEP_SECONDS,
     LIGHTNING_TESTED,
     MAX_STEP_SHARE,
     choose_updates_per_step,
     count_update,
-    due_update,
-    lightning_steps,
+    UpdateGroup,
+    UpdateGroups,
+    validation_check_interval,
 )
 
 
@@ -60,11 +62,52 @@ def test_a_gan_step_is_one_step_under_16_mixed_too(faces, tmp_path):  # noqa: F8
     assert checkpoint["MixedPrecision"]["scale"] < 65536.0  # the scaler was used (and backed off from its start)
 
 
-def test_intervals_between_the_two_counts():
-    assert lightning_steps(1000, 200) == 5 and lightning_steps(100, 1) == 100
-    assert due_update(first=201, updates=200, every=300) == 300
-    assert due_update(first=301, updates=200, every=1000) is None
-    assert due_update(first=1, updates=1, every=1) == 1
+def test_intervals_between_the_two_counts(tmp_path):
+    cfg = compose_config(["val_every=1000"], tmp_path)
+    assert validation_check_interval(cfg, 200) == 5 and validation_check_interval(cfg, 1) == 1000
+
+
+def test_the_loop_groups_plain_batches_by_k_and_gives_them_back_as_they_were():
+    """Batches of different widths (names) stack padded to the widest and come back trimmed."""
+    plain = [(torch.full((2, w), w), torch.full((2, w), w)) for w in (3, 5, 2, 4, 1)]
+    groups = UpdateGroups(plain, 2)
+    assert len(groups) == 3  # the last group holds the one batch left
+    items = list(groups)
+    assert all(isinstance(item, UpdateGroup) for item in items) and items[0].xs.shape == (2, 2, 5)
+    assert (items[0].ys[0, :, 3:] == -1).all()  # padding predicts nothing
+    back = [batch for item in items for batch in item.batches()]
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(back, plain)) and len(back) == 5
+
+
+class CountUpdates(L.Callback, UpdateHook):
+    """Records the update numbers the loop calls it at, and that each comes before and after its update."""
+
+    def __init__(self, every: int):
+        self.every_n_updates, self.calls = every, []
+
+    def before_update(self, trainer, module, update):
+        self.calls.append(("before", update, trainer.global_step))
+
+    def after_update(self, trainer, module, update):
+        self.calls.append(("after", update, trainer.global_step))
+
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_an_update_hook_is_called_around_every_nth_update_whatever_k(names_file, tmp_path, k, monkeypatch):
+    from genlab import train as train_module
+
+    hook, build = CountUpdates(every=6), train_module.build_trainer
+
+    def with_hook(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.append(hook)
+        return trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", with_hook)
+    run_training(tmp_path / "run", [f"data.path={names_file}", f"loop.updates_per_step={k}", "trainer.max_steps=40",
+                                    "val_every=20", "num_samples=0", "logger=none", "callbacks.insight=null"])
+    due = range(6, 41, 6)
+    assert hook.calls == [c for u in due for c in (("before", u, u - 1), ("after", u, u))]
 
 
 def test_auto_trains_exactly_as_a_fixed_count_and_keeps_its_count_on_resume(names_file, tmp_path):

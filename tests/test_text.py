@@ -104,13 +104,13 @@ def test_validation_covers_every_target_once_in_order(text_file, tmp_path):
 
 def test_training_windows_and_sequential_streams(text_file, tmp_path):
     dm = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, batch_size=4)
-    xs, ys, widths = next(iter(dm.train_dataloader()))
-    assert xs.shape == (1, 4, 16) and torch.equal(xs[0, :, 1:], ys[0, :, :-1])
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
     seq = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, batch_size=4, sampling="sequential")
     assert seq.sequential
     loader = iter(seq.train_dataloader())
-    (_, y1, _), (x2, _, _) = next(loader), next(loader)
-    assert torch.equal(x2[0, :, 0], y1[0, :, -1])  # each row continues where it stopped
+    (_, y1), (x2, _) = next(loader), next(loader)
+    assert torch.equal(x2[:, 0], y1[:, -1])  # each row continues where it stopped
 
 
 # spaces, runs of blank lines, tabs, \r\n, contractions, digits, accents, CJK and an emoji: the

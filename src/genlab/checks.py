@@ -82,20 +82,6 @@ def check_loop(loop: DictConfig) -> None:
     compile_mode(loop.compile)
 
 
-VALIDATIONS_PER_RUN = 20  # val_every=null: about this many validation points on every curve
-
-
-def validation_interval(cfg: DictConfig, updates_per_step: int) -> int:
-    """``val_every``, or where it is null a twentieth of ``trainer.max_steps``; a multiple of
-    ``updates_per_step``, since validation falls between Lightning steps (each that many updates)."""
-    if cfg.val_every is None:
-        max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else 20_000
-        return max(1, max_steps // VALIDATIONS_PER_RUN // updates_per_step) * updates_per_step
-    if cfg.val_every % updates_per_step:
-        raise ConfigError(f"val_every={cfg.val_every} must be a multiple of loop.updates_per_step={updates_per_step}")
-    return cfg.val_every
-
-
 def check_compatible(cfg: DictConfig) -> None:
     """A model and data that cannot work together fail at once, before any data is loaded."""
     model_kind = hydra.utils.get_class(cfg.model._target_).kind

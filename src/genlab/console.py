@@ -17,7 +17,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from tqdm import tqdm
 
-from genlab.steps import updates_per_epoch
+from genlab.steps import total_updates
 
 log = logging.getLogger("genlab")
 
@@ -151,9 +151,7 @@ class UpdateProgress(ProgressBar):
 
     @staticmethod
     def total(trainer: L.Trainer) -> int:
-        if trainer.max_steps > 0:
-            return trainer.max_steps
-        return int(updates_per_epoch(trainer) * trainer.max_epochs)
+        return total_updates(trainer)
 
     def on_train_start(self, trainer, pl_module):
         if not (self._enabled and trainer.is_global_zero):

@@ -12,12 +12,12 @@ from genlab.checkpoints import trainer_plugins
 from genlab.errors import ConfigError, instantiate
 from genlab.figures import plt, save_figure
 from genlab.runtime import choice
-from genlab.steps import use_count
 
 
 def find_learning_rate(cfg: DictConfig, datamodule, model) -> tuple[float, dict]:
     """Lightning's LR finder on ``model``, a fresh copy of the one to train (the notebook's search over
-    10^-3 .. 10^0): the rate grows exponentially, one update per step, until the loss blows up. Runs
+    10^-3 .. 10^0): the rate grows exponentially, one update per step (its fit gets the data's plain
+    batches, one per update), until the loss blows up. Runs
     before the run folder is claimed (the rate is part of the run's plan), so its scratch files go to a
     temporary folder. Returns the suggested rate and the search's curve (``plot_search``)."""
     from lightning.pytorch.tuner import Tuner
@@ -25,7 +25,6 @@ def find_learning_rate(cfg: DictConfig, datamodule, model) -> tuple[float, dict]
     if model.kind != "text" or not model.hparams.get("optimizer"):
         raise ConfigError(f"tune_lr=true searches the learning rate of a language model's optimizer; "
                           f"model={choice('model')} has none to search")
-    use_count(model, 1)  # the finder moves the rate once per step
     search = cfg.lr_finder
     with tempfile.TemporaryDirectory(prefix="genlab-lr-find-") as scratch:
         # the finder saves and restores the model around its search: through genlab's checkpoint files

@@ -29,9 +29,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from genlab.checks import check_config, validation_interval
+from genlab.checks import check_config
 from genlab.precision import resolve_precision
-from genlab.steps import LOOP_KEYS
+from genlab.steps import LOOP_KEYS, validation_interval
 
 PLAN_FILE = Path(".hydra") / "plan.json"
 # where and how a run is launched, not what it computes: a resume or a re-run may change these

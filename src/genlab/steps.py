@@ -1,14 +1,16 @@
-"""A step is an optimizer update: ``trainer.max_steps``, ``val_every``, checkpoint intervals,
-``callbacks.insight.every_n_steps``, ``trainer.log_every_n_steps`` and the x-axis of every curve
-count updates.
+"""The update loop. A step is an optimizer update: ``trainer.max_steps``, ``val_every``, checkpoint
+intervals, ``callbacks.insight.every_n_steps``, ``trainer.log_every_n_steps`` and the x-axis of every
+curve count updates.
 
 One Lightning step (one ``training_step`` call) makes K = ``loop.updates_per_step`` updates, each
-on its own batch (genlab.models.base), because Lightning's fixed work per step would otherwise cost
-a tiny model most of its speed. K changes speed only: this module is the one place that knows it.
-It counts each update in ``trainer.global_step``, chooses K under ``auto``, gives the data the
-number of batches a Lightning step takes, finds the update of a step that an interval falls on,
-and turns every update's loss into a curve whose points do not depend on K (``TrainingCurve``).
-Models, data modules and callbacks ask it.
+on its own batch, because Lightning's fixed work per step would otherwise cost a tiny model most of
+its speed. K changes speed only, and this module owns it, with the base models that make the
+updates (``genlab.models.module``, ``genlab.models.base``): it chooses K under ``auto``, groups the
+plain batches of a data module's training loader by K for a fit (``fit``: ``UpdateGroup``), counts
+each update in ``trainer.global_step``, calls the callbacks that act on an update (``UpdateHook``,
+every N updates, with the update's number), and turns every update's loss into a curve whose points
+do not depend on K (``TrainingCurve``). Data modules, callbacks and models written against it never
+see K.
 
 Counting uses one private attribute of Lightning (the progress of manual optimization, which
 Lightning's own ``optimizer.step()`` advances). ``tests/test_steps.py`` fails if that changes;
@@ -17,7 +19,6 @@ same range)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -25,12 +26,14 @@ import math
 import os
 import statistics
 import time
+from typing import Iterable, Iterator, NamedTuple
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
 
 from genlab.errors import ConfigError
-from genlab.models.compiled_update import CUDA_GRAPH_MODES, CompiledUpdate, pad_to
 from genlab.precision import uses_cuda
 
 LIGHTNING_TESTED = ">=2.6,<2.7"
@@ -72,41 +75,129 @@ def count_update(trainer: L.Trainer) -> None:
     progress.increment_completed()
 
 
-def lightning_steps(updates: int, updates_per_step: int) -> int:
-    """An interval in updates (``val_every``, a multiple of K) as Lightning steps."""
-    return max(1, updates // updates_per_step)
-
-
 def updates_left(trainer: L.Trainer) -> float:
     """Updates still to make before ``trainer.max_steps`` (the last Lightning step may hold more)."""
     return math.inf if trainer.max_steps <= 0 else max(0, trainer.max_steps - trainer.global_step)
 
 
-def due_update(first: int, updates: int, every: int) -> int | None:
-    """The update among ``first .. first + updates - 1`` (one Lightning step's) that is a multiple of
-    ``every``, if there is one."""
-    due = -(-first // every) * every
-    return due if due < first + updates else None
+class UpdateHook:
+    """A callback that acts on an update: the loop calls ``before_update`` and ``after_update``
+    around every update whose number (1, 2, ...: ``trainer.global_step`` once it is made) is a
+    multiple of ``every_n_updates``, whatever Lightning step it falls in. A Lightning callback that
+    is also an ``UpdateHook`` is found among the trainer's callbacks at the start of training."""
+
+    every_n_updates: int = 1
+
+    def before_update(self, trainer: L.Trainer, module, update: int) -> None:
+        """Before update number ``update``: its parameters are as the previous update left them."""
+
+    def after_update(self, trainer: L.Trainer, module, update: int) -> None:
+        """Right after update number ``update`` (counted in ``trainer.global_step``)."""
 
 
-def count_of(trainer: L.Trainer) -> int:
-    """K: the updates one Lightning step makes in this run."""
-    return getattr(trainer.lightning_module, "updates_per_step", 1)
+def update_hooks(trainer: L.Trainer) -> list[UpdateHook]:
+    return [callback for callback in trainer.callbacks if isinstance(callback, UpdateHook)]
 
 
-def use_count(model, count: int) -> None:
-    """Train with ``count`` updates per Lightning step: the model makes them, and the data's
-    training stream asks for the count (``count_of``) to hand over that many batches per item."""
+# --- grouping a data module's plain batches by K ------------------------------------------------
+def pad_to(x: torch.Tensor, y: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch padded on the right to ``width``: inputs 0, targets -1 (padding predicts nothing)."""
+    return F.pad(x, (0, width - x.shape[1]), value=0), F.pad(y, (0, width - y.shape[1]), value=-1)
+
+
+class UpdateGroup(NamedTuple):
+    """The K batches of one Lightning step as three tensors (Lightning moves them to the device at
+    once, cheaper than a list of K pairs): xs and ys (K, B, T) padded to the widest batch, and each
+    batch's own width."""
+
+    xs: torch.Tensor
+    ys: torch.Tensor
+    widths: torch.Tensor
+
+    @classmethod
+    def of(cls, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> "UpdateGroup":
+        widest = max(x.shape[1] for x, _ in batches)
+        xs, ys = zip(*(pad_to(x, y, widest) for x, y in batches))
+        return cls(torch.stack(xs), torch.stack(ys), torch.tensor([x.shape[1] for x, _ in batches]))
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches (x, y), each trimmed to its own width again."""
+        for x, y, width in zip(self.xs, self.ys, self.widths.tolist()):
+            yield x[:, :width], y[:, :width]
+
+
+class UpdateGroups:
+    """A training loader of plain ``(x, y)`` batches, one per update, handed over K at a time."""
+
+    def __init__(self, batches: Iterable, count: int):
+        self.plain, self.count = batches, count
+
+    def __len__(self) -> int:
+        return -(-len(self.plain) // self.count)
+
+    def __iter__(self) -> Iterator[UpdateGroup]:
+        stream = iter(self.plain)
+        while group := list(itertools.islice(stream, self.count)):
+            yield UpdateGroup.of(group)
+
+
+class GroupedTraining:
+    """A data module's ``train_dataloader`` for the length of a fit: its loader grouped by K (an
+    attribute of the instance, so nothing of the data module's own changes, and it pickles)."""
+
+    def __init__(self, plain, count: int):
+        self.plain, self.count = plain, count
+
+    def __call__(self) -> UpdateGroups:
+        return UpdateGroups(self.plain(), self.count)
+
+
+def batches_of(batch) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """What a Lightning step trains on, as (x, y) batches: a group's K, or a plain batch (a fit
+    outside ``fit``, such as the LR finder's) as one."""
+    return batch.batches() if isinstance(batch, UpdateGroup) else (batch,)
+
+
+def fit(trainer: L.Trainer, model, datamodule, count: int, **fit_arguments) -> None:
+    """``trainer.fit`` with ``count`` updates per Lightning step: the model makes them, the data
+    module's training loader is grouped by the count, and the processes Lightning starts for DDP
+    inherit it (``AUTO_COUNT_VARIABLE``: they must validate at the same steps)."""
     model.updates_per_step = count
+    datamodule.train_dataloader = GroupedTraining(datamodule.train_dataloader, count) if count > 1 else \
+        datamodule.train_dataloader
+    os.environ[AUTO_COUNT_VARIABLE] = str(count)
+    try:
+        trainer.fit(model, datamodule=datamodule, **fit_arguments)
+    finally:
+        os.environ.pop(AUTO_COUNT_VARIABLE, None)
+        vars(datamodule).pop("train_dataloader", None)
 
 
-def next_due_update(trainer: L.Trainer, every: int) -> int | None:
-    """Before a Lightning step: its update that is a multiple of ``every``, if there is one."""
-    return due_update(trainer.global_step + 1, min(count_of(trainer), updates_left(trainer)), every)
+# --- intervals in updates and in Lightning steps -------------------------------------------------
+VALIDATIONS_PER_RUN = 20  # val_every=null: about this many validation points on every curve
 
 
-def updates_per_epoch(trainer: L.Trainer) -> int:
-    return trainer.num_training_batches * count_of(trainer)
+def validation_interval(cfg: DictConfig, updates_per_step: int) -> int:
+    """``val_every``, or where it is null a twentieth of ``trainer.max_steps``; a multiple of
+    ``updates_per_step``, since validation falls between Lightning steps (each that many updates)."""
+    if cfg.val_every is None:
+        max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else 20_000
+        return max(1, max_steps // VALIDATIONS_PER_RUN // updates_per_step) * updates_per_step
+    if cfg.val_every % updates_per_step:
+        raise ConfigError(f"val_every={cfg.val_every} must be a multiple of loop.updates_per_step={updates_per_step}")
+    return cfg.val_every
+
+
+def validation_check_interval(cfg: DictConfig, updates_per_step: int) -> int:
+    """Lightning's ``val_check_interval``, in its steps, for validations every ``validation_interval`` updates."""
+    return max(1, validation_interval(cfg, updates_per_step) // updates_per_step)
+
+
+def total_updates(trainer: L.Trainer) -> int:
+    """The updates a fit makes: ``trainer.max_steps``, or those of its ``trainer.max_epochs`` epochs."""
+    if trainer.max_steps > 0:
+        return trainer.max_steps
+    return int(trainer.num_training_batches * trainer.lightning_module.updates_per_step * trainer.max_epochs)
 
 
 class TrainingCurve:
@@ -161,17 +252,13 @@ def measure_update_seconds(model, datamodule, device: torch.device | None = None
     probe = copy.deepcopy(model).to(device)
     configured = probe.configure_optimizers()
     optimizer = configured[0][0] if isinstance(configured, (list, tuple)) else configured
-    items = itertools.islice(iter(datamodule.train_dataloader()), updates + 2)
-    batches = [tuple(t.to(device) for t in next(iter(probe.unpack(item)))) for item in items]
+    batches = [tuple(t.to(device) for t in batch)
+               for batch in itertools.islice(iter(datamodule.train_dataloader()), updates + 2)]
     random_state = torch.get_rng_state()
     finish = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    mode = probe.compile_mode()
-    if mode is not None and probe.whole_update_compiles() and autocast_dtype != torch.float16:
+    if autocast_dtype != torch.float16 and (compiled := probe.timed_compiled_update(optimizer, device)) is not None:
         widest = max(x.shape[1] for x, _ in batches)
-        batches = [pad_to(x, y, widest) for x, y in batches]
-        # timed without CUDA graphs: a copy's graphs would hold their own memory
-        update = CompiledUpdate(probe, optimizer, probe.loop.grad_clip,
-                                mode="default" if device.type == "cuda" and mode in CUDA_GRAPH_MODES else mode)
+        batches, update = [pad_to(x, y, widest) for x, y in batches], compiled
     else:
         def update(x, y):
             loss = probe.loss(probe.training_forward(x, y), y)
@@ -230,16 +317,6 @@ def resolve_updates_per_step(model, datamodule, val_every: int, checkpoint: dict
         return 1 if forced == "min" else val_every
     device, autocast = training_device(trainer_cfg or {})
     return choose_updates_per_step(measure_update_seconds(model, datamodule, device, autocast), val_every)
-
-
-@contextlib.contextmanager
-def shared_with_processes(updates_per_step: int):
-    """While training: the count, for the DDP processes Lightning starts (they inherit it)."""
-    os.environ[AUTO_COUNT_VARIABLE] = str(updates_per_step)
-    try:
-        yield
-    finally:
-        os.environ.pop(AUTO_COUNT_VARIABLE, None)
 
 
 def check_same_count(trainer: L.Trainer, updates_per_step: int) -> None:

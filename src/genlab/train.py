@@ -32,7 +32,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from genlab.callbacks import CheckpointAtEnd, Samples, TrainingClock, ValidateAtEnd
 from genlab.checkpoints import check_resume, read_checkpoint, trainer_plugins
-from genlab.checks import validation_interval
 from genlab.console import UpdateProgress, printable, result_summary, route_library_logs, run_summary
 from genlab.errors import DiskFull, TrainingDiverged, exit_on_user_error, instantiate
 from genlab.hparams import log_hparams, run_hparams
@@ -46,7 +45,7 @@ from genlab.quality import image_quality
 from genlab.ranks import Ranks
 from genlab.runs import RunFolder, slurm_job
 from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
-from genlab.steps import LoopSettings, lightning_steps, resolve_updates_per_step, shared_with_processes, use_count
+from genlab.steps import LoopSettings, fit, resolve_updates_per_step, validation_check_interval, validation_interval
 from genlab.stopping import GracefulStop, RunInterrupted, requeue_slurm_job
 from genlab.sweeps import run_sweep_job, sweep_command
 
@@ -109,7 +108,6 @@ def run(plan: Plan, datamodule, run_dir: Path, folder: RunFolder, stop: Graceful
     if hasattr(datamodule, "training_words"):
         model.training_words = sorted(datamodule.training_words())
     updates_per_step = resolve_updates_per_step(model, datamodule, cfg.val_every, checkpoint, cfg.trainer)
-    use_count(model, updates_per_step)
     if quality is not None:
         model.quality = quality
     plan = plan.with_values(updates_per_step=updates_per_step)
@@ -131,8 +129,7 @@ def run(plan: Plan, datamodule, run_dir: Path, folder: RunFolder, stop: Graceful
                          plan.precision_words))
 
     start = time.perf_counter()
-    with shared_with_processes(updates_per_step):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
+    fit(trainer, model, datamodule, updates_per_step, ckpt_path=ckpt_path, weights_only=not trust)
     train_seconds = time.perf_counter() - start
     if stop.stop_requested:
         report_stop(stop, run_dir)
@@ -204,7 +201,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, updates_per_step: int = 1, sin
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),
-        val_check_interval=lightning_steps(val_every, updates_per_step),
+        val_check_interval=validation_check_interval(cfg, updates_per_step),
         plugins=trainer_plugins(cfg.trainer, run_dir / "checkpoints"),
         check_val_every_n_epoch=None,
         **({"max_epochs": 1, "max_steps": -1} if single_pass else {}),

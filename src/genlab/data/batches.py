@@ -2,11 +2,8 @@
 are cut from them by indexing.
 
 A per-sample ``Dataset`` with the default collate costs more than a tiny model's step, so these
-iterables hand Lightning ready-made batches. Training items are groups of K batches (K: the
-updates one Lightning step makes, ``genlab.steps``), packed as three tensors ``(xs, ys, widths)``: xs and ys of shape (K, B, T), and the width
-of each batch (its longest sequence), so the model trims each batch without extra padding. The
-language-model base makes K optimizer updates from one item (see ``genlab.models.base``); three
-tensors cost Lightning far less to hand over than a list of K pairs.
+iterables hand Lightning ready-made ``(x, y)`` batches, one per optimizer update, each trimmed to
+its longest sequence (the loop groups them for its Lightning steps, ``genlab.steps``).
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from genlab.errors import DataError
-from genlab.steps import count_of
 
 
 def context_windows(idx: torch.Tensor, size: int, pad_id: int = 0) -> torch.Tensor:
@@ -40,13 +36,6 @@ def trim(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, :width], y[:, :width]
 
 
-def group(xs: torch.Tensor, ys: torch.Tensor):
-    """K batches (K, B, T) -> one training item (xs, ys, widths), trimmed to the widest batch."""
-    w = widths(ys)
-    width = int(w.max())
-    return xs[..., :width], ys[..., :width], w
-
-
 def replica(datamodule) -> tuple[int, int]:
     """(this process's rank, number of processes) under distributed training; (0, 1) otherwise."""
     trainer = getattr(datamodule, "trainer", None)
@@ -54,14 +43,13 @@ def replica(datamodule) -> tuple[int, int]:
 
 
 class BatchStream:
-    """A stream of training batches: batch p depends only on p (and a seed), never on what came
-    before, and each Lightning step takes the next K of them as one item.
+    """A stream of training batches, one per update: batch p depends only on p (and a seed), never
+    on what came before.
 
-    What the training loop decides, the stream asks the trainer of ``loop`` (the data module) for,
-    so a data module never sets it: K (``genlab.steps``), and where every ``__iter__`` (one
-    Lightning epoch) starts: the updates made so far, so a resumed run sees the batches the
+    Where every ``__iter__`` (one Lightning epoch) starts, the stream asks the trainer of ``loop``
+    (the data module) for: the updates made so far, so a resumed run sees the batches the
     uninterrupted run would have seen (Lightning's own loader state would be off by the item it
-    prefetches). Without a trainer (a stream looked at on its own) K is 1 and it starts at 0.
+    prefetches). Without a trainer (a stream looked at on its own) it starts at 0.
 
     Under distributed training, update p of rank r takes global batch ``p * world + r``: the
     ranks see different batches, and together the batches one process would see in turn."""
@@ -73,10 +61,6 @@ class BatchStream:
     @property
     def trainer(self):
         return getattr(self.loop, "trainer", None)
-
-    @property
-    def batches_per_step(self) -> int:
-        return count_of(self.trainer) if self.trainer is not None else 1
 
     def start(self) -> int:
         return self.trainer.global_step if self.trainer is not None else 0
@@ -93,12 +77,9 @@ class BatchStream:
         return position * self.world + self.rank
 
     def __iter__(self):
-        k, position, one_batch = self.batches_per_step, self.start(), self.one_batch  # asked once an epoch
-        for _ in range(len(self)):
-            steps = [0] * k if one_batch else range(position, position + k)
-            xs, ys = zip(*(self.batch(self.global_index(p)) for p in steps))
-            position += k
-            yield group(torch.stack(xs), torch.stack(ys))
+        start, one_batch = self.start(), self.one_batch  # asked once an epoch
+        for position in range(start, start + len(self)):
+            yield trim(*self.batch(self.global_index(0 if one_batch else position)))
 
 
 class SequenceBatches(BatchStream):
@@ -117,7 +98,7 @@ class SequenceBatches(BatchStream):
         self._order = (None, None)  # (data epoch, its permutation)
 
     def __len__(self) -> int:
-        return -(-self.batches_per_epoch // (self.world * self.batches_per_step))
+        return -(-self.batches_per_epoch // self.world)
 
     def batch(self, position: int):
         epoch, i = divmod(position, self.batches_per_epoch)
@@ -174,7 +155,7 @@ class WindowBatches(BatchStream):
             raise DataError(f"the training text has {len(self.tokens)} tokens, too few for windows of {seq_len + 1}")
 
     def __len__(self) -> int:
-        return max(1, self.batches_per_epoch // self.batches_per_step)
+        return max(1, self.batches_per_epoch)
 
     def batch(self, position: int):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + position)
@@ -202,7 +183,7 @@ class StreamBatches(BatchStream):
         self.starts = (np.arange(batch_size) + rank * batch_size) * self.chunks * seq_len
 
     def __len__(self) -> int:
-        return -(-self.chunks // self.batches_per_step)
+        return self.chunks
 
     def global_index(self, position: int) -> int:
         return position  # the streams are this rank's own already

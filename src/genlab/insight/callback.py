@@ -4,7 +4,6 @@ the modules beside this one; see the package's docstring)."""
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from pathlib import Path
 
@@ -20,30 +19,18 @@ from genlab.insight.embedding import embedding_figure
 from genlab.insight.losses import loss_figure
 from genlab.insight.update_ratio import UpdateRatios
 from genlab.models.base import LanguageModel
-from genlab.steps import next_due_update
+from genlab.steps import UpdateHook
 
 
-def after_update(optimizer, nth: int, action):
-    """Call ``action()`` right after the ``nth`` (1, 2, ...) step of ``optimizer`` from now; returns
-    the hook's handle, to remove once the Lightning step is over."""
-    calls = itertools.count(1)
-
-    def hook(opt, args, kwargs):
-        if next(calls) == nth:
-            action()
-    return optimizer.register_step_post_hook(hook)
-
-
-class Insight(L.Callback):
+class Insight(L.Callback, UpdateHook):
     def __init__(self, every_n_steps: int = 1000, loss_window: int | None = None, histograms: bool = True):
-        self.every_n_steps = every_n_steps
+        self.every_n_updates = every_n_steps  # the loop calls before_update and after_update at these
         self.loss_window = loss_window  # None: about 1/50 of the run, at least 1
         self.histograms = histograms
         self.train_losses: list[tuple[int, float]] = []  # (update, loss)
         self.val_losses: list[tuple[int, float]] = []
-        self.update_ratios = UpdateRatios(self.timed)  # every model with an optimizer, the GAN's two too
+        self.update_ratios = UpdateRatios()  # every model with an optimizer, the GAN's two too
         self.probe: ActivationProbe | None = None
-        self._activations_hook = None
         self.seconds = 0.0  # time spent in this callback during training (scripts/benchmark.py reports it)
 
     @contextlib.contextmanager
@@ -59,26 +46,20 @@ class Insight(L.Callback):
             x, y = next(iter(trainer.datamodule.val_dataloader()))  # a fixed batch to look at activations
             self.probe = ActivationProbe(x[:64].to(pl_module.device), y[:64] >= 0)
 
-    # --- per Lightning step: update ratios and activations at the due update, every update's loss ---
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    # --- at every due update: update ratios and activations; after every Lightning step its losses ---
+    def before_update(self, trainer, module, update: int) -> None:
         with self.timed():
-            self.update_ratios.arm(trainer, pl_module, self.every_n_steps)
-            due = next_due_update(trainer, self.every_n_steps) if self.probe is not None else None
-            if due is not None:  # measured right after that update, whichever of the step's updates it is
-                self._activations_hook = after_update(trainer.optimizers[0], due - trainer.global_step,
-                                                      lambda: self.look_at_activations(trainer, pl_module, due))
+            self.update_ratios.before(trainer, module)
 
-    def look_at_activations(self, trainer, pl_module, update: int) -> None:
+    def after_update(self, trainer, module, update: int) -> None:
         with self.timed():
             tb = tensorboard(trainer) if trainer.is_global_zero else None
-            log_activations(self.probe.measure(pl_module), pl_module, tb, update, self.histograms)
+            self.update_ratios.after(trainer, module, update, tb)
+            if self.probe is not None:
+                log_activations(self.probe.measure(module), module, tb, update, self.histograms)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         with self.timed():
-            self.update_ratios.disarm()
-            if self._activations_hook is not None:
-                self._activations_hook.remove()
-                self._activations_hook = None
             after = trainer.global_step
             losses = pl_module.step_losses if isinstance(pl_module, LanguageModel) else []
             if losses:

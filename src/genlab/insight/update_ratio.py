@@ -1,17 +1,14 @@
 """``update_ratio.png`` and ``network/update_ratio_log10/<matrix>``: log10(std(update) / std(weights))
 of each weight matrix, for the update due every ``every_n_steps``: the real update, whatever the
-optimizer (SGD, Adam, ...), taken around the optimizer's ``step`` by hooks that are installed only
-on the Lightning step that holds a due update."""
+optimizer (SGD, Adam, ...; the GAN's two), the weights compared before and after it (the insight
+callback is called around the due update by the loop, ``genlab.steps.UpdateHook``)."""
 
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 
 from genlab.figures import plot_curves
-from genlab.insight.board import tensorboard
-from genlab.steps import next_due_update
 
 
 def weight_matrices(model, optimizer) -> dict:
@@ -21,46 +18,30 @@ def weight_matrices(model, optimizer) -> dict:
             if p.dim() >= 2 and id(p) in names}
 
 
+def optimized_matrices(trainer, model) -> dict:
+    """The weight matrices of every optimizer of the run (the GAN's two networks), by name."""
+    return {name: p for optimizer in trainer.optimizers for name, p in weight_matrices(model, optimizer).items()}
+
+
 class UpdateRatios:
-    def __init__(self, timed):
-        self.timed = timed  # the callback's clock: this work counts as the callback's own time
+    def __init__(self):
         self.points: dict[str, list[tuple[int, float]]] = {}
-        self._hooks = []
+        self._before: dict = {}
 
-    def arm(self, trainer, model, every_n_steps: int) -> None:
-        """Before a Lightning step: if one of its updates is due, hook the optimizers around it."""
-        due = next_due_update(trainer, every_n_steps)
-        if due is not None:
-            for optimizer in trainer.optimizers:
-                self._measure(trainer, model, optimizer, calls_before=due - trainer.global_step - 1, step=due)
+    def before(self, trainer, model) -> None:
+        """Before the due update: the weights it starts from."""
+        self._before = {name: p.detach().clone() for name, p in optimized_matrices(trainer, model).items()}
 
-    def disarm(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-
-    def _measure(self, trainer, model, optimizer, calls_before: int, step: int) -> None:
-        calls, before = itertools.count(), {}
-
-        def snapshot(opt, args, kwargs):
-            if next(calls) == calls_before:
-                with self.timed():
-                    before.update({n: p.detach().clone() for n, p in weight_matrices(model, opt).items()})
-
-        def compare(opt, args, kwargs):
-            if not before:
-                return
-            with self.timed():
-                tb = tensorboard(trainer) if trainer.is_global_zero else None
-                for name, p in weight_matrices(model, opt).items():
-                    ratio = ((p.detach() - before[name]).std() / (before[name].std() + 1e-12)).item()
-                    value = math.log10(ratio) if ratio > 0 else -10.0
-                    self.points.setdefault(name, []).append((step, value))
-                    if tb is not None:
-                        tb.add_scalar(f"network/update_ratio_log10/{name}", value, step)
-                before.clear()
-
-        self._hooks += [optimizer.register_step_pre_hook(snapshot), optimizer.register_step_post_hook(compare)]
+    def after(self, trainer, model, update: int, tb) -> None:
+        """After it: each matrix's ratio, as a point of the figure and in TensorBoard (``tb``, or None)."""
+        for name, p in optimized_matrices(trainer, model).items():
+            start = self._before[name]
+            ratio = ((p.detach() - start).std() / (start.std() + 1e-12)).item()
+            value = math.log10(ratio) if ratio > 0 else -10.0
+            self.points.setdefault(name, []).append((update, value))
+            if tb is not None:
+                tb.add_scalar(f"network/update_ratio_log10/{name}", value, update)
+        self._before = {}
 
     def figure(self, out: Path) -> Path | None:
         if not self.points:

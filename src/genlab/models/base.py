@@ -5,11 +5,11 @@ A subclass defines the network (``__init__`` and ``forward``); this base does th
 exact validation and test losses, optimizers and schedulers from Hydra configs, and ``generate``.
 
 Speed: a tiny model's update takes well under a millisecond, less than Lightning's per-step
-bookkeeping. With ``updates_per_step = K`` the data module hands over K batches at once and one
-Lightning step makes K optimizer updates, each on its own batch, exactly as a plain loop would;
-``trainer.global_step`` still counts optimizer updates, so ``trainer.max_steps`` means updates, and
-the training curves get a point every ``trainer.log_every_n_steps`` updates whatever K is
-(``genlab.steps``). A subclass never sees K.
+bookkeeping. With ``loop.updates_per_step = K`` one Lightning step gets K batches at once
+(``genlab.steps.UpdateGroup``) and makes K optimizer updates, each on its own batch, exactly as a
+plain loop would; ``trainer.global_step`` still counts optimizer updates, so ``trainer.max_steps``
+means updates, and the training curves get a point every ``trainer.log_every_n_steps`` updates
+whatever K is. A subclass never sees K: it may override ``training_update``, one update on one batch.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from genlab.data.tokenizer import tokenizer_from_config
 from genlab.errors import TrainingDiverged
 from genlab.models.module import GenlabModule
-from genlab.models.compiled_update import CompiledUpdate
-from genlab.steps import TrainingCurve, count_update, updates_left
+from genlab.models.compiled_update import CUDA_GRAPH_MODES, CompiledUpdate
+from genlab.steps import TrainingCurve, batches_of, updates_left
 
 
 # dense bf16 peak FLOP/s of common accelerators (vendor data sheets), for MFU
@@ -69,7 +69,6 @@ class LanguageModel(GenlabModule):
         # data.sampling=sequential: consecutive training batches continue each other row by row (text
         # read in order), so a recurrent model may carry its state from one batch to the next
         self.sequential = sequential
-        self.updates_per_step = 1  # K, resolved for the run (genlab.steps.use_count)
         self._eval_totals = None
         self.tokens_seen = 0  # real target tokens trained on, for tokens/s
         self.training_words: list[str] | None = None  # set for names: sampling measures novelty
@@ -97,31 +96,30 @@ class LanguageModel(GenlabModule):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
 
     # --- training ------------------------------------------------------------------------------
-    @staticmethod
-    def unpack(batch):
-        """A training item -> its batches (x, y), each trimmed to its own width."""
-        xs, ys, widths = batch
-        for x, y, width in zip(xs, ys, widths.tolist()):
-            yield x[:, :width], y[:, :width]
+    def training_update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """One update on one batch (x, y); returns its loss. The loop counts it and calls the
+        update hooks around it. A model that learns otherwise (the counting bigram: a batch
+        counted into its table) overrides this, and returns None where it has no loss."""
+        if self.compiled_update is not None:
+            return self.compiled_update(x, y)
+        loss = self.loss(self.training_forward(x, y), y)
+        self.update(self.training_optimizer, loss, clip=self.loop.grad_clip)
+        return loss
 
     def training_step(self, batch, batch_idx):
-        optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        updates = min(len(batch[0]), updates_left(self.trainer))  # the last item may hold more than is left
-        losses = []
-        compiled, clip = self.compiled_update, self.loop.grad_clip  # looked up once, not per update
-        for x, y in itertools.islice(self.unpack(batch), updates):
-            if compiled is not None:
-                loss = compiled(x, y)
-                count_update(self.trainer)
-            else:
-                loss = self.loss(self.training_forward(x, y), y)
-                self.update(optimizer, loss, clip=clip)
+        losses, targets = [], 0
+        # the last group may hold more updates than are left before trainer.max_steps
+        for x, y in itertools.islice(batches_of(batch), min(self.updates_per_step, updates_left(self.trainer))):
+            with self.one_update():
+                loss = self.training_update(x, y)
             if scheduler is not None:
                 scheduler.step()
-            losses.append(loss.detach())
+            if loss is not None:
+                losses.append(loss.detach())
+            targets = targets + (y >= 0).sum()  # on the device: read once per Lightning step
+        self.tokens_seen += int(targets)
         self.step_losses = losses  # every update's loss, for the insight callback's curves
-        self.tokens_seen += int((batch[1][:updates] >= 0).sum())
         if not losses:
             return None
         loss = torch.stack(losses).mean()
@@ -132,8 +130,9 @@ class LanguageModel(GenlabModule):
         points = self.curve.add(losses, self.global_step)
         if points:
             tokens_per_second = self.rate_since_last_point(self.tokens_seen)  # one figure for the step's points
+            lr = self.training_optimizer.param_groups[0]["lr"]
             for update, value in points:
-                self.log_training_point(update, value, optimizer.param_groups[0]["lr"], tokens_per_second)
+                self.log_training_point(update, value, lr, tokens_per_second)
         return loss  # Lightning's LR finder reads the loss from here
 
     def log_training_point(self, update: int, loss: float, lr: float, tokens_per_second: float | None) -> None:
@@ -179,14 +178,26 @@ class LanguageModel(GenlabModule):
         self.curve = TrainingCurve(self.trainer.log_every_n_steps)
         self.curve.restore(self._curve_to_restore)
         self._curve_to_restore = []
+        # looked up once per run: at thousands of updates a second every lookup counts
+        self.training_optimizer = self.optimizers() if self.trainer.optimizers else None
         if self.compile_mode() and self.compiles_whole_update():
-            optimizer = self.optimizers()
+            optimizer = self.training_optimizer
             widths = getattr(self.trainer.datamodule, "training_widths", lambda: None)()
             self.compiled_update = CompiledUpdate(self, getattr(optimizer, "optimizer", optimizer),
                                                   self.loop.grad_clip, widths, self.compile_mode())
 
     def compiled_modules(self):
         return [] if self.compiles_whole_update() else [self]
+
+    def timed_compiled_update(self, optimizer, device: torch.device) -> CompiledUpdate | None:
+        """The compiled whole update that ``loop.compile`` will train this model with, for ``auto``
+        to time (``genlab.steps.measure_update_seconds``); None where the update is not compiled
+        whole. Timed without CUDA graphs: a copy's graphs would hold their own memory."""
+        mode = self.compile_mode()
+        if mode is None or not self.whole_update_compiles():
+            return None
+        return CompiledUpdate(self, optimizer, self.loop.grad_clip,
+                              mode="default" if device.type == "cuda" and mode in CUDA_GRAPH_MODES else mode)
 
     def log_step(self) -> None:
         """Lightning's x-axis counts its own steps; a logged "step" makes it optimizer updates."""

@@ -14,7 +14,6 @@ from torch import nn
 
 from genlab.data.batches import context_windows
 from genlab.models.base import LanguageModel
-from genlab.steps import count_update
 
 
 class Bigram(LanguageModel):
@@ -45,12 +44,9 @@ class Bigram(LanguageModel):
             return (smoothed / smoothed.sum(1, keepdim=True)).log()[self.rows(idx)]
         return self.logit_table(self.rows(idx))
 
-    def training_step(self, batch, batch_idx):
+    def training_update(self, x, y):
         if not self.hparams.counting:
-            return super().training_step(batch, batch_idx)
-        for x, y in self.unpack(batch):
-            real = y >= 0
-            self.counts.index_put_((self.rows(x)[real], y[real]), torch.ones(()), accumulate=True)
-            self.tokens_seen += int(real.sum())
-            count_update(self.trainer)  # a step of the counting model: one batch counted
+            return super().training_update(x, y)
+        real = y >= 0  # an update of the counting model: one batch counted into the table
+        self.counts.index_put_((self.rows(x)[real], y[real]), torch.ones(()), accumulate=True)
         return None

@@ -94,21 +94,22 @@ class DCGAN(ImageModel):
         return make(params=self.discriminator.parameters()), make(params=self.generator.parameters())
 
     def training_step(self, real: torch.Tensor, batch_idx: int):
-        d_optimizer, g_optimizer = self.optimizers()
-        ones = torch.ones(real.shape[0], device=self.device)
-        fake = self.generator(self.noise(real.shape[0]))
+        with self.one_update():  # one step: a discriminator update, then a generator update
+            d_optimizer, g_optimizer = self.optimizers()
+            ones = torch.ones(real.shape[0], device=self.device)
+            fake = self.generator(self.noise(real.shape[0]))
 
-        # discriminator: real images -> 1, generated images -> 0 (no gradient into the generator)
-        real_logits = self.discriminator(real)
-        fake_logits = self.discriminator(fake.detach())
-        loss_d = (F.binary_cross_entropy_with_logits(real_logits, ones)
-                  + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(ones)))
-        self.update(d_optimizer, loss_d, clip=self.loop.grad_clip, count=False)
+            # discriminator: real images -> 1, generated images -> 0 (no gradient into the generator)
+            real_logits = self.discriminator(real)
+            fake_logits = self.discriminator(fake.detach())
+            loss_d = (F.binary_cross_entropy_with_logits(real_logits, ones)
+                      + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(ones)))
+            self.update(d_optimizer, loss_d, clip=self.loop.grad_clip)
 
-        # generator: make the updated discriminator call its images real
-        fake_logits_after = self.discriminator(fake)
-        loss_g = F.binary_cross_entropy_with_logits(fake_logits_after, ones)
-        self.update(g_optimizer, loss_g, clip=self.loop.grad_clip)  # counts the step: one batch
+            # generator: make the updated discriminator call its images real
+            fake_logits_after = self.discriminator(fake)
+            loss_g = F.binary_cross_entropy_with_logits(fake_logits_after, ones)
+            self.update(g_optimizer, loss_g, clip=self.loop.grad_clip)
 
         self.record(real.shape[0], loss_d=loss_d.detach(), loss_g=loss_g.detach())
         self.log_dict({"loss/discriminator": loss_d.detach(), "loss/generator": loss_g.detach(),

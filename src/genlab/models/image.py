@@ -132,6 +132,7 @@ class ImageModel(GenlabModule):
             self.show("samples/real_images", image_grid(batch[:64]), Path("real_images.png"))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         if self.global_step % self.grid_every == 0 or self.global_step == 1:
             self.show_progress()
 

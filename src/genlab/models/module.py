@@ -1,9 +1,11 @@
 """What every genlab model shares, language model or GAN: plain optimizer updates, each counted as
-a step (genlab.steps), ``torch.compile`` without renaming parameters, and checkpoints that name
-their model class and carry the random stream (for an exact resume)."""
+a step with the update hooks called around it (``one_update``, genlab.steps), ``torch.compile``
+without renaming parameters, and checkpoints that name their model class and carry the random
+stream (for an exact resume)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import hydra
@@ -11,7 +13,7 @@ import lightning as L
 import torch
 
 from genlab.checks import compile_mode
-from genlab.steps import LoopSettings, check_same_count, count_update
+from genlab.steps import LoopSettings, check_same_count, count_update, update_hooks
 
 
 class GenlabModule(L.LightningModule):
@@ -20,11 +22,14 @@ class GenlabModule(L.LightningModule):
     # True where a Lightning step may make loop.updates_per_step updates, each on its own batch (the
     # language models); False: one update per step (the GAN's step is one update of both networks)
     several_updates_per_step = False
+    updates_per_step = 1  # K, for a fit (genlab.steps.fit)
     monitor: str | None = "loss/val"  # the figure validation measures and best.ckpt minimises; None: none
     loop = LoopSettings()  # conf/loop's settings, given by train.build_model (a loaded model: the defaults)
 
     def __init__(self):
         super().__init__()
+        self._update_hooks = []  # the callbacks that act on updates (genlab.steps.UpdateHook), at the start of training
+        self._due_updates = []  # automatic optimization: the hooks called before the update Lightning is making
         self._rate_clock = None  # (time, running total) at the previous rate_since_last_point
 
     def rate_since_last_point(self, total: int) -> float | None:
@@ -72,9 +77,39 @@ class GenlabModule(L.LightningModule):
             if not hasattr(module.forward, "_torchdynamo_orig_callable"):
                 module.forward = torch.compile(module.forward, mode=mode)
 
-    def update(self, optimizer, loss: torch.Tensor, clip: float | None = None, count: bool = True) -> None:
-        """One optimizer update as a plain loop makes it, counted as a step when ``count`` (the GAN
-        counts one step for its two updates). Lightning's own path (``manual_backward``,
+    @contextlib.contextmanager
+    def one_update(self):
+        """What a model does inside is one update (the GAN: one step of each network): counted in
+        ``trainer.global_step``, with the update hooks that are due called before and after it."""
+        due = self.hooks_before_update()
+        yield
+        count_update(self.trainer)
+        self.hooks_after_update(due)
+
+    def hooks_before_update(self) -> list:
+        """The update hooks due at the coming update, called before it; returns them."""
+        update = self.trainer.global_step + 1
+        due = [hook for hook in self._update_hooks if update % hook.every_n_updates == 0]
+        for hook in due:
+            hook.before_update(self.trainer, self, update)
+        return due
+
+    def hooks_after_update(self, due: list) -> None:
+        for hook in due:
+            hook.after_update(self.trainer, self, self.trainer.global_step)
+
+    # under automatic optimization Lightning makes (and counts) the update: the hooks come around it
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.automatic_optimization:
+            self._due_updates = self.hooks_before_update()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.automatic_optimization:
+            self.hooks_after_update(self._due_updates)
+            self._due_updates = []
+
+    def update(self, optimizer, loss: torch.Tensor, clip: float | None = None) -> None:
+        """One optimizer step as a plain loop makes it. Lightning's own path (``manual_backward``,
         ``optimizer.step()``) calls hooks and plugins around every update, which costs a tiny model
         much of its speed (docs/performance.md). Under 16-mixed the loss is scaled with Lightning's gradient
         scaler (its state is saved in checkpoints); the scaler skips an update whose gradients
@@ -99,8 +134,6 @@ class GenlabModule(L.LightningModule):
             scaler.update()
         else:
             torch_optimizer.step()
-        if count:
-            count_update(self.trainer)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def checkpoint_extras(self) -> dict:
@@ -121,7 +154,8 @@ class GenlabModule(L.LightningModule):
         # looked up once per run: at thousands of updates a second every attribute chain counts
         self._scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed only
         self._distributed = self.trainer.world_size > 1
-        check_same_count(self.trainer, getattr(self, "updates_per_step", 1))
+        self._update_hooks = update_hooks(self.trainer)
+        check_same_count(self.trainer, self.updates_per_step)
         if getattr(self, "_rng_to_restore", None) is not None:  # resuming: continue the random stream
             torch.set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
