@@ -47,6 +47,7 @@ from genlab.models.compiled_update import CompiledUpdate
 from genlab.precision import resolve_precision
 from genlab.steps import fit, resolve_updates_per_step
 from genlab.train import CONF_DIR, build_model, build_trainer, skip_failing_nvml_check
+from genlab.data.module import ready
 
 # the configuration each model is benchmarked at, unless overridden on the command line
 PRESETS = {
@@ -269,7 +270,7 @@ def measure(argv: list[str]) -> dict:
     skip_failing_nvml_check()  # as train.py does: both sides' Adam updates without a needless check
     resolve_precision(cfg)  # trainer=gpu: its precision: auto, as train.py resolves it
     torch.manual_seed(cfg.seed)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = ready(hydra.utils.instantiate(cfg.data))
     model = build_model(cfg, datamodule)
     if model.kind == "image":
         batches = [b for b, _ in zip(datamodule.train_dataloader(), range(steps))]  # decoded once, for both sides

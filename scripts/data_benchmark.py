@@ -35,6 +35,7 @@ import torch
 from genlab.data import tokens as token_files
 from genlab.data.text import TextDataModule
 from genlab.data.tokenizer import load_gpt2_encoding
+from genlab.data.module import ready
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = (
@@ -107,10 +108,10 @@ def main() -> None:
             make_text(text, megabytes, mirror)
             mb = text.stat().st_size / 1e6
             began = time.perf_counter()
-            TextDataModule(path=str(text), data_dir=tmp / f"made-{tokenizer}", tokenizer=tokenizer, mirror=str(mirror))
+            ready(TextDataModule(path=str(text), data_dir=tmp / f"made-{tokenizer}", tokenizer=tokenizer, mirror=str(mirror)))
             speed = mb / (time.perf_counter() - began)
             began = time.perf_counter()
-            TextDataModule(path=str(text), data_dir=tmp / f"made-{tokenizer}", tokenizer=tokenizer, mirror=str(mirror))
+            ready(TextDataModule(path=str(text), data_dir=tmp / f"made-{tokenizer}", tokenizer=tokenizer, mirror=str(mirror)))
             warm_load = time.perf_counter() - began
             baseline = start(small, tokenizer, tmp / f"small-{tokenizer}", tmp / f"run-small-{tokenizer}")
             cold = start(text, tokenizer, tmp / f"data-{tokenizer}", tmp / f"run-cold-{tokenizer}")

@@ -10,6 +10,7 @@ from genlab.data.names import ITALIAN_NAMES, NamesDataModule
 from genlab.errors import ConfigError, DataError, TrainingDiverged
 from genlab.sample import sample
 from genlab.train import CONF_DIR, train
+from genlab.data.module import ready
 
 
 def expect_error(tmp_path, overrides, error, pattern):
@@ -37,7 +38,7 @@ def test_a_corrupt_cached_file_is_set_aside_and_fetched_again(tmp_path, mirror):
     cached.parent.mkdir(parents=True)
     cached.write_text("truncated download")
     path = fetch(ITALIAN_NAMES, tmp_path, mirror)
-    assert path == cached and len(NamesDataModule(data_dir=tmp_path, mirror=mirror).names) == 9101
+    assert path == cached and len(ready(NamesDataModule(data_dir=tmp_path, mirror=mirror)).names) == 9101
     assert (cached.parent / (cached.name + ".corrupt")).read_text() == "truncated download"
 
 
@@ -155,7 +156,7 @@ def test_an_image_folder_skips_corrupt_files_and_refuses_an_empty_one(tmp_path, 
     for i in range(3):
         Image.new("RGB", (89, 109), (40 * i, 100, 200)).save(folder / f"{i:06d}.jpg")
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
-    dm = ImageFolderDataModule(root=str(tmp_path / "faces"), batch_size=2, num_workers=0)
+    dm = ready(ImageFolderDataModule(root=str(tmp_path / "faces"), batch_size=2, num_workers=0))
     assert len(dm.paths) == 3 and dm.skipped == 1
     assert "skipped 1 file(s) that could not be decoded" in caplog.text
     batch = next(iter(dm.train_dataloader()))
@@ -163,7 +164,7 @@ def test_an_image_folder_skips_corrupt_files_and_refuses_an_empty_one(tmp_path, 
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match=f"no readable image .* in {empty}"):
-        ImageFolderDataModule(root=str(empty))
+        ready(ImageFolderDataModule(root=str(empty)))
 
 
 def test_a_language_model_on_image_data_names_both_options(tmp_path):
@@ -211,7 +212,7 @@ def test_a_word_list_too_small_to_split(tmp_path):
 def test_one_very_long_line_is_dropped_and_counted(names_file, caplog):
     text = names_file.read_text() + "a" * 20_000 + "\n"
     names_file.write_text(text)
-    dm = NamesDataModule(path=str(names_file))
+    dm = ready(NamesDataModule(path=str(names_file)))
     assert dm.report.too_long == 1 and dm.max_len < 50 and len(dm.names) == 300
     assert "dropped 1 entries longer than data.max_name_length=50 characters" in caplog.text
 
@@ -219,7 +220,7 @@ def test_one_very_long_line_is_dropped_and_counted(names_file, caplog):
 def test_a_byte_order_mark_and_a_line_of_dashes_lose_no_name(tmp_path):
     own = tmp_path / "own.txt"
     own.write_bytes("\ufeffanna\nmarco\n----------\nluca\n".encode("utf-8"))
-    assert NamesDataModule(path=str(own), batch_size=1, split=(0.34, 0.67)).names == ["anna", "marco", "luca"]
+    assert ready(NamesDataModule(path=str(own), batch_size=1, split=(0.34, 0.67))).names == ["anna", "marco", "luca"]
 
 
 def test_a_names_model_given_a_prompt_samples_whole_names_that_start_with_it(names_file, tmp_path):
@@ -256,7 +257,7 @@ def test_folders_that_cannot_be_written_are_named(names_file, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(DataError, match=f"cannot write into {blocker / 'data'}/names .*paths.data_dir"):
-        NamesDataModule(data_dir=str(blocker / "data"))  # refused before any data is read
+        ready(NamesDataModule(data_dir=str(blocker / "data")))  # refused before any data is read
     with pytest.raises(ConfigError, match=f"cannot write into {blocker / 'run'} .*hydra.run.dir"):
         train(compose_config([f"data.path={names_file}"], blocker / "run"))
 
@@ -306,7 +307,7 @@ def test_a_truncated_jpeg_is_skipped_while_training_and_counted(tmp_path, caplog
         Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=95)
     cut = folder / "3.jpg"
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a download cut off halfway
-    dm = ImageFolderDataModule(root=str(folder), image_size=16, batch_size=2, num_workers=0)
+    dm = ready(ImageFolderDataModule(root=str(folder), image_size=16, batch_size=2, num_workers=0))
     assert cut in dm.paths  # the header check cannot see it: it is found while decoding
     batches = list(dm.train_dataloader())
     assert len(batches) == 2 and all(b.shape == (2, 3, 16, 16) for b in batches)
@@ -322,7 +323,7 @@ def test_fewer_images_than_one_batch_is_refused(tmp_path):
         Image.new("RGB", (20, 20), (i, 0, 0)).save(tmp_path / f"{i}.png")
     message = r"has 3 readable images, 3 of them for training \(data.val_fraction=0.05 held out\), fewer than one batch"
     with pytest.raises(DataError, match=message + " of data.batch_size=8"):
-        ImageFolderDataModule(root=str(tmp_path), batch_size=8, num_workers=0)
+        ready(ImageFolderDataModule(root=str(tmp_path), batch_size=8, num_workers=0))
 
 
 @pytest.mark.parametrize("args, pattern", [

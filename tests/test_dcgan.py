@@ -24,6 +24,7 @@ from genlab.data.images import ImageFolderDataModule
 from genlab.errors import ConfigError, TrainingDiverged
 from genlab.models.dcgan import DCGAN, Discriminator, Generator
 from genlab.train import train
+from genlab.data.module import ready
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def test_a_run_trains_both_networks_counts_batches_and_writes_its_pictures(faces
     cfg = compose_config(gan_overrides(faces), run)
     from genlab.train import build_model, instantiate
 
-    before = build_model(cfg, instantiate(cfg.data)).state_dict()
+    before = build_model(cfg, ready(instantiate(cfg.data))).state_dict()
     metrics = run_training(run, gan_overrides(faces, "trainer.log_every_n_steps=1"))  # a curve point every step
 
     assert metrics["steps"] == 4 and metrics["images_per_second"] > 0
@@ -121,8 +122,8 @@ def test_a_changed_image_folder_is_a_changed_plan(faces, tmp_path):
     """The image data gave the run's plan no fingerprint: the same command over an edited folder of
     images was the same plan, so a sweep kept or resumed runs of other images."""
     def fingerprint():
-        return ImageFolderDataModule(root=str(faces), image_size=16, batch_size=8, num_workers=0,
-                                     val_fraction=0.25).fingerprint
+        return ready(ImageFolderDataModule(root=str(faces), image_size=16, batch_size=8, num_workers=0,
+                                     val_fraction=0.25)).fingerprint
 
     first = fingerprint()
     assert first and fingerprint() == first  # the same files: the same plan
@@ -237,7 +238,7 @@ def test_a_bad_worker_count_is_refused_before_the_images_are_read(tmp_path):
     from genlab.data.images import ImageFolderDataModule
 
     with pytest.raises(ConfigError, match="data.num_workers='many': give a number .* or auto"):
-        ImageFolderDataModule(root=str(tmp_path / "nowhere"), num_workers="many")
+        ready(ImageFolderDataModule(root=str(tmp_path / "nowhere"), num_workers="many"))
 
 
 # --- quality: FID and KID ------------------------------------------------------------------------
@@ -287,8 +288,8 @@ def test_fid_is_zero_for_the_real_split_against_itself_and_large_against_noise(t
         corners = torch.rand(1, 3, 3, 3, generator=generator)
         picture = torch.nn.functional.interpolate(corners, size=(48, 40), mode="bilinear", align_corners=True)[0]
         Image.fromarray((picture.permute(1, 2, 0) * 255).to(torch.uint8).numpy()).save(faces / f"{i}.png")
-    data = ImageFolderDataModule(root=str(faces), data_dir=str(tmp_path / "data"), image_size=32, batch_size=8,
-                                 num_workers=0, val_fraction=0.25)
+    data = ready(ImageFolderDataModule(root=str(faces), data_dir=str(tmp_path / "data"), image_size=32, batch_size=8,
+                                 num_workers=0, val_fraction=0.25))
     measure = quality.ImageQuality(TinyFeatures(), data, images=100)
     assert measure.real_count == 10  # all there are: a quarter of 40
     real = measure.real_features(torch.device("cpu"))
@@ -326,7 +327,7 @@ def test_a_run_writes_fid_and_kid_curves_and_keeps_the_best_fid(faces, tmp_path,
     from genlab.train import instantiate
 
     model, _ = load_model(run / "checkpoints" / "best.ckpt")
-    measure = quality.ImageQuality(TinyFeatures(), instantiate(cfg.data), images=5, seed=cfg.seed)
+    measure = quality.ImageQuality(TinyFeatures(), ready(instantiate(cfg.data)), images=5, seed=cfg.seed)
     generated = model.generate(torch.cat(list(measure.noise_batches(model.latent_shape))))
     assert measure.score(measure.features(generated))["fid"] == pytest.approx(min(fid.values()), rel=1e-5)
 
@@ -340,8 +341,8 @@ def test_the_real_features_are_cached_by_content_size_and_extractor(faces, tmp_p
     assert "the real images' features from" in caplog.text and len(list(cache.iterdir())) == 1
     run_training(tmp_path / "c", gan_overrides(faces, "trainer.max_steps=2", "logger=none", "metrics.images=6", "data.image_size=8"))
     assert len(list(cache.iterdir())) == 2  # another size: other features
-    held_out = ImageFolderDataModule(root=str(faces), image_size=16, batch_size=8, num_workers=0,
-                                     val_fraction=0.25).val_paths[0]
+    held_out = ready(ImageFolderDataModule(root=str(faces), image_size=16, batch_size=8, num_workers=0,
+                                     val_fraction=0.25)).val_paths[0]
     Image.new("RGB", (20, 20), "white").save(held_out)  # the same name, other pixels
     run_training(tmp_path / "d", gan_overrides(faces, "trainer.max_steps=2", "logger=none", "metrics.images=6"))
     assert len(list(cache.iterdir())) == 3

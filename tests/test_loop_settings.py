@@ -11,6 +11,7 @@ from genlab.errors import ConfigError
 from genlab.plan import identity_of, resolve
 from genlab.steps import LOOP_KEYS, LoopSettings
 from genlab.train import build_model, train
+from genlab.data.module import ready
 
 MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 CLIPPED = {"gpt", "rnn", "lstm", "gru"}  # their YAMLs pick loop/clipped
@@ -32,7 +33,7 @@ def test_the_model_built_for_a_run_carries_the_loop_and_keeps_it_out_of_its_hype
                                  tmp_path / "run")).cfg
     from genlab.errors import instantiate
 
-    model = build_model(cfg, instantiate(cfg.data))
+    model = build_model(cfg, ready(instantiate(cfg.data)))
     assert model.loop == LoopSettings(updates_per_step=5, grad_clip=0.25, compile=False)
     assert not set(LOOP_KEYS) & set(model.hparams)
 

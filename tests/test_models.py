@@ -13,6 +13,7 @@ from genlab.models.gpt import GPT
 from genlab.models.mlp import MLP
 from genlab.models.recurrent import Recurrent
 from genlab.models.wavenet import WaveNet
+from genlab.data.module import ready
 
 TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz-", boundary=".").to_config()  # V = 28
 
@@ -73,7 +74,7 @@ def test_first_positions_see_the_notebooks_padded_window():
 def test_counting_bigram_matches_a_direct_count(names_file, tmp_path):
     import lightning as L
 
-    dm = NamesDataModule(data_dir=tmp_path, path=str(names_file), batch_size=8)
+    dm = ready(NamesDataModule(data_dir=tmp_path, path=str(names_file), batch_size=8))
     model = Bigram(tokenizer=dm.tokenizer.to_config(), seq_len=dm.seq_len, counting=True, smoothing=1.0)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, enable_model_summary=False)

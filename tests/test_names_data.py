@@ -7,6 +7,7 @@ from conftest import training_loop
 
 from genlab.data.names import CleaningReport, NamesDataModule, clean_names
 from genlab.data.tokenizer import CharTokenizer
+from genlab.data.module import ready
 
 
 def test_cleaning_rules_on_a_small_list():
@@ -38,7 +39,7 @@ CLEAN_LIST_SHA256 = "f595282b452a8c041b0ce82a1653b912f0e8fe32f3c02b2288f38533982
 
 
 def test_real_names_match_the_documented_clean_list(tmp_path, mirror):
-    dm = NamesDataModule(data_dir=tmp_path, mirror=mirror)
+    dm = ready(NamesDataModule(data_dir=tmp_path, mirror=mirror))
     assert hashlib.sha256(("\n".join(dm.names) + "\n").encode()).hexdigest() == CLEAN_LIST_SHA256
     assert len(dm.names) == 9101
     assert dm.tokenizer.chars == ".-abcdefghijklmnopqrstuvwxyz"
@@ -47,9 +48,9 @@ def test_real_names_match_the_documented_clean_list(tmp_path, mirror):
 
 
 def test_split_is_deterministic_disjoint_and_80_10_10(names_file, tmp_path):
-    a = NamesDataModule(data_dir=tmp_path, path=str(names_file), seed=3)
-    b = NamesDataModule(data_dir=tmp_path, path=str(names_file), seed=3)
-    c = NamesDataModule(data_dir=tmp_path, path=str(names_file), seed=4)
+    a = ready(NamesDataModule(data_dir=tmp_path, path=str(names_file), seed=3))
+    b = ready(NamesDataModule(data_dir=tmp_path, path=str(names_file), seed=3))
+    c = ready(NamesDataModule(data_dir=tmp_path, path=str(names_file), seed=4))
     assert a.splits == b.splits
     assert a.splits["train"] != c.splits["train"]
     sizes = {k: len(v) for k, v in a.splits.items()}
@@ -66,7 +67,7 @@ def test_vocabulary_round_trip_and_boundary_token():
 
 
 def test_batches_are_start_token_shifted_and_padded_with_minus_one(names_file, tmp_path):
-    dm = NamesDataModule(data_dir=tmp_path, path=str(names_file), batch_size=8)
+    dm = ready(NamesDataModule(data_dir=tmp_path, path=str(names_file), batch_size=8))
     dm.trainer = training_loop().trainer
     for xs, ys in itertools.islice(dm.train_dataloader(), 3):  # one batch per update
         assert xs.shape[0] == 8 and xs.shape == ys.shape
@@ -79,7 +80,7 @@ def test_batches_are_start_token_shifted_and_padded_with_minus_one(names_file, t
 
 
 def test_window_sampling_gives_every_training_character_once_with_its_context(names_file, tmp_path):
-    dm = NamesDataModule(data_dir=str(tmp_path), path=str(names_file), sampling="windows", block_size=8)
+    dm = ready(NamesDataModule(data_dir=str(tmp_path), path=str(names_file), sampling="windows", block_size=8))
     x, y = dm.training_windows()
     names = dm.splits["train"]
     assert len(x) == sum(len(n) + 1 for n in names)  # each character and the end of each name
@@ -97,7 +98,7 @@ def test_unknown_sampling_is_refused(names_file, tmp_path):
     from genlab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="data.sampling=chunks"):
-        NamesDataModule(data_dir=str(tmp_path), path=str(names_file), sampling="chunks")
+        ready(NamesDataModule(data_dir=str(tmp_path), path=str(names_file), sampling="chunks"))
 
 
 def test_accented_and_non_latin_names_sample_back_with_their_letters(tmp_path):

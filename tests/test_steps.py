@@ -14,6 +14,7 @@ from packaging.specifiers import SpecifierSet
 from test_dcgan import faces, gan_overrides  # noqa: F401  (faces is a fixture)
 
 from genlab.checkpoints import read_checkpoint
+from genlab.data.module import ready
 from genlab.steps import (
     FORCED_AUTO_VARIABLE,
     UpdateHook,
@@ -68,15 +69,18 @@ def test_intervals_between_the_two_counts(tmp_path):
 
 
 def test_the_loop_groups_plain_batches_by_k_and_gives_them_back_as_they_were():
-    """Batches of different widths (names) stack padded to the widest and come back trimmed."""
+    """Batches of different widths (names) stack padded to the widest and come back trimmed; every
+    group holds K, a group at the end of a pass taking the rest from the next pass."""
     plain = [(torch.full((2, w), w), torch.full((2, w), w)) for w in (3, 5, 2, 4, 1)]
     groups = UpdateGroups(plain, 2)
-    assert len(groups) == 3  # the last group holds the one batch left
-    items = list(groups)
-    assert all(isinstance(item, UpdateGroup) for item in items) and items[0].xs.shape == (2, 2, 5)
-    assert (items[0].ys[0, :, 3:] == -1).all()  # padding predicts nothing
+    assert len(groups) == 2  # a Lightning epoch: about one pass
+    epochs = [list(groups), list(groups)]
+    items = [item for epoch in epochs for item in epoch]
+    assert all(isinstance(item, UpdateGroup) and len(item.xs) == 2 for item in items)
+    assert items[0].xs.shape == (2, 2, 5) and (items[0].ys[0, :, 3:] == -1).all()  # padding predicts nothing
     back = [batch for item in items for batch in item.batches()]
-    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(back, plain)) and len(back) == 5
+    expected = (plain * 2)[:8]  # 3 5 | 2 4 || 1 3 | 5 2: the second epoch goes on where the first stopped
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(back, expected)) and len(back) == 8
 
 
 class CountUpdates(L.Callback, UpdateHook):
@@ -144,7 +148,7 @@ def test_auto_times_the_compiled_update_where_training_will_compile_it(names_fil
     model and the random stream are left as they were."""
     import torch
 
-    import genlab.steps
+    import genlab.models.base
     from genlab.models.compiled_update import CompiledUpdate
     from genlab.steps import measure_update_seconds
     from genlab.train import build_model, instantiate
@@ -156,9 +160,9 @@ def test_auto_times_the_compiled_update_where_training_will_compile_it(names_fil
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(genlab.steps, "CompiledUpdate", Spy)
+    monkeypatch.setattr(genlab.models.base, "CompiledUpdate", Spy)
     cfg = compose_config([f"data.path={names_file}", "loop.compile=true"], tmp_path / "run")
-    datamodule = instantiate(cfg.data)
+    datamodule = ready(instantiate(cfg.data))
     model = build_model(cfg, datamodule)
     before = {name: t.clone() for name, t in model.state_dict().items()}
     random_state = torch.get_rng_state()

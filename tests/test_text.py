@@ -10,6 +10,7 @@ from genlab.data import tokens as token_files
 from genlab.data.text import TextDataModule, normalise_divina
 from genlab.data.tokenizer import GPT2Tokenizer
 from genlab.errors import DataError
+from genlab.data.module import ready
 
 PASSAGE = """*** START OF THE PROJECT GUTENBERG EBOOK LA DIVINA COMMEDIA ***
 
@@ -43,7 +44,7 @@ def test_normaliser_on_a_small_passage():
 
 
 def test_divina_matches_the_documented_figures(tmp_path, mirror):
-    dm = TextDataModule("divina", data_dir=tmp_path, mirror=mirror)
+    dm = ready(TextDataModule("divina", data_dir=tmp_path, mirror=mirror))
     text = dm.tokenizer.decode(dm.tokens.tolist())
     assert len(text) == 504_402 and dm.vocab_size == 37
     assert text.startswith("nel mezzo del cammin di nostra vita mi ritrovai per una selva oscura")
@@ -56,11 +57,11 @@ def test_gpt2_encoding_from_the_local_bpe_files(mirror):
 
 
 def test_tokens_are_cached_and_reused(text_file, tmp_path, monkeypatch):
-    first = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16)
+    first = ready(TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16))
     cached = list((tmp_path / "tokens").glob("*.bin"))
     assert len(cached) == 1
     monkeypatch.setattr(TextDataModule, "_tokenise", lambda *args: (_ for _ in ()).throw(AssertionError("re-read")))
-    second = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16)
+    second = ready(TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16))
     assert torch.equal(torch.from_numpy(first.tokens.astype("int64")), torch.from_numpy(second.tokens.astype("int64")))
 
 
@@ -70,29 +71,29 @@ def test_a_cache_entry_belongs_to_one_source_and_tokenizer(tmp_path, mirror):
     own.parent.mkdir()
     own.write_text("tanto gentile e tanto onesta pare la donna mia quand ella altrui saluta " * 20, encoding="utf-8")
     cache = tmp_path / "cache"
-    users = TextDataModule(name="divina", path=str(own), data_dir=cache, seq_len=16)
-    real = TextDataModule(name="divina", data_dir=cache, mirror=mirror, seq_len=16)
+    users = ready(TextDataModule(name="divina", path=str(own), data_dir=cache, seq_len=16))
+    real = ready(TextDataModule(name="divina", data_dir=cache, mirror=mirror, seq_len=16))
     assert len(users.tokens) == len(own.read_text()) and len(real.tokens) == 504_402
     assert users.tokenizer.decode(users.tokens[:5].tolist()) == "tanto"
     assert real.tokenizer.decode(real.tokens[:9].tolist()) == "nel mezzo"
-    bpe = TextDataModule(name="divina", data_dir=cache, mirror=mirror, seq_len=16, tokenizer="gpt2")
+    bpe = ready(TextDataModule(name="divina", data_dir=cache, mirror=mirror, seq_len=16, tokenizer="gpt2"))
     assert len(bpe.tokens) < len(real.tokens)  # its own entry, not the characters'
     own.write_text("amor ch a nullo amato amar perdona " * 20, encoding="utf-8")  # same name, new content
-    changed = TextDataModule(name="divina", path=str(own), data_dir=cache, seq_len=16)
+    changed = ready(TextDataModule(name="divina", path=str(own), data_dir=cache, seq_len=16))
     assert changed.tokenizer.decode(changed.tokens[:4].tolist()) == "amor"
     assert len(list((cache / "tokens").glob("*.bin"))) == 4
 
 
 def test_a_cache_entry_cut_short_is_made_again(text_file, tmp_path):
-    first = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16)
+    first = ready(TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16))
     [entry] = (tmp_path / "tokens").glob("*.bin")
     entry.write_bytes(entry.read_bytes()[:100])  # a copy interrupted halfway
-    again = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16)
+    again = ready(TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16))
     assert len(again.tokens) == len(first.tokens) == len(text_file.read_text())
 
 
 def test_validation_covers_every_target_once_in_order(text_file, tmp_path):
-    dm = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, eval_batch_size=7)
+    dm = ready(TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, eval_batch_size=7))
     xs, ys = zip(*dm.val_dataloader())
     targets = torch.cat([y.flatten() for y in ys])
     expected = torch.from_numpy(dm.split_tokens("val")[1:].astype("int64"))
@@ -103,10 +104,10 @@ def test_validation_covers_every_target_once_in_order(text_file, tmp_path):
 
 
 def test_training_windows_and_sequential_streams(text_file, tmp_path):
-    dm = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, batch_size=4)
+    dm = ready(TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, batch_size=4))
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
-    seq = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, batch_size=4, sampling="sequential")
+    seq = ready(TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, batch_size=4, sampling="sequential"))
     assert seq.sequential
     loader = iter(seq.train_dataloader())
     (_, y1), (x2, _) = next(loader), next(loader)
@@ -126,10 +127,10 @@ def test_chunked_tokens_are_those_of_the_whole_text(tmp_path, monkeypatch, mirro
     source = tmp_path / "mixed.txt"
     source.write_bytes(b"\xef\xbb\xbf" + text.encode())
     monkeypatch.setattr(token_files, "CHUNK_BYTES", 64)
-    chars = TextDataModule(path=str(source), data_dir=tmp_path / "c", seq_len=8)
+    chars = ready(TextDataModule(path=str(source), data_dir=tmp_path / "c", seq_len=8))
     plain = text.replace("\r\n", "\n")  # as open() reads it
     assert chars.tokenizer.decode(chars.tokens.tolist()) == plain and chars.tokens.dtype == np.uint16
-    bpe = TextDataModule(path=str(source), data_dir=tmp_path / "b", seq_len=8, tokenizer="gpt2", mirror=mirror)
+    bpe = ready(TextDataModule(path=str(source), data_dir=tmp_path / "b", seq_len=8, tokenizer="gpt2", mirror=mirror))
     assert bpe.tokens.tolist() == GPT2Tokenizer(mirror).encode(plain)
 
 
@@ -139,31 +140,31 @@ def test_a_folder_of_texts_in_name_order_with_a_separator(tmp_path, mirror):
     (folder / "b.txt").write_text("secondo libro " * 20)
     (folder / "a.txt").write_text("primo libro " * 20)
     (folder / "notes.md").write_text("not a text of the corpus")
-    chars = TextDataModule(path=str(folder), data_dir=tmp_path / "c", seq_len=8)
+    chars = ready(TextDataModule(path=str(folder), data_dir=tmp_path / "c", seq_len=8))
     assert chars.tokenizer.decode(chars.tokens.tolist()) == "primo libro " * 20 + "\n\n" + "secondo libro " * 20
-    bpe = TextDataModule(path=str(folder), data_dir=tmp_path / "b", seq_len=8, tokenizer="gpt2", mirror=mirror)
+    bpe = ready(TextDataModule(path=str(folder), data_dir=tmp_path / "b", seq_len=8, tokenizer="gpt2", mirror=mirror))
     encode = GPT2Tokenizer(mirror).encode
     assert bpe.tokens.tolist() == encode("primo libro " * 20) + [50256] + encode("secondo libro " * 20)
     (folder / "a.txt").write_text("primo libro, riscritto " * 20)  # new content: a new cache entry
-    again = TextDataModule(path=str(folder), data_dir=tmp_path / "c", seq_len=8)
+    again = ready(TextDataModule(path=str(folder), data_dir=tmp_path / "c", seq_len=8))
     assert again.tokenizer.decode(again.tokens[:8].tolist()) == "primo li" and len(again.tokens) != len(chars.tokens)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="is a folder without .txt files"):
-        TextDataModule(path=str(empty), data_dir=tmp_path / "c")
+        ready(TextDataModule(path=str(empty), data_dir=tmp_path / "c"))
 
 
 def test_a_vocabulary_above_65536_characters_is_stored_in_32_bits(tmp_path):
     symbols = "".join(chr(0x20000 + i) for i in range(70_000))  # beyond the Basic Multilingual Plane
     source = tmp_path / "many.txt"
     source.write_text(symbols + symbols[::-1], encoding="utf-8")
-    dm = TextDataModule(path=str(source), data_dir=tmp_path, seq_len=8)
+    dm = ready(TextDataModule(path=str(source), data_dir=tmp_path, seq_len=8))
     assert dm.vocab_size == 70_000 and dm.tokens.dtype == np.uint32
     assert dm.tokens.max() == 69_999 and dm.tokenizer.decode(dm.tokens[-3:].tolist()) == symbols[:3][::-1]
 
 
 def test_a_large_split_is_sampled_the_same_way_every_time(text_file, tmp_path):
-    dm = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, eval_batch_size=4, val_tokens=200)
+    dm = ready(TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, eval_batch_size=4, val_tokens=200))
     first = [y for _, y in dm.val_dataloader()]
     again = [y for _, y in dm.val_dataloader()]
     assert all(torch.equal(a, b) for a, b in zip(first, again)) and len(first) == len(again)
@@ -186,7 +187,7 @@ def test_characters_covered_by_bpe_windows_are_exact(tmp_path, mirror):
     ``characters_per_token`` over them): over a whole split that is the split's text, exactly."""
     source = tmp_path / "mixed.txt"
     source.write_text(MIXED * 40, encoding="utf-8")
-    dm = TextDataModule(path=str(source), data_dir=tmp_path, seq_len=8, tokenizer="gpt2", mirror=mirror)
+    dm = ready(TextDataModule(path=str(source), data_dir=tmp_path, seq_len=8, tokenizer="gpt2", mirror=mirror))
     start, end = dm.ranges["val"]
     covered = dm.tokenizer.decode(dm.tokens[start + 1 : end].tolist())  # every target of the split
     table = dm.tokenizer.characters_per_token()
@@ -202,7 +203,7 @@ def test_metrics_say_what_the_final_figures_cover(text_file, tmp_path, final_who
         "model=gpt", "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "data=divina", f"data.path={text_file}",
         "data.seq_len=16", "data.batch_size=4", "data.val_tokens=64", f"data.final_whole_split={final_whole_split}",
         "trainer.max_steps=2", "val_every=2", "logger=none", "num_samples=0"])
-    dm = TextDataModule(path=str(text_file), data_dir=tmp_path / "data", seq_len=16)
+    dm = ready(TextDataModule(path=str(text_file), data_dir=tmp_path / "data", seq_len=16))
     whole = dm.evaluation_scope("val")["tokens"]
     assert metrics["val_whole_split"] is final_whole_split
     assert metrics["val_tokens"] == (whole if final_whole_split else 64)
@@ -256,7 +257,7 @@ def test_training_on_a_large_text_reads_it_through_a_memory_map(tmp_path):
 def test_evaluation_windows_are_shared_between_ranks_each_target_once(text_file, tmp_path):
     from genlab.data.batches import FixedWindows
 
-    dm = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, eval_batch_size=3)
+    dm = ready(TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, eval_batch_size=3))
     start, end = dm.ranges["val"]
     shards = [list(FixedWindows(dm.tokens, dm._window_starts("val"), 16, end, 3, replica=(r, 2))) for r in range(2)]
     assert len(shards[0]) == len(shards[1])  # every rank runs as many batches (each a collective call)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genlab.checkpoints import genlab_classes, load_model
 from genlab.console import route_library_logs
+from genlab.data.module import GenlabDataModule, ready
 from genlab.errors import CheckpointError, ConfigError, exit_on_user_error, instantiate
 from genlab.outputs import save_result, write_metrics
 from genlab.overrides import checked_command_line
@@ -37,12 +38,13 @@ def run_datamodule(run_dir: Path, cfg: DictConfig):
         data = OmegaConf.load(recorded).data
         with open_dict(data):
             data.update(here)
-        return instantiate(data)
+        return ready(instantiate(data))
     config = read_config(recorded)
     if isinstance(config.get("data"), dict):
         config["data"].update(here)
-    return build(resolved(config, "data", recorded), genlab_classes("genlab.data", L.LightningDataModule),
-                 "data", recorded)
+    data_modules = {name: cls for name, cls in genlab_classes("genlab.data", GenlabDataModule).items()
+                    if cls is not GenlabDataModule}
+    return ready(build(resolved(config, "data", recorded), data_modules, "data", recorded))
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -61,7 +63,7 @@ def evaluate(cfg: DictConfig) -> dict:
     val = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     result = {"checkpoint": str(path), "step": checkpoint.get("global_step"), "val_loss": val["loss/val"],
               "val_bpc": val["loss/val_bpc"], "test_loss": None, "test_bpc": None}
-    if getattr(datamodule, "has_test", True):
+    if datamodule.has_test:
         test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
         result.update(test_loss=test["loss/test"], test_bpc=test["loss/test_bpc"])
     shown = f"val {result['val_loss']:.4f}" + (f", test {result['test_loss']:.4f}" if result["test_loss"] else "")

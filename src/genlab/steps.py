@@ -127,18 +127,24 @@ class UpdateGroup(NamedTuple):
 
 
 class UpdateGroups:
-    """A training loader of plain ``(x, y)`` batches, one per update, handed over K at a time."""
+    """A training loader of plain ``(x, y)`` batches, one per update, handed over K at a time. Every
+    group holds K batches: one that reaches the end of a pass over the loader takes the rest from
+    the next pass (so that each Lightning step is K updates, and validations land on multiples of
+    ``val_every``); a Lightning epoch is about one pass."""
 
     def __init__(self, batches: Iterable, count: int):
         self.plain, self.count = batches, count
 
     def __len__(self) -> int:
-        return -(-len(self.plain) // self.count)
+        return max(1, len(self.plain) // self.count)
 
     def __iter__(self) -> Iterator[UpdateGroup]:
-        stream = iter(self.plain)
-        while group := list(itertools.islice(stream, self.count)):
-            yield UpdateGroup.of(group)
+        if self.stream is None:
+            self.stream = itertools.chain.from_iterable(itertools.repeat(self.plain))  # pass after pass
+        for _ in range(len(self)):
+            yield UpdateGroup.of(list(itertools.islice(self.stream, self.count)))
+
+    stream: Iterator | None = None  # the plain batches, continued from one Lightning epoch to the next
 
 
 class GroupedTraining:

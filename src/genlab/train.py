@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genlab.callbacks import CheckpointAtEnd, Samples, TrainingClock, ValidateAtEnd
 from genlab.checkpoints import check_resume, read_checkpoint, trainer_plugins
+from genlab.data.module import ready
 from genlab.console import UpdateProgress, printable, result_summary, route_library_logs, run_summary
 from genlab.errors import DiskFull, TrainingDiverged, exit_on_user_error, instantiate
 from genlab.hparams import log_hparams, run_hparams
@@ -63,8 +64,8 @@ def train(cfg: DictConfig) -> float | None:
         set_threads(plan.cfg)
         skip_failing_nvml_check()
         L.seed_everything(plan.cfg.seed, workers=True)
-        datamodule = instantiate(plan.cfg.data)
-        plan = plan.with_values(data=getattr(datamodule, "fingerprint", None))
+        datamodule = ready(instantiate(plan.cfg.data))  # its files on disk and loaded (genlab.data.module)
+        plan = plan.with_values(data=datamodule.fingerprint)
         start = folder.open(plan)  # the first process decides; the others learn its decision here
         if start.done is not None:
             return kept_result(start.done, run_dir)
@@ -105,8 +106,8 @@ def run(plan: Plan, datamodule, run_dir: Path, folder: RunFolder, stop: Graceful
         L.seed_everything(cfg.seed, workers=True)  # training starts as it would with lr= given
         model = build_model(plan.cfg, datamodule)
     cfg = plan.cfg
-    if hasattr(datamodule, "training_words"):
-        model.training_words = sorted(datamodule.training_words())
+    if (words := datamodule.training_words()) is not None:
+        model.training_words = sorted(words)
     updates_per_step = resolve_updates_per_step(model, datamodule, cfg.val_every, checkpoint, cfg.trainer)
     if quality is not None:
         model.quality = quality
@@ -155,15 +156,7 @@ def kept_result(metrics: dict, run_dir: Path) -> float | None:
 
 
 def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
-    model_kind = hydra.utils.get_class(cfg.model._target_).kind
-    if model_kind == "text":  # data-dependent sizes come from the data, never typed twice
-        sizes = {
-            "tokenizer": datamodule.tokenizer.to_config(),
-            "seq_len": datamodule.seq_len,
-            "sequential": getattr(datamodule, "sequential", False),
-        }
-    else:
-        sizes = {"image_size": datamodule.image_size}
+    sizes = datamodule.model_sizes()  # data-dependent sizes come from the data, never typed twice
     if "optimizer" not in cfg.model:  # a model with optimizers of its own (the GAN's two) keeps them
         sizes["optimizer"] = OmegaConf.to_container(cfg.optimizer, resolve=True)
         sizes["scheduler"] = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None
@@ -238,7 +231,7 @@ def evaluate_language_model(trainer: L.Trainer, model, datamodule) -> dict:
     what each covers (the whole split or a fixed sample, and how many tokens)."""
     # data.final_whole_split: the final figures cover whole splits, a scope given to this evaluation's
     # loaders (the data module, built before the plan was recorded, is not changed)
-    scope = {"whole_split": True} if getattr(datamodule, "final_whole_split", False) else {}
+    scope = {"whole_split": True} if datamodule.final_whole_split else {}
     sampled = scope and not datamodule.evaluation_scope("val")["whole_split"]  # validations took a sample
     if sampled or "loss/val" not in trainer.callback_metrics:  # or a resumed run whose training had ended
         trainer.validate(model, dataloaders=datamodule.val_dataloader(**scope), verbose=False)
@@ -246,19 +239,19 @@ def evaluate_language_model(trainer: L.Trainer, model, datamodule) -> dict:
     metrics = {"val_loss": val, "best_val_loss": min(model.best_val_loss, val), "test_loss": None,
                "val_bpc": float(trainer.callback_metrics["loss/val_bpc"]), "test_bpc": None}
     metrics.update(evaluation_scope(datamodule, "val", scope=scope))
-    if getattr(datamodule, "has_test", True):  # text data has a test split only when data.test_fraction > 0
+    if datamodule.has_test:  # text data has a test split only when data.test_fraction > 0
         result = trainer.test(model, dataloaders=datamodule.test_dataloader(**scope), verbose=False)[0]
         metrics.update(test_loss=float(result["loss/test"]), test_bpc=float(result["loss/test_bpc"]))
-        metrics.update(evaluation_scope(datamodule, getattr(datamodule, "test_split", "test"), "test", scope))
+        metrics.update(evaluation_scope(datamodule, datamodule.test_split, "test", scope))
     return metrics
 
 
 def evaluation_scope(datamodule, split: str, name: str | None = None, scope: dict | None = None) -> dict:
     """``{name}_tokens`` and ``{name}_whole_split`` for metrics.json, and the same said in the log
     (``scope``: what the evaluation was given, ``{"whole_split": True}`` or nothing)."""
-    if not hasattr(datamodule, "evaluation_scope"):
-        return {}
     scope = datamodule.evaluation_scope(split, **(scope or {}))
+    if scope is None:  # a data module that evaluates whole splits and says nothing more
+        return {}
     log.info("final %s loss over %s", name or split, scope["description"].split(": ", 1)[1])
     return {f"{name or split}_tokens": scope["tokens"], f"{name or split}_whole_split": scope["whole_split"]}
 

@@ -38,7 +38,7 @@ def trim(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def replica(datamodule) -> tuple[int, int]:
     """(this process's rank, number of processes) under distributed training; (0, 1) otherwise."""
-    trainer = getattr(datamodule, "trainer", None)
+    trainer = datamodule.trainer if datamodule is not None else None
     return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
 
@@ -46,10 +46,10 @@ class BatchStream:
     """A stream of training batches, one per update: batch p depends only on p (and a seed), never
     on what came before.
 
-    Where every ``__iter__`` (one Lightning epoch) starts, the stream asks the trainer of ``loop``
-    (the data module) for: the updates made so far, so a resumed run sees the batches the
-    uninterrupted run would have seen (Lightning's own loader state would be off by the item it
-    prefetches). Without a trainer (a stream looked at on its own) it starts at 0.
+    Where its first pass starts, the stream asks the trainer of ``loop`` (the data module) for:
+    the updates made so far, so a resumed run sees the batches the uninterrupted run would have seen
+    (Lightning's own loader state would be off by the item it prefetches); each further pass goes on
+    where the previous one ended. Without a trainer (a stream looked at on its own) it starts at 0.
 
     Under distributed training, update p of rank r takes global batch ``p * world + r``: the
     ranks see different batches, and together the batches one process would see in turn."""
@@ -57,10 +57,11 @@ class BatchStream:
     def __init__(self, loop=None):
         self.loop = loop
         self.rank, self.world = replica(loop)
+        self.next_position: int | None = None  # where the next pass starts, once a pass has ended
 
     @property
     def trainer(self):
-        return getattr(self.loop, "trainer", None)
+        return self.loop.trainer if self.loop is not None else None
 
     def start(self) -> int:
         return self.trainer.global_step if self.trainer is not None else 0
@@ -77,9 +78,11 @@ class BatchStream:
         return position * self.world + self.rank
 
     def __iter__(self):
-        start, one_batch = self.start(), self.one_batch  # asked once an epoch
+        start = self.start() if self.next_position is None else self.next_position
+        one_batch = self.one_batch
         for position in range(start, start + len(self)):
             yield trim(*self.batch(self.global_index(0 if one_batch else position)))
+        self.next_position = start + len(self)
 
 
 class SequenceBatches(BatchStream):

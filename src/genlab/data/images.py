@@ -17,12 +17,12 @@ import logging
 import os
 from pathlib import Path
 
-import lightning as L
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from genlab.data.module import GenlabDataModule
 from genlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class ImageFiles(Dataset):
         raise DataError(f"none of the {len(self.paths)} images could be decoded; check the folder's files")
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(GenlabDataModule):
     kind = "image"
 
     def __init__(self, root: str | None = None, data_dir: str = "data", mirror: str | None = None,
@@ -111,9 +111,17 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ConfigError(f"data.val_fraction={val_fraction!r}: give the share of the images held out for "
                               "FID and KID, from 0 (none: no quality figures) to below 1, e.g. 0.05")
         worker_count(num_workers)  # a bad value is refused before anything is read
-        self.root = Path(root).expanduser() if root else self._default_root(Path(data_dir), mirror)
+        self.given_root, self.mirror = root, mirror
         self.data_dir = Path(data_dir)
         self.image_size, self.batch_size, self.num_workers, self.seed = image_size, batch_size, num_workers, seed
+        self.val_fraction = val_fraction
+
+    def download(self) -> None:
+        self.root = Path(self.given_root).expanduser() if self.given_root else self._default_root(self.data_dir,
+                                                                                                   self.mirror)
+
+    def load(self) -> None:
+        image_size, batch_size, val_fraction, seed = self.image_size, self.batch_size, self.val_fraction, self.seed
         if not self.root.is_dir():
             raise DataError(f"data.root={self.root} is not a folder; give a folder of images (flat or one "
                             "sub-folder per class)")
@@ -140,6 +148,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         ])
         log.info("%s: %d images at %dx%d (%d for training, %d held out)", self.root, len(paths), image_size,
                  image_size, len(self.paths), len(self.val_paths))
+
+    def model_sizes(self) -> dict:
+        return {"image_size": self.image_size}
 
     @staticmethod
     def _default_root(data_dir: Path, mirror: str | None) -> Path:

@@ -7,11 +7,11 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from genlab.data.batches import FixedBatches, SequenceBatches, context_windows, replica
 from genlab.data.fetch import RemoteFile, fetch, sha256_of
+from genlab.data.module import GenlabDataModule
 from genlab.errors import ConfigError, DataError
 from genlab.data.tokenizer import CharTokenizer
 
@@ -106,12 +106,10 @@ def encode_names(names: list[str], tokenizer: CharTokenizer, width: int):
     return x, y
 
 
-class NamesDataModule(L.LightningDataModule):
+class NamesDataModule(GenlabDataModule):
     """Names as sequences: batch ``(x, y)`` of shape (B, T) with T the longest name + 1, trimmed per
     batch to its own longest name. Splits 80/10/10 from ``seed``; the vocabulary is '.' + the
     characters of all names (a list of your own keeps its letters, accents and scripts)."""
-
-    kind = "text"
 
     def __init__(
         self,
@@ -141,16 +139,17 @@ class NamesDataModule(L.LightningDataModule):
         self.sampling, self.block_size = sampling, block_size
         self.max_name_length = max_name_length
         self.lowercase = lowercase
-        self._load()
 
-    def _load(self) -> None:
+    def download(self) -> None:
+        self.source = Path(self.path).expanduser() if self.path else fetch(ITALIAN_NAMES, self.data_dir, self.mirror)
+
+    def load(self) -> None:
+        source = self.source
         if self.path:
-            source = Path(self.path).expanduser()
             if not source.exists():
                 raise DataError(f"data.path={self.path}: no such file. Give an existing word list, one entry per line.")
             self.fingerprint = sha256_of(source)  # the run's plan compares it (genlab.plan)
         else:
-            source = fetch(ITALIAN_NAMES, self.data_dir, self.mirror)
             self.fingerprint = ITALIAN_NAMES.sha256  # fetch checked the file against it
         try:
             text = source.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first name
@@ -188,6 +187,9 @@ class NamesDataModule(L.LightningDataModule):
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
+
+    def model_sizes(self) -> dict:
+        return {"tokenizer": self.tokenizer.to_config(), "seq_len": self.seq_len, "sequential": False}
 
     def train_dataloader(self):
         x, y = self.tensors["train"] if self.sampling == "names" else self.training_windows()

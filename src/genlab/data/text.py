@@ -23,11 +23,11 @@ import unicodedata
 from pathlib import Path
 from typing import Callable
 
-import lightning as L
 import numpy as np
 
 from genlab.data.batches import FixedWindows, StreamBatches, WindowBatches, replica
 from genlab.data.fetch import RemoteFile, fetch, sha256_of
+from genlab.data.module import GenlabDataModule
 from genlab.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from genlab.errors import ConfigError, DataError
 from genlab.data.tokens import (Progress, Source, characters_of, dtype_for, text_files,
@@ -104,8 +104,7 @@ def cached_meta(bin_path: Path, meta_path: Path) -> dict | None:
     return meta if complete else None
 
 
-class TextDataModule(L.LightningDataModule):
-    kind = "text"
+class TextDataModule(GenlabDataModule):
 
     def __init__(
         self,
@@ -147,7 +146,6 @@ class TextDataModule(L.LightningDataModule):
         # True: the final figures (metrics.json) cover the whole split even where validations sample it
         # (the final evaluation asks for it: val_dataloader(whole_split=True))
         self.final_whole_split = final_whole_split
-        self._load()
 
     def _source(self) -> tuple[Source, str, str]:
         """(the source, its normalisation's name, what its content hash is of)."""
@@ -161,7 +159,8 @@ class TextDataModule(L.LightningDataModule):
         file = fetch(remote, self.data_dir, self.mirror)
         return _NormalisedSource(file, normalise), self.name, sha256_of(file)
 
-    def _load(self) -> None:
+    def download(self) -> None:
+        """The text fetched and its tokens in the cache (tokenised now where they are not)."""
         source, normalisation, source_sha256 = self._source()
         # the cache entry is named by what it is made from, never by a file name: the source's bytes,
         # their normalisation and the tokenizer (two texts called divina.txt never share an entry)
@@ -175,6 +174,10 @@ class TextDataModule(L.LightningDataModule):
             meta = self._tokenise(source, source_sha256, bin_path, meta_path)
         else:
             log.info("%s: using the cached tokens %s", self.name, bin_path)
+        self.cached = (bin_path, meta)
+
+    def load(self) -> None:
+        bin_path, meta = self.cached
         self.tokenizer = (
             CharTokenizer(meta["chars"]) if self.tokenizer_name == "char" else GPT2Tokenizer(self.mirror)
         )
@@ -215,6 +218,9 @@ class TextDataModule(L.LightningDataModule):
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
+
+    def model_sizes(self) -> dict:
+        return {"tokenizer": self.tokenizer.to_config(), "seq_len": self.seq_len, "sequential": self.sequential}
 
     @property
     def has_test(self) -> bool:

@@ -182,7 +182,7 @@ class LanguageModel(GenlabModule):
         self.training_optimizer = self.optimizers() if self.trainer.optimizers else None
         if self.compile_mode() and self.compiles_whole_update():
             optimizer = self.training_optimizer
-            widths = getattr(self.trainer.datamodule, "training_widths", lambda: None)()
+            widths = self.trainer.datamodule.training_widths()
             self.compiled_update = CompiledUpdate(self, getattr(optimizer, "optimizer", optimizer),
                                                   self.loop.grad_clip, widths, self.compile_mode())
 
@@ -209,8 +209,8 @@ class LanguageModel(GenlabModule):
         character), from the data's tokenizer, or the checkpoint's where there is no data module."""
         table = getattr(self, "_characters_per_token", None)
         if table is None or table.device != self.device:
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-            tokenizer = getattr(datamodule, "tokenizer", None) or tokenizer_from_config(self.hparams.tokenizer)
+            datamodule = self._trainer.datamodule if self._trainer is not None else None
+            tokenizer = datamodule.tokenizer if datamodule is not None else tokenizer_from_config(self.hparams.tokenizer)
             table = torch.tensor(tokenizer.characters_per_token(), dtype=torch.float64, device=self.device)
             self._characters_per_token = table
         return table
