@@ -58,9 +58,13 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.trainer.max_steps == -1 and not (is_whole_number(cfg.trainer.get("max_epochs")) and cfg.trainer.max_epochs > 0):
         raise ConfigError("trainer.max_steps=-1 trains without a step limit, so trainer.max_epochs must be set "
                           f"(a whole number of at least 1), got {cfg.trainer.get('max_epochs')!r}")
-    for key in ("batch_size", "eval_batch_size", "seq_len", "block_size", "image_size"):
+    for key in ("batch_size", "seq_len", "block_size", "image_size"):
         if cfg.data.get(key) is not None:
             check_positive_whole(f"data.{key}", cfg.data[key])
+    if "val_tokens" in cfg.data:  # running text: a null evaluation batch is sized for throughput
+        check_evaluation_sizes(cfg.data.eval_batch_size, cfg.data.val_tokens)
+    elif cfg.data.get("eval_batch_size") is not None:
+        check_positive_whole("data.eval_batch_size", cfg.data.eval_batch_size)
     if not is_whole_number(cfg.get("max_requeues", 0)) or cfg.get("max_requeues", 0) < 0:
         raise ConfigError(f"max_requeues must be a whole number (0: never requeue), got {cfg.max_requeues!r}")
     if not is_whole_number(cfg.num_samples) or cfg.num_samples < 0:
@@ -74,15 +78,62 @@ def check_values(cfg: DictConfig) -> None:
 VALIDATIONS_PER_RUN = 20  # val_every=null: about this many validation points on every curve
 
 
+def asked_interval(cfg: DictConfig) -> int:
+    """The updates between two validations the config asks for: ``val_every``, or where it is null a
+    twentieth of ``trainer.max_steps`` (before ``validation_interval`` rounds it to whole Lightning steps)."""
+    if cfg.val_every is not None:
+        return cfg.val_every
+    max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else 20_000
+    return max(1, max_steps // VALIDATIONS_PER_RUN)
+
+
 def validation_interval(cfg: DictConfig, updates_per_step: int) -> int:
-    """``val_every``, or where it is null a twentieth of ``trainer.max_steps``; a multiple of
-    ``updates_per_step``, since validation falls between Lightning steps (each that many updates)."""
+    """The asked interval as a multiple of ``updates_per_step``, since validation falls between
+    Lightning steps (each that many updates): val_every=null rounds down (at least one step)."""
+    interval = asked_interval(cfg)
     if cfg.val_every is None:
-        max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else 20_000
-        return max(1, max_steps // VALIDATIONS_PER_RUN // updates_per_step) * updates_per_step
-    if cfg.val_every % updates_per_step:
-        raise ConfigError(f"val_every={cfg.val_every} must be a multiple of model.updates_per_step={updates_per_step}")
-    return cfg.val_every
+        return max(1, interval // updates_per_step) * updates_per_step
+    if interval % updates_per_step:
+        raise ConfigError(f"val_every={interval} must be a multiple of model.updates_per_step={updates_per_step}")
+    return interval
+
+
+# --- what a validation of running text covers (data.val_tokens, data.eval_batch_size) -------------
+EVAL_BATCH_TOKENS = 32_768  # data.eval_batch_size=null: about this many tokens per evaluation batch
+# a validation's tokens per token trained between two validations: a forward pass costs about a third
+# of a training update per token, so a validation costs about a third of the training it follows
+VALIDATION_SHARE = 1
+
+
+def check_evaluation_sizes(eval_batch_size, val_tokens) -> None:
+    """``data.eval_batch_size`` and ``data.val_tokens``: a whole number of at least 1, or null."""
+    for name, value, null in (("data.eval_batch_size", eval_batch_size, f"about {EVAL_BATCH_TOKENS:,} tokens a batch"),
+                              ("data.val_tokens", val_tokens, "the whole split")):
+        if value is not None and (not is_whole_number(value) or value < 1):
+            raise ConfigError(f"{name} must be a whole number of at least 1, or null ({null}), got {value!r}")
+
+
+def sized_eval_batch(explicit: int | None, batch_size: int, seq_len: int) -> int:
+    """Evaluation windows per batch: ``explicit``, or where it is null enough for ``EVAL_BATCH_TOKENS``
+    tokens (at least the training batch). Memory stays bounded whatever the batch: evaluation keeps no
+    gradients, and the model evaluates a few rows at a time (``LanguageModel.eval_logits``)."""
+    return explicit if explicit is not None else max(batch_size, EVAL_BATCH_TOKENS // seq_len)
+
+
+def validation_size(cfg: DictConfig) -> dict:
+    """Running text's evaluation batch and the most tokens a validation evaluates, sized to the run:
+    ``VALIDATION_SHARE`` x the tokens trained between two validations (the asked interval x
+    ``data.batch_size`` x ``data.seq_len``: not rounded to K updates per step, nor counting processes,
+    so the same on every machine), at least one evaluation batch, at most ``data.val_tokens`` (null: the
+    whole split). Empty for data that is evaluated whole (names, images)."""
+    data = cfg.data
+    if "val_tokens" not in data:
+        return {}
+    batch = sized_eval_batch(data.get("eval_batch_size"), data.batch_size, data.seq_len)
+    if data.val_tokens is None:
+        return {"eval_batch_size": batch, "val_tokens": None}
+    trained = asked_interval(cfg) * data.batch_size * data.seq_len
+    return {"eval_batch_size": batch, "val_tokens": min(data.val_tokens, max(batch * data.seq_len, VALIDATION_SHARE * trained))}
 
 
 def check_compatible(cfg: DictConfig) -> None:
