@@ -115,8 +115,9 @@ def check_evaluation_sizes(eval_batch_size, val_tokens) -> None:
 
 def sized_eval_batch(explicit: int | None, batch_size: int, seq_len: int) -> int:
     """Evaluation windows per batch: ``explicit``, or where it is null enough for ``EVAL_BATCH_TOKENS``
-    tokens (at least the training batch). Memory stays bounded whatever the batch: evaluation keeps no
-    gradients, and the model evaluates a few rows at a time (``LanguageModel.eval_logits``)."""
+    tokens (at least the training batch). Its memory: evaluation keeps no gradients (one layer's
+    activations at a time), and the model computes at most ``LanguageModel.eval_logits`` logits at once,
+    a few rows at a time where the vocabulary is large (GPT-2's)."""
     return explicit if explicit is not None else max(batch_size, EVAL_BATCH_TOKENS // seq_len)
 
 
@@ -130,10 +131,9 @@ def validation_size(cfg: DictConfig) -> dict:
     if "val_tokens" not in data:
         return {}
     batch = sized_eval_batch(data.get("eval_batch_size"), data.batch_size, data.seq_len)
-    if data.val_tokens is None:
-        return {"eval_batch_size": batch, "val_tokens": None}
     trained = asked_interval(cfg) * data.batch_size * data.seq_len
-    return {"eval_batch_size": batch, "val_tokens": min(data.val_tokens, max(batch * data.seq_len, VALIDATION_SHARE * trained))}
+    budget = max(batch * data.seq_len, VALIDATION_SHARE * trained)
+    return {"eval_batch_size": batch, "val_tokens": None if data.val_tokens is None else min(data.val_tokens, budget)}
 
 
 def check_compatible(cfg: DictConfig) -> None:

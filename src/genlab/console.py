@@ -106,8 +106,9 @@ def run_summary(choices: dict, model: L.LightningModule, trainer: L.Trainer, run
     device = f"{trainer.num_devices}x {choices['trainer']} ({precision or trainer.precision})"
     unit = UpdateProgress.unit(model)
     length = f"{trainer.max_steps:,} {unit}s" if trainer.max_steps > 0 else f"{trainer.max_epochs} epochs"
-    length += f"; {validation}" if validation else ""
-    return f"{choices['model']} on {choices['data']}: {count(parameters)} parameters, {device}, {length} -> {run_dir}"
+    validates = f"; {validation}" if validation else ""
+    return (f"{choices['model']} on {choices['data']}: {count(parameters)} parameters, {device}, {length}{validates} "
+            f"-> {run_dir}")
 
 
 def result_summary(metrics: dict, run_dir, unit: str = "update") -> str:
