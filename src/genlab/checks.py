@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from genlab.errors import ConfigError
 from genlab.ranks import launch
 from genlab.runtime import choice, in_sweep, launcher_target, task_overrides
+from genlab.steps import asked_interval
 
 
 def is_whole_number(value) -> bool:
@@ -58,9 +59,13 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.trainer.max_steps == -1 and not (is_whole_number(cfg.trainer.get("max_epochs")) and cfg.trainer.max_epochs > 0):
         raise ConfigError("trainer.max_steps=-1 trains without a step limit, so trainer.max_epochs must be set "
                           f"(a whole number of at least 1), got {cfg.trainer.get('max_epochs')!r}")
-    for key in ("batch_size", "eval_batch_size", "seq_len", "block_size", "image_size"):
+    for key in ("batch_size", "seq_len", "block_size", "image_size"):
         if cfg.data.get(key) is not None:
             check_positive_whole(f"data.{key}", cfg.data[key])
+    if "val_tokens" in cfg.data:  # running text: a null evaluation batch is sized for throughput
+        check_evaluation_sizes(cfg.data.eval_batch_size, cfg.data.val_tokens)
+    elif cfg.data.get("eval_batch_size") is not None:
+        check_positive_whole("data.eval_batch_size", cfg.data.eval_batch_size)
     if not is_whole_number(cfg.get("max_requeues", 0)) or cfg.get("max_requeues", 0) < 0:
         raise ConfigError(f"max_requeues must be a whole number (0: never requeue), got {cfg.max_requeues!r}")
     if not is_whole_number(cfg.num_samples) or cfg.num_samples < 0:
@@ -80,6 +85,44 @@ def check_loop(loop: DictConfig) -> None:
                              or clip <= 0):
         raise ConfigError(f"loop.grad_clip must be a positive finite number (e.g. 1.0) or null (no clipping), got {clip!r}")
     compile_mode(loop.compile)
+
+
+# --- what a validation of running text covers (data.val_tokens, data.eval_batch_size) -------------
+EVAL_BATCH_TOKENS = 32_768  # data.eval_batch_size=null: about this many tokens per evaluation batch
+# a validation's tokens per token trained between two validations: a forward pass costs about a third
+# of a training update per token, so a validation costs about a third of the training it follows
+VALIDATION_SHARE = 1
+
+
+def check_evaluation_sizes(eval_batch_size, val_tokens) -> None:
+    """``data.eval_batch_size`` and ``data.val_tokens``: a whole number of at least 1, or null."""
+    for name, value, null in (("data.eval_batch_size", eval_batch_size, f"about {EVAL_BATCH_TOKENS:,} tokens a batch"),
+                              ("data.val_tokens", val_tokens, "the whole split")):
+        if value is not None and (not is_whole_number(value) or value < 1):
+            raise ConfigError(f"{name} must be a whole number of at least 1, or null ({null}), got {value!r}")
+
+
+def sized_eval_batch(explicit: int | None, batch_size: int, seq_len: int) -> int:
+    """Evaluation windows per batch: ``explicit``, or where it is null enough for ``EVAL_BATCH_TOKENS``
+    tokens (at least the training batch). Its memory: evaluation keeps no gradients (one layer's
+    activations at a time), and the model computes at most ``LanguageModel.eval_logits`` logits at once,
+    a few rows at a time where the vocabulary is large (GPT-2's)."""
+    return explicit if explicit is not None else max(batch_size, EVAL_BATCH_TOKENS // seq_len)
+
+
+def validation_size(cfg: DictConfig) -> dict:
+    """Running text's evaluation batch and the most tokens a validation evaluates, sized to the run:
+    ``VALIDATION_SHARE`` x the tokens trained between two validations (the asked interval x
+    ``data.batch_size`` x ``data.seq_len``: not rounded to K updates per step, nor counting processes,
+    so the same on every machine), at least one evaluation batch, at most ``data.val_tokens`` (null: the
+    whole split). Empty for data that is evaluated whole (names, images)."""
+    data = cfg.data
+    if "val_tokens" not in data:
+        return {}
+    batch = sized_eval_batch(data.get("eval_batch_size"), data.batch_size, data.seq_len)
+    trained = asked_interval(cfg) * data.batch_size * data.seq_len
+    budget = max(batch * data.seq_len, VALIDATION_SHARE * trained)
+    return {"eval_batch_size": batch, "val_tokens": None if data.val_tokens is None else min(data.val_tokens, budget)}
 
 
 def check_compatible(cfg: DictConfig) -> None:

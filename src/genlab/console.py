@@ -99,14 +99,16 @@ def count(n: int) -> str:
 
 
 def run_summary(choices: dict, model: L.LightningModule, trainer: L.Trainer, run_dir,
-                precision: str | None = None) -> str:
+                precision: str | None = None, validation: str | None = None) -> str:
     """One line: what trains on what, how big, where (``precision``: its words for the precision,
-    genlab.precision), how long, and where the run writes."""
+    genlab.precision), how long, what a validation covers (``validation``) and where the run writes."""
     parameters = sum(p.numel() for p in model.parameters())
     device = f"{trainer.num_devices}x {choices['trainer']} ({precision or trainer.precision})"
     unit = UpdateProgress.unit(model)
     length = f"{trainer.max_steps:,} {unit}s" if trainer.max_steps > 0 else f"{trainer.max_epochs} epochs"
-    return f"{choices['model']} on {choices['data']}: {count(parameters)} parameters, {device}, {length} -> {run_dir}"
+    validates = f"; {validation}" if validation else ""
+    return (f"{choices['model']} on {choices['data']}: {count(parameters)} parameters, {device}, {length}{validates} "
+            f"-> {run_dir}")
 
 
 def result_summary(metrics: dict, run_dir, unit: str = "update") -> str:

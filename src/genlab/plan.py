@@ -3,7 +3,9 @@ recorded once in the run folder (``.hydra/plan.json``) and compared whole when t
 sweep's job folder) is met again.
 
 A plan holds the resolved configuration with its YAML defaults (``config``: the validation interval
-``val_every``, ``trainer.precision`` and the learning rate a ``tune_lr`` search chose are filled in),
+``val_every``, ``trainer.precision`` and the learning rate a ``tune_lr`` search chose are filled in,
+and for running text what a validation covers: ``data.val_tokens`` lowered to the run's size and
+``data.eval_batch_size``, ``genlab.checks.validation_size``),
 the data's content fingerprint (the data module's ``fingerprint``: for a word list or a text, a hash
 of its content; for images, the files' names, sizes and times) and the updates per step K that
 the run trains with. Its ``config`` is read-only: nothing changes it after it is made, and nothing
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from genlab.checks import check_config
+from genlab.checks import check_config, validation_size
 from genlab.precision import resolve_precision
 from genlab.steps import LOOP_KEYS, validation_interval
 
@@ -102,12 +104,13 @@ def identity_of(config: dict, data) -> dict:
 
 def resolve(cfg: DictConfig) -> Plan:
     """The plan's first part, from the configuration alone: checked (``genlab.checks``), its validation
-    interval and precision filled in. Raises ConfigError before anything is loaded or written."""
+    interval, precision and validation size filled in. Raises ConfigError before anything is loaded or written."""
     check_config(cfg)
     work = copy.deepcopy(cfg)  # the command's own cfg is never changed
     fixed = work.loop.updates_per_step
     with open_dict(work):
         work.val_every = validation_interval(work, 1 if fixed == "auto" else fixed)
+        work.data.update(validation_size(cfg))  # from the interval asked for, so the same whatever K is
     words = resolve_precision(work)
     return Plan(frozen(work), precision_words=words)
 

@@ -183,15 +183,24 @@ def fit(trainer: L.Trainer, model, datamodule, count: int, **fit_arguments) -> N
 VALIDATIONS_PER_RUN = 20  # val_every=null: about this many validation points on every curve
 
 
+def asked_interval(cfg: DictConfig) -> int:
+    """The updates between two validations the config asks for: ``val_every``, or where it is null a
+    twentieth of ``trainer.max_steps`` (before ``validation_interval`` rounds it to whole Lightning steps)."""
+    if cfg.val_every is not None:
+        return cfg.val_every
+    max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else 20_000
+    return max(1, max_steps // VALIDATIONS_PER_RUN)
+
+
 def validation_interval(cfg: DictConfig, updates_per_step: int) -> int:
-    """``val_every``, or where it is null a twentieth of ``trainer.max_steps``; a multiple of
-    ``updates_per_step``, since validation falls between Lightning steps (each that many updates)."""
+    """The asked interval as a multiple of ``updates_per_step``, since validation falls between
+    Lightning steps (each that many updates): val_every=null rounds down (at least one step)."""
+    interval = asked_interval(cfg)
     if cfg.val_every is None:
-        max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else 20_000
-        return max(1, max_steps // VALIDATIONS_PER_RUN // updates_per_step) * updates_per_step
-    if cfg.val_every % updates_per_step:
-        raise ConfigError(f"val_every={cfg.val_every} must be a multiple of loop.updates_per_step={updates_per_step}")
-    return cfg.val_every
+        return max(1, interval // updates_per_step) * updates_per_step
+    if interval % updates_per_step:
+        raise ConfigError(f"val_every={interval} must be a multiple of loop.updates_per_step={updates_per_step}")
+    return interval
 
 
 def validation_check_interval(cfg: DictConfig, updates_per_step: int) -> int:

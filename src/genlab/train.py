@@ -126,8 +126,9 @@ def run(plan: Plan, datamodule, run_dir: Path, folder: RunFolder, stop: Graceful
                             ranks=folder.ranks)
     trainer.callbacks.append(PlanInCheckpoints(plan))
     log_hparams(trainer.loggers, run_hparams(cfg, trainer.world_size), lr_figure)
+    validation = validation_words(datamodule, validation_interval(cfg, updates_per_step)) if model.monitor else None
     log.info(run_summary({group: choice(group) for group in ("model", "data", "trainer")}, model, trainer, run_dir,
-                         plan.precision_words))
+                         plan.precision_words, validation))
 
     start = time.perf_counter()
     fit(trainer, model, datamodule, updates_per_step, ckpt_path=ckpt_path, weights_only=not trust)
@@ -254,6 +255,15 @@ def evaluation_scope(datamodule, split: str, name: str | None = None, scope: dic
         return {}
     log.info("final %s loss over %s", name or split, scope["description"].split(": ", 1)[1])
     return {f"{name or split}_tokens": scope["tokens"], f"{name or split}_whole_split": scope["whole_split"]}
+
+
+def validation_words(datamodule, every: int) -> str | None:
+    """What each validation covers and how often, for the summary line (data with a scope: text)."""
+    scope = datamodule.evaluation_scope("val")
+    if scope is None:
+        return None
+    covers = scope["description"].split(": ", 1)[1]
+    return f"validation: {covers} every {every:,} update{'' if every == 1 else 's'}"
 
 
 def print_samples(trainer: L.Trainer) -> None:

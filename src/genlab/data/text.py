@@ -10,7 +10,8 @@ position: the first 90% trains, the rest validates (``test_fraction`` > 0 carves
 the end). Training batches are random windows of ``seq_len + 1`` tokens (``sampling=sequential``:
 the text in order, for recurrent models that carry their state); an evaluation reads the split in
 consecutive windows, or where it holds more than ``val_tokens`` tokens a fixed, evenly spread
-sample of them, the same every time.
+sample of them, the same every time. A training run sizes ``val_tokens`` and ``eval_batch_size`` to
+itself (``genlab.checks.validation_size``, resolved in its plan).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from genlab.checks import check_evaluation_sizes, sized_eval_batch
 from genlab.data.batches import FixedWindows, StreamBatches, WindowBatches, replica
 from genlab.data.fetch import RemoteFile, fetch, sha256_of
 from genlab.data.module import GenlabDataModule
@@ -90,7 +92,8 @@ SOURCES = {
     "shakespeare": (SHAKESPEARE, lambda text: text),  # unchanged, to compare with nanoGPT
 }
 
-# a validation evaluates at most this many tokens unless data.val_tokens says otherwise
+# an evaluation takes at most this many tokens unless val_tokens says otherwise (a training run's
+# plan lowers it to the run's own size: genlab.checks.validation_size)
 VAL_TOKENS = 2_000_000
 
 
@@ -115,7 +118,7 @@ class TextDataModule(GenlabDataModule):
         tokenizer: str = "char",
         seq_len: int = 128,
         batch_size: int = 32,
-        eval_batch_size: int = 64,
+        eval_batch_size: int | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.0,
         sampling: str = "random",
@@ -128,14 +131,12 @@ class TextDataModule(GenlabDataModule):
             raise ConfigError(f"data.tokenizer={tokenizer} is not known; use char or gpt2")
         if not path and name not in SOURCES:
             raise ConfigError(f"data.name={name} is not a known text ({', '.join(SOURCES)}); or give data.path=FILE")
-        if val_tokens is not None and (not isinstance(val_tokens, int) or isinstance(val_tokens, bool) or val_tokens < 1):
-            raise ConfigError(f"data.val_tokens must be a whole number of at least 1 (or null: the whole split), "
-                              f"got {val_tokens!r}")
+        check_evaluation_sizes(eval_batch_size, val_tokens)
         self.name = Path(path).stem if path else name
         self.data_dir, self.mirror, self.path = Path(data_dir), mirror, path
         self.tokenizer_name = tokenizer
         self.seq_len = seq_len
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.batch_size, self.eval_batch_size = batch_size, sized_eval_batch(eval_batch_size, batch_size, seq_len)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         if sampling not in ("random", "sequential"):
             raise ConfigError(f"data.sampling={sampling} is not known; use random (windows anywhere) or "
