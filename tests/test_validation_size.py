@@ -18,6 +18,7 @@ from genlab.data.text import TextDataModule
 from genlab.errors import ConfigError
 from genlab.plan import resolve
 from genlab.train import validation_words
+from genlab.data.module import ready
 
 TEXT = ["model=gpt", "data=divina", "data.seq_len=64", "data.batch_size=8"]
 
@@ -81,7 +82,7 @@ def test_bad_sizes_name_the_setting_and_the_fix(tmp_path, setting):
 
 
 def test_the_summary_line_says_what_a_validation_covers(text_file, tmp_path):
-    dm = TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, eval_batch_size=2, val_tokens=128)
+    dm = ready(TextDataModule(path=str(text_file), data_dir=tmp_path, seq_len=16, eval_batch_size=2, val_tokens=128))
     start, end = dm.ranges["val"]
     words = validation_words(dm, 100)
     assert words == f"validation: a fixed sample of 128 of its {end - start - 1:,} tokens (data.val_tokens) every 100 updates"

@@ -304,6 +304,12 @@ def training_device(trainer_cfg) -> tuple[torch.device, torch.dtype | None]:
 
 def resolve_updates_per_step(model, datamodule, val_every: int, checkpoint: dict | None = None,
                              trainer_cfg=None) -> int:
+    """K for this run (``chosen_count``), which the model then trains with."""
+    model.updates_per_step = count = chosen_count(model, datamodule, val_every, checkpoint, trainer_cfg)
+    return count
+
+
+def chosen_count(model, datamodule, val_every: int, checkpoint: dict | None, trainer_cfg) -> int:
     """``loop.updates_per_step``, or for ``auto`` the count chosen by timing the model's updates on
     the device of ``trainer_cfg``. A resumed run keeps the count it was trained with, so that
     Lightning's restored step count still lands its validations on multiples of ``val_every``. The

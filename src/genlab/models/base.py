@@ -103,7 +103,7 @@ class LanguageModel(GenlabModule):
         if self.compiled_update is not None:
             return self.compiled_update(x, y)
         loss = self.loss(self.training_forward(x, y), y)
-        self.update(self.training_optimizer, loss, clip=self.loop.grad_clip)
+        self.update(self._training_optimizer, loss, clip=self.loop.grad_clip)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -130,7 +130,7 @@ class LanguageModel(GenlabModule):
         points = self.curve.add(losses, self.global_step)
         if points:
             tokens_per_second = self.rate_since_last_point(self.tokens_seen)  # one figure for the step's points
-            lr = self.training_optimizer.param_groups[0]["lr"]
+            lr = self._training_optimizer.param_groups[0]["lr"]
             for update, value in points:
                 self.log_training_point(update, value, lr, tokens_per_second)
         return loss  # Lightning's LR finder reads the loss from here
@@ -179,9 +179,9 @@ class LanguageModel(GenlabModule):
         self.curve.restore(self._curve_to_restore)
         self._curve_to_restore = []
         # looked up once per run: at thousands of updates a second every lookup counts
-        self.training_optimizer = self.optimizers() if self.trainer.optimizers else None
+        self._training_optimizer = self.optimizers() if self.trainer.optimizers else None
         if self.compile_mode() and self.compiles_whole_update():
-            optimizer = self.training_optimizer
+            optimizer = self._training_optimizer
             widths = self.trainer.datamodule.training_widths()
             self.compiled_update = CompiledUpdate(self, getattr(optimizer, "optimizer", optimizer),
                                                   self.loop.grad_clip, widths, self.compile_mode())
