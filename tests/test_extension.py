@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from genlab.errors import CheckpointError
 from genlab.models.base import LanguageModel
 from genlab.models.image import ImageModel
 from genlab.sample import sample
+from genlab.schedules import warmup_cosine
+from genlab.steps import UpdateHook
 from genlab.train import CONF_DIR, train
 
 
@@ -116,3 +119,38 @@ def test_an_image_model_defined_outside_the_package(tmp_path):
     assert (run_dir / "progress.gif").exists() and (run_dir / "losses.png").exists()
     grid = sample_from(run_dir, "num_samples=6", "interpolate=true", "model_class=test_extension.TinyVAE")
     assert image_file(grid).size == (2 + 6 * 10, 2 + 1 * 10)  # six 8-pixel images in a row
+
+
+class RecordRates(L.Callback, UpdateHook):
+    """The learning rate each update is made with, by update number (the loop calls it around every update)."""
+
+    seen: dict[int, float] = {}
+
+    def before_update(self, trainer, module, update):
+        RecordRates.seen[update] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def test_an_automatic_optimization_model_gets_its_schedule_stepped_every_update(tmp_path):
+    """The guide's image model (automatic optimization) with scheduler=cosine: the rate moves at every
+    update, as the schedule says, not once an epoch."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for i in range(8):
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(faces / f"{i}.png")
+    RecordRates.seen = {}
+    overrides = ["data=celeba", f"data.root={faces}", "data.image_size=8", "data.batch_size=4", "data.num_workers=0",
+                 "val_every=6", "trainer.max_steps=6", "scheduler=cosine", "scheduler.warmup_steps=2",
+                 "optimizer.lr=0.01", "+callbacks.rates._target_=test_extension.RecordRates"]
+    metrics = train_model({"_target_": "test_extension.TinyVAE", "nz": 4}, tmp_path / "run", overrides)
+    assert metrics["status"] == "completed" and metrics["steps"] == 6
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.01)
+    schedule, expected = warmup_cosine(optimizer, warmup_steps=2, total_steps=6), []
+    for _ in range(6):  # the rate of each update, as a plain loop steps the schedule
+        expected.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    rates = [RecordRates.seen[u] for u in range(1, 7)]
+    assert rates == pytest.approx(expected)
+    # a new rate at every update but the peak, which the schedule holds for two; stepped once an epoch
+    # (here 8 images in batches of 4: two updates) each rate would last two updates
+    assert len(set(rates)) == 5

@@ -266,7 +266,7 @@ def measure_update_seconds(model, datamodule, device: torch.device | None = None
     device = device or torch.device("cpu")
     probe = copy.deepcopy(model).to(device)
     configured = probe.configure_optimizers()
-    optimizer = configured[0][0] if isinstance(configured, (list, tuple)) else configured
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
     batches = [tuple(t.to(device) for t in batch)
                for batch in itertools.islice(iter(datamodule.train_dataloader()), updates + 2)]
     random_state = torch.get_rng_state()

@@ -53,7 +53,9 @@ class GenlabModule(L.LightningModule):
         if not self.hparams.get("scheduler"):
             return optimizer
         scheduler = hydra.utils.instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return [optimizer], [scheduler]  # stepped after every update by the model's training_step
+        # stepped after every update: under automatic optimization by Lightning ("interval": "step"; by
+        # default it would step once an epoch), under manual optimization by the model's training_step
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def parameter_groups(self):
         """What the optimizer gets; a model may return groups (e.g. no weight decay on norms)."""
