@@ -46,7 +46,8 @@ from genlab.insight import Insight
 from genlab.models.compiled_update import CompiledUpdate
 from genlab.precision import resolve_precision
 from genlab.steps import fit, resolve_updates_per_step
-from genlab.train import CONF_DIR, build_model, build_trainer, skip_failing_nvml_check
+from genlab.runtime import skip_failing_nvml_check
+from genlab.train import CONF_DIR, build_model, build_trainer
 from genlab.data.module import ready
 
 # the configuration each model is benchmarked at, unless overridden on the command line

@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from conftest import REPO, assert_learned, compose_config, run_training
 from genlab.errors import DataError
 from genlab.sample import sample
-from genlab.train import CONF_DIR, NVML_CHECK, skip_failing_nvml_check, train
+from genlab.runtime import NVML_CHECK, skip_failing_nvml_check
+from genlab.train import CONF_DIR, train
 
 TINY = {
     "bigram": ["model=bigram"],

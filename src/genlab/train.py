@@ -15,14 +15,9 @@ job's failure is recorded in its folder once the job owns it, else beside it, an
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
-import signal
-import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
 import hydra
 import lightning as L
@@ -44,11 +39,12 @@ from genlab.plan import resolve as resolve_plan
 from genlab.precision import hardware
 from genlab.quality import image_quality
 from genlab.ranks import Ranks
-from genlab.runs import RunFolder, slurm_job
-from genlab.runtime import CONF_DIR, choice, in_sweep, is_first_process, launcher_target, task_overrides
+from genlab.resume import how_to_continue, last_good_state, report_stop
+from genlab.runs import RunFolder
+from genlab.runtime import CONF_DIR, choice, in_sweep, set_threads, skip_failing_nvml_check
 from genlab.steps import LoopSettings, fit, resolve_updates_per_step, validation_check_interval, validation_interval
-from genlab.stopping import GracefulStop, RunInterrupted, requeue_slurm_job
-from genlab.sweeps import run_sweep_job, sweep_command
+from genlab.stopping import GracefulStop, RunInterrupted
+from genlab.sweeps import run_sweep_job
 
 log = logging.getLogger("genlab")
 
@@ -271,86 +267,6 @@ def print_samples(trainer: L.Trainer) -> None:
     samples = next((c.latest for c in trainer.callbacks if isinstance(c, Samples)), [])
     if samples:
         print(printable("\n".join(samples)))
-
-
-# --- stopping ------------------------------------------------------------------------------------
-def report_stop(stop: GracefulStop, run_dir: Path) -> NoReturn:
-    """After a signal: what was saved and how the run continues (the resume command; in a sweep the
-    sweep's command; under SLURM's SIGUSR1 the job requeued), then exit 128 + signal."""
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    step = read_checkpoint(checkpoint)["global_step"] if checkpoint.exists() else None
-    if step is not None:
-        saved = f"stopped by {stop.name} at step {step}; saved {checkpoint}."
-    else:
-        saved = f"stopped by {stop.name} before the first checkpoint; nothing to resume."
-    if stop.signum == signal.SIGUSR1 and slurm_job() is not None:
-        how = (requeue_slurm_job(step, run_dir, stop.max_requeues) if is_first_process()
-               else "the first process requeues the job")
-    elif in_sweep():
-        how = f"Continue the sweep (finished jobs are kept, this one resumes) with:\n  {sweep_command()}"
-    elif checkpoint.exists():
-        how = f"Resume with:\n  {resume_command(run_dir)}"
-    else:
-        how = f"Start again with:\n  {start_command()}"
-    print(f"\n{saved}\n{how}", file=sys.stderr)
-    sys.exit(stop.exit_status)
-
-
-def how_to_continue(run_dir: Path) -> str:
-    """The command that continues from the run's last good state, or starts it again if it has none."""
-    if (run_dir / "checkpoints" / "last.ckpt").exists():
-        return f"resume with:\n  {resume_command(run_dir)}"
-    return f"start again with:\n  {start_command()}"
-
-
-def start_command() -> str:
-    return " ".join(["python train.py", *task_overrides()])
-
-
-def resume_command(run_dir: Path) -> str:
-    overrides = [o for o in task_overrides() if not o.startswith(("ckpt_path=", "overwrite="))]
-    return " ".join(["python train.py", *overrides, f"ckpt_path={run_dir}"])
-
-
-def last_good_state(run_dir: Path) -> str:
-    """Where a diverged run's last good state is, if it saved one."""
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    if checkpoint.exists():
-        return f"Its last validated state is {checkpoint}."
-    return "No checkpoint was saved before that (the first comes with the first validation, at update val_every)."
-
-
-# --- the machine ---------------------------------------------------------------------------------
-def set_threads(cfg: DictConfig) -> None:
-    """``threads=N``, or under the parallel launcher an equal share of the cores for each job
-    (n_jobs processes each using every core would only fight over them)."""
-    threads = cfg.get("threads")
-    if threads is None and in_sweep() and "joblib" in launcher_target().lower():
-        from hydra.core.hydra_config import HydraConfig
-
-        n_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
-        cores = os.cpu_count() or 1
-        threads = max(1, cores // (cores if n_jobs < 0 else n_jobs))
-    if threads:
-        torch.set_num_threads(int(threads))
-
-
-NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
-
-
-def skip_failing_nvml_check() -> None:
-    """Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1: torch then asks NVML (the NVIDIA
-    driver's library) whether a GPU exists, which does not initialise CUDA. Where NVML cannot be
-    loaded (no NVIDIA driver: a CPU machine with torch's CUDA build), torch tries to load it again
-    at every such check, then asks the CUDA runtime all the same, as without the variable. Adam and
-    AdamW check before every update, which then costs a sizeable share of a small model's update
-    (docs/performance.md). There the variable changes no answer and only costs time: unset it."""
-    if os.environ.get(NVML_CHECK) != "1":
-        return
-    try:
-        ctypes.CDLL("libnvidia-ml.so.1")  # the name torch loads
-    except OSError:
-        del os.environ[NVML_CHECK]
 
 
 @checked_command_line("train")
