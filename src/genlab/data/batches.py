@@ -124,8 +124,10 @@ def release_pages(tokens: np.ndarray) -> None:
     (``madvise(MADV_DONTNEED)``: a read-only mapping reads them back from the page cache when
     touched again; the windows were copied out already). As nanoGPT opening its memmap anew for
     every batch, without the cost of a new mapping."""
-    mapping = getattr(tokens, "_mmap", None)  # a numpy memmap or a view of one
-    if mapping is not None and len(mapping) > MAPPED_BYTES and hasattr(mapping, "madvise"):
+    mapping = tokens.base  # a numpy memmap's base is its mmap; a view's, the array it views
+    while isinstance(mapping, np.ndarray):
+        mapping = mapping.base
+    if isinstance(mapping, mmap.mmap) and len(mapping) > MAPPED_BYTES and hasattr(mapping, "madvise"):
         mapping.madvise(mmap.MADV_DONTNEED)
 
 

@@ -40,6 +40,14 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def attached_trainer(module):
+    """The module's trainer, None where it has none (``module.trainer`` raises there)."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
 def vocab_size_of(tokenizer: dict) -> int:
     return len(tokenizer["chars"]) if tokenizer["type"] == "char" else 50257
 
@@ -168,7 +176,7 @@ class LanguageModel(GenlabModule):
         """Whether ``loop.compile`` compiles the whole update in this run: where it can, but not
         under DDP (its gradients go through DDP's reducer) or 16-mixed (the loss scaler), which
         compile ``forward`` instead; nor outside training (sampling compiles ``forward``)."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         return (trainer is not None and trainer.state.fn == "fit" and trainer.world_size == 1
                 and str(trainer.precision) != "16-mixed" and self.whole_update_compiles())
 
@@ -209,7 +217,8 @@ class LanguageModel(GenlabModule):
         character), from the data's tokenizer, or the checkpoint's where there is no data module."""
         table = getattr(self, "_characters_per_token", None)
         if table is None or table.device != self.device:
-            datamodule = self._trainer.datamodule if self._trainer is not None else None
+            trainer = attached_trainer(self)
+            datamodule = trainer.datamodule if trainer is not None else None
             tokenizer = datamodule.tokenizer if datamodule is not None else tokenizer_from_config(self.hparams.tokenizer)
             table = torch.tensor(tokenizer.characters_per_token(), dtype=torch.float64, device=self.device)
             self._characters_per_token = table

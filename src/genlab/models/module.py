@@ -76,7 +76,7 @@ class GenlabModule(L.LightningModule):
         if mode is None:
             return
         for module in self.compiled_modules():
-            if not hasattr(module.forward, "_torchdynamo_orig_callable"):
+            if "forward" not in vars(module):  # the instance's own forward: compiled already
                 module.forward = torch.compile(module.forward, mode=mode)
 
     @contextlib.contextmanager
