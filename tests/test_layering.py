@@ -11,8 +11,8 @@ from conftest import REPO
 
 SRC = REPO / "src" / "genlab"
 # the loop's internals: grouping batches by K, counting updates, the count itself
-K_INTERNALS = {"UpdateGroup", "UpdateGroups", "GroupedTraining", "batches_of", "count_update", "updates_left",
-               "AUTO_COUNT_VARIABLE",
+K_INTERNALS = {"UpdateGroup", "UpdateGroups", "GroupedTraining", "batches_of", "real_targets", "count_update",
+               "updates_left", "AUTO_COUNT_VARIABLE",
                # and what they replaced, which data modules, callbacks and models once had to call
                "count_of", "use_count", "next_due_update", "updates_per_epoch", "lightning_steps", "unpack"}
 K_OWNERS = {"genlab.steps", "genlab.models.module", "genlab.models.base"}

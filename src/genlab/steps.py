@@ -164,6 +164,13 @@ def batches_of(batch) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     return batch.batches() if isinstance(batch, UpdateGroup) else (batch,)
 
 
+def real_targets(batch, updates: int) -> int:
+    """The real targets (not padding) of a Lightning step's first ``updates`` batches: one read
+    from the device a step, not one an update."""
+    ys = batch.ys[:updates] if isinstance(batch, UpdateGroup) else batch[1]
+    return int((ys >= 0).sum())
+
+
 def fit(trainer: L.Trainer, model, datamodule, count: int, **fit_arguments) -> None:
     """``trainer.fit`` with ``count`` updates per Lightning step: the model makes them, the data
     module's training loader is grouped by the count, and the processes Lightning starts for DDP

@@ -25,7 +25,7 @@ from genlab.data.tokenizer import tokenizer_from_config
 from genlab.errors import TrainingDiverged
 from genlab.models.module import GenlabModule
 from genlab.models.compiled_update import CUDA_GRAPH_MODES, CompiledUpdate
-from genlab.steps import TrainingCurve, batches_of, updates_left
+from genlab.steps import TrainingCurve, batches_of, real_targets, updates_left
 
 
 # dense bf16 peak FLOP/s of common accelerators (vendor data sheets), for MFU
@@ -116,17 +116,17 @@ class LanguageModel(GenlabModule):
 
     def training_step(self, batch, batch_idx):
         scheduler = self.lr_schedulers()
-        losses, targets = [], 0
+        losses = []
         # the last group may hold more updates than are left before trainer.max_steps
-        for x, y in itertools.islice(batches_of(batch), min(self.updates_per_step, updates_left(self.trainer))):
+        updates = min(self.updates_per_step, updates_left(self.trainer))
+        for x, y in itertools.islice(batches_of(batch), updates):
             with self.one_update():
                 loss = self.training_update(x, y)
             if scheduler is not None:
                 scheduler.step()
             if loss is not None:
                 losses.append(loss.detach())
-            targets = targets + (y >= 0).sum()  # on the device: read once per Lightning step
-        self.tokens_seen += int(targets)
+        self.tokens_seen += real_targets(batch, updates)
         self.step_losses = losses  # every update's loss, for the insight callback's curves
         if not losses:
             return None
