@@ -1,13 +1,13 @@
 import hashlib
-
-import torch
 import itertools
 
+import torch
 from conftest import training_loop
 
+from genlab.data.module import ready
 from genlab.data.names import CleaningReport, NamesDataModule, clean_names
 from genlab.data.tokenizer import CharTokenizer
-from genlab.data.module import ready
+from genlab.steps import batches_of
 
 
 def test_cleaning_rules_on_a_small_list():
@@ -69,14 +69,15 @@ def test_vocabulary_round_trip_and_boundary_token():
 def test_batches_are_start_token_shifted_and_padded_with_minus_one(names_file, tmp_path):
     dm = ready(NamesDataModule(data_dir=tmp_path, path=str(names_file), batch_size=8))
     dm.trainer = training_loop().trainer
-    for xs, ys in itertools.islice(dm.train_dataloader(), 3):  # one batch per update
+    for batch in itertools.islice(dm.train_dataloader(), 3):  # one batch per update, trimmed by the loop
+        (xs, ys), = batches_of(batch)
         assert xs.shape[0] == 8 and xs.shape == ys.shape
         assert (xs[:, 0] == 0).all()  # every sequence starts with '.'
         for x, y in zip(xs, ys):
             n = int((y >= 0).sum())  # the name and its end token
             assert y[n - 1] == 0 and (y[n:] == -1).all()
             assert torch.equal(x[1:n], y[: n - 1])  # y is x shifted by one
-        assert xs.shape[1] == int((ys >= 0).sum(1).max())  # the batch's width is its longest name + 1
+        assert xs.shape[1] == int((ys >= 0).sum(1).max())  # trimmed by the loop to its longest name + 1
 
 
 def test_window_sampling_gives_every_training_character_once_with_its_context(names_file, tmp_path):

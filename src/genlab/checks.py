@@ -13,7 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 from genlab.errors import ConfigError
 from genlab.ranks import launch
 from genlab.runtime import choice, in_sweep, launcher_target, task_overrides
-from genlab.steps import asked_interval
 
 
 def is_whole_number(value) -> bool:
@@ -85,6 +84,18 @@ def check_loop(loop: DictConfig) -> None:
                              or clip <= 0):
         raise ConfigError(f"loop.grad_clip must be a positive finite number (e.g. 1.0) or null (no clipping), got {clip!r}")
     compile_mode(loop.compile)
+
+
+VALIDATIONS_PER_RUN = 20  # val_every=null: about this many validation points on every curve
+
+
+def asked_interval(cfg: DictConfig) -> int:
+    """The updates between two validations the config asks for: ``val_every``, or where it is null a
+    twentieth of ``trainer.max_steps`` (before ``validation_interval`` rounds it to whole Lightning steps)."""
+    if cfg.val_every is not None:
+        return cfg.val_every
+    max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else 20_000
+    return max(1, max_steps // VALIDATIONS_PER_RUN)
 
 
 # --- what a validation of running text covers (data.val_tokens, data.eval_batch_size) -------------

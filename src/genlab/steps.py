@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from genlab.checks import asked_interval
+from genlab.data.batches import trim, widths
 from genlab.errors import ConfigError
 from genlab.precision import uses_cuda
 
@@ -116,12 +118,16 @@ class UpdateGroup(NamedTuple):
 
     @classmethod
     def of(cls, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> "UpdateGroup":
-        widest = max(x.shape[1] for x, _ in batches)
-        xs, ys = zip(*(pad_to(x, y, widest) for x, y in batches))
-        return cls(torch.stack(xs), torch.stack(ys), torch.tensor([x.shape[1] for x, _ in batches]))
+        if len({x.shape for x, _ in batches}) > 1:  # a stream whose batches differ in width
+            widest = max(x.shape[1] for x, _ in batches)
+            batches = [pad_to(x, y, widest) for x, y in batches]
+        xs, ys = torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches])
+        each = widths(ys)  # one pass over the group, not one a batch
+        width = int(each.max())
+        return cls(xs[..., :width], ys[..., :width], each)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches (x, y), each trimmed to its own width again."""
+        """The batches (x, y), each trimmed to its own width (its trailing padding left out)."""
         for x, y, width in zip(self.xs, self.ys, self.widths.tolist()):
             yield x[:, :width], y[:, :width]
 
@@ -159,9 +165,9 @@ class GroupedTraining:
 
 
 def batches_of(batch) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """What a Lightning step trains on, as (x, y) batches: a group's K, or a plain batch (a fit
-    outside ``fit``, such as the LR finder's) as one."""
-    return batch.batches() if isinstance(batch, UpdateGroup) else (batch,)
+    """What a Lightning step trains on, as (x, y) batches trimmed of their trailing padding: a
+    group's K, or a plain batch (a fit outside ``fit``, such as the LR finder's) as one."""
+    return batch.batches() if isinstance(batch, UpdateGroup) else (trim(*batch),)
 
 
 def real_targets(batch, updates: int) -> int:
@@ -187,18 +193,6 @@ def fit(trainer: L.Trainer, model, datamodule, count: int, **fit_arguments) -> N
 
 
 # --- intervals in updates and in Lightning steps -------------------------------------------------
-VALIDATIONS_PER_RUN = 20  # val_every=null: about this many validation points on every curve
-
-
-def asked_interval(cfg: DictConfig) -> int:
-    """The updates between two validations the config asks for: ``val_every``, or where it is null a
-    twentieth of ``trainer.max_steps`` (before ``validation_interval`` rounds it to whole Lightning steps)."""
-    if cfg.val_every is not None:
-        return cfg.val_every
-    max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else 20_000
-    return max(1, max_steps // VALIDATIONS_PER_RUN)
-
-
 def validation_interval(cfg: DictConfig, updates_per_step: int) -> int:
     """The asked interval as a multiple of ``updates_per_step``, since validation falls between
     Lightning steps (each that many updates): val_every=null rounds down (at least one step)."""
@@ -274,7 +268,7 @@ def measure_update_seconds(model, datamodule, device: torch.device | None = None
     probe = copy.deepcopy(model).to(device)
     configured = probe.configure_optimizers()
     optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
-    batches = [tuple(t.to(device) for t in batch)
+    batches = [trim(*(t.to(device) for t in batch))
                for batch in itertools.islice(iter(datamodule.train_dataloader()), updates + 2)]
     random_state = torch.get_rng_state()
     finish = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

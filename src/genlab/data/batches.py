@@ -2,8 +2,9 @@
 are cut from them by indexing.
 
 A per-sample ``Dataset`` with the default collate costs more than a tiny model's step, so these
-iterables hand Lightning ready-made ``(x, y)`` batches, one per optimizer update, each trimmed to
-its longest sequence (the loop groups them for its Lightning steps, ``genlab.steps``).
+iterables hand Lightning ready-made ``(x, y)`` batches: for training one per optimizer update, at
+the data's full width (the loop groups them for its Lightning steps and trims each batch's
+trailing padding, targets -1, ``genlab.steps``), for evaluation each trimmed to its longest sequence.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class BatchStream:
         start = self.start() if self.next_position is None else self.next_position
         one_batch = self.one_batch
         for position in range(start, start + len(self)):
-            yield trim(*self.batch(self.global_index(0 if one_batch else position)))
+            yield self.batch(self.global_index(0 if one_batch else position))
         self.next_position = start + len(self)
 
 

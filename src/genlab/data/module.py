@@ -8,7 +8,8 @@ fingerprint), as Lightning documents the two: ``genlab.train`` calls both before
 (whose sizes come from the data), and a second ``setup()`` (Lightning's own, at ``fit``) finds it done.
 
 Training reads ``train_dataloader()``: plain ``(x, y)`` batches for a language model, one per
-optimizer update (the loop groups them, ``genlab.steps``), or image batches; validation and test read
+optimizer update, trailing padding (targets -1) allowed (the loop groups them and trims each,
+``genlab.steps``), or image batches; validation and test read
 ``val_dataloader()`` and ``test_dataloader()``."""
 
 from __future__ import annotations
