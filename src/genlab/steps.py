@@ -182,8 +182,8 @@ def fit(trainer: L.Trainer, model, datamodule, count: int, **fit_arguments) -> N
     module's training loader is grouped by the count, and the processes Lightning starts for DDP
     inherit it (``AUTO_COUNT_VARIABLE``: they must validate at the same steps)."""
     model.updates_per_step = count
-    datamodule.train_dataloader = GroupedTraining(datamodule.train_dataloader, count) if count > 1 else \
-        datamodule.train_dataloader
+    if count > 1:  # one update a step takes the plain batches as they come
+        datamodule.train_dataloader = GroupedTraining(datamodule.train_dataloader, count)
     os.environ[AUTO_COUNT_VARIABLE] = str(count)
     try:
         trainer.fit(model, datamodule=datamodule, **fit_arguments)

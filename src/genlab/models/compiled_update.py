@@ -25,10 +25,10 @@ import functools
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value
 
 from genlab.errors import ConfigError
+from genlab.steps import pad_to
 
 WIDTH_STEP = 8  # sequence widths are padded up to a multiple of this (a graph per padded width)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that replay CUDA graphs
@@ -170,11 +170,6 @@ class CompiledUpdate:
                     step(params[name], grads[name], states[i], lrs[g], group)
                     i += 1
         return loss.detach()
-
-
-def pad_to(x: torch.Tensor, y: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch padded on the right to ``width``: inputs 0, targets -1 (padding predicts nothing)."""
-    return F.pad(x, (0, width - x.shape[1]), value=0), F.pad(y, (0, width - y.shape[1]), value=-1)
 
 
 def check_supported(optimizer: torch.optim.Optimizer) -> None:
