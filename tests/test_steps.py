@@ -83,6 +83,28 @@ def test_the_loop_groups_plain_batches_by_k_and_gives_them_back_as_they_were():
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(back, expected)) and len(back) == 8
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_any_stream_grouped_by_any_k_gives_every_batch_once_in_order_k_at_a_time(seed):
+    """Random streams (lengths, widths with trailing padding) and random K, over several epochs:
+    every group holds K batches, and the groups' batches, trimmed, are the stream's, pass after pass."""
+    g = torch.Generator().manual_seed(seed)
+    length, k, epochs = (int(torch.randint(1, 9, (1,), generator=g)) for _ in range(3))
+    width = int(torch.randint(2, 7, (1,), generator=g))
+    plain = []
+    for i in range(length):
+        y = torch.full((3, width), i)
+        y[:, int(torch.randint(1, width + 1, (1,), generator=g)):] = -1  # trailing padding
+        plain.append((y.clamp(min=0), y))
+    groups = UpdateGroups(plain, k)
+    seen = [batch for _ in range(epochs) for group in groups for batch in group.batches()]
+    assert all(len(group.xs) == k for group in groups)
+    assert len(seen) == epochs * len(groups) * k
+    for position, (x, y) in enumerate(seen):
+        expected = plain[position % length][1]
+        real = int((expected >= 0).any(0).sum())
+        assert torch.equal(y, expected[:, :real]) and x.shape == y.shape
+
+
 class CountUpdates(L.Callback, UpdateHook):
     """Records the update numbers the loop calls it at, and that each comes before and after its update."""
 
