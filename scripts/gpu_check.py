@@ -4,7 +4,7 @@ Runs, each through ``genlab.train.train`` in this process, with ``trainer=gpu`` 
 chosen by the card, ``loop.updates_per_step: auto`` timed on it):
 
 - ``experiment=notebook_gpt`` for ``GPT_UPDATES`` updates: eager, with ``loop.compile=true`` (the
-  whole update compiled ahead of time) and with ``loop.compile=reduce-overhead`` (CUDA graphs);
+  whole update compiled as one graph) and with ``loop.compile=reduce-overhead`` (CUDA graphs);
 - ``experiment=notebook_dcgan`` for ``DCGAN_STEPS`` steps: with ``data.num_workers=auto`` and with 4;
 
 The first line names the card, its compute capability and the precision chosen, torch's version

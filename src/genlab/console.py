@@ -46,6 +46,9 @@ SILENCED_WARNINGS = (
     # where SLURM is installed Lightning suggests srun for every run; genlab reaches SLURM through
     # hydra/launcher=slurm (docs/distributed.md), which starts each job's processes itself
     "The `srun` command is available on your system but is not used",
+    # loop.compile=true steps with torch's functional optimizer inside its graph, not optimizer.step(),
+    # which a scheduler's first step looks for: the schedule itself is stepped after every update
+    r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`",
     # the counting bigram has nothing to optimise: it fills its table of counts in one pass
     "`LightningModule.configure_optimizers` returned `None`",
 )

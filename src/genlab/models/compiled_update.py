@@ -1,31 +1,34 @@
 """``loop.compile=true``: one optimizer update (forward, loss, backward, gradient clipping and the
-optimizer's step) as one ``torch.compile(fullgraph=True)`` graph.
+optimizer's step) as one ``torch.compile(fullgraph=True)`` graph, on public torch APIs only.
 
 Compiling only ``forward`` leaves the backward, the optimizer and the Python between them eager;
 on a small network that Python is most of an update's time. Here the gradients are taken
-functionally (``torch.func.grad_and_value`` over ``functional_call``), and the optimizer's step is
-written out in tensor operations on the optimizer's own state (``optimizer.state``, in the names
-torch.optim uses), so checkpoints, resumes and an eager run read and write the same state.
+functionally (``torch.func.grad_and_value`` over ``functional_call``) and the step is torch's own
+functional optimizer (``torch.optim.sgd.sgd``, ``torch.optim.adam.adam``: the maths
+``torch.optim.SGD``/``Adam``/``AdamW`` run) on the optimizer's own state (``optimizer.state``), so
+checkpoints, resumes and an eager run read and write the same state. The learning rates go in as a
+tensor, so a scheduler changes them without a recompile. (``optimizer.step()`` itself cannot join
+the gradients' graph: its hooks and bookkeeping break it.)
 
-The optimizers: ``torch.optim.SGD`` (momentum, weight decay, Nesterov) and ``torch.optim.Adam`` /
-``AdamW``; other options are refused with the setting to change. The learning rates go in as a
-tensor, so a scheduler changes them without a recompile. Sequence widths vary from batch to batch
-(names of different lengths): batches are padded up to a multiple of ``WIDTH_STEP`` (padding
-predicts nothing: targets -1), so a run compiles a handful of graphs, not one per width, and all of
-them before its first update, so that no compilation stops a run midway when a rare long name
-first comes. Each is compiled ahead of time for its shape and then called without
-``torch.compile``'s per-call checks (``CompiledUpdate.graph``).
+Sequence widths vary from batch to batch (names of different lengths): batches are padded up to a
+multiple of ``WIDTH_STEP`` (padding predicts nothing: targets -1), so a run compiles a handful of
+graphs, not one per width, and all of them before its first update, so that no compilation lands
+midway when a rare long name first comes. ``torch.compile`` checks before every call that all a
+graph read is as it was compiled for: hundreds of checks (every parameter, state tensor and module
+attribute), a large share of a small model's update. The parameters, buffers and optimizer state
+are the same tensors at every update and the model's code does not change within a run, so the
+graphs keep only the checks that can fail in one (``guards_that_can_change``): the batch's shape,
+the modules' training mode and torch's global state (grad mode, threads, autocast).
 
 BatchNorm's running statistics are buffers that the forward updates in place: they go into the
 differentiated function as inputs, which ``torch.func`` allows to be mutated."""
 
 from __future__ import annotations
 
-import functools
-from typing import Callable
-
 import torch
 from torch.func import functional_call, grad_and_value
+from torch.optim.adam import adam
+from torch.optim.sgd import sgd
 
 from genlab.errors import ConfigError
 from genlab.steps import pad_to
@@ -40,20 +43,19 @@ class CompiledUpdate:
         """``widths``: the widths the training batches can have (the data module's ``training_widths``),
         compiled for at the first update; None: each when it first comes. ``mode``: torch.compile's;
         on a GPU, reduce-overhead and max-autotune replay each update as a CUDA graph."""
+        check_supported(optimizer)
         self.model, self.optimizer, self.clip = model, optimizer, clip
-        self.cuda_graphs = mode in CUDA_GRAPH_MODES and next(model.parameters()).is_cuda
-        # torch.compile's own dispatch (CUDA graphs) compiles a width by running it: widths come as they come
-        self.widths = [] if self.cuda_graphs else sorted({self.padded(w) for w in widths or []})
-        self.graphs: dict[tuple, Callable] = {}  # (batch shape, training mode) -> the update compiled for it
+        on_gpu = next(model.parameters()).is_cuda
+        self.cuda_graphs = mode in CUDA_GRAPH_MODES and on_gpu
+        self.widths = sorted({self.padded(w) for w in widths or []})
         self.lr_values, self.lrs = None, None  # the learning rates as the graphs take them (a tensor)
         self.adam = isinstance(optimizer, torch.optim.Adam)  # AdamW is an Adam (decoupled weight decay)
-        check_supported(optimizer)
-        self.names = {id(p): name for name, p in model.named_parameters()}
-        self.groups = [[self.names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
-        # the groups' settings but the learning rate, which goes in as a tensor (a scheduler changes it):
-        # the graph reads only these, so a new learning rate does not recompile it
-        self.settings = [{key: value for key, value in group.items() if key not in ("params", "lr")}
-                         for group in optimizer.param_groups]
+        names = {id(p): name for name, p in model.named_parameters()}
+        # each group's parameter names and settings but the learning rate, which goes in as a
+        # tensor: the graph reads only these, so a scheduler's new learning rate does not recompile it
+        self.groups = [([names[id(p)] for p in group["params"]],
+                        {key: value for key, value in group.items() if key not in ("params", "lr")})
+                       for group in optimizer.param_groups]
         for group in optimizer.param_groups:
             for p in group["params"]:
                 self.init_state(p, group)
@@ -62,34 +64,24 @@ class CompiledUpdate:
         # views of the parameters and buffers, updated in place (the same tensors at every update)
         self.params = {name: p.detach() for name, p in model.named_parameters()}
         self.buffers = {name: b.detach() for name, b in model.named_buffers()}
-        if self.cuda_graphs:  # the state stays where it is: a CUDA graph updates it in place
-            for t in [*self.params.values(), *self.buffers.values(), *(v for s in self.states for v in s.values())]:
-                torch._dynamo.mark_static_address(t)
-        # graphs are cached per function, across instances: a process trains one run at a time (a
-        # sweep's jobs one after another), so the previous run's graphs go rather than fill the cache
-        torch._dynamo.reset()
+        # compiled functions are cached per function, across instances: a process trains one run at a
+        # time (a sweep's jobs one after another), so the previous run's graphs go rather than fill the cache
+        torch.compiler.reset()
         # static shapes: one graph per padded width (automatic dynamic shapes would run slower kernels)
-        if self.cuda_graphs:
-            self.compiler = torch.compile(self.update, fullgraph=True, dynamic=False, mode=mode)
-        else:  # compiled ahead of time and called without guards (see graph): none are kept
-            if torch.compiler.config.force_disable_caches:  # aot_compile refuses to run without them
-                raise ConfigError("loop.compile=true compiles each update ahead of time, which needs "
-                                  "torch.compile's caches, and they are disabled: unset "
-                                  "TORCHINDUCTOR_FORCE_DISABLE_CACHES, or set loop.compile=false")
-            options = {key: value for key, value in torch._inductor.list_mode_options(mode).items()
-                       if key != "triton.cudagraphs"}
-            options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
+        if mode == "default":
             # on the CPU the code that calls the kernels (and allocates their outputs) is compiled to
             # C++ too, not run as Python: a measurable share of a small model's update
-            options["cpp_wrapper"] = not next(model.parameters()).is_cuda
-            self.compiler = torch.compile(self.update, fullgraph=True, dynamic=False, options=options)
+            settings = {"options": {"guard_filter_fn": guards_that_can_change, "cpp_wrapper": not on_gpu}}
+        else:  # torch.compile takes a mode or options, not both: a named mode keeps all its checks
+            settings = {"mode": mode}
+        self.graph = torch.compile(self.update, fullgraph=True, dynamic=False, **settings)
 
     def init_state(self, p: torch.Tensor, group: dict) -> None:
         """The state torch.optim would create at its first step, where there is none yet."""
         state = self.optimizer.state[p]
         if self.adam:
-            state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
-            state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+            for name in ("exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if group["amsgrad"] else [])):
+                state.setdefault(name, torch.zeros_like(p, memory_format=torch.preserve_format))
             # a tensor on the parameter's device: counting it inside the graph needs no sync
             state["step"] = torch.as_tensor(state.get("step", 0.0), dtype=torch.float32).to(p.device)
         elif group["momentum"]:
@@ -107,16 +99,7 @@ class CompiledUpdate:
         lrs = self.learning_rates(x.device)
         if self.widths:
             self.compile_widths(x, y, lrs)
-        graph = self.graph(x, y, lrs)
-        # the optimizer's step hooks (the insight callback's update ratios) run as around optimizer.step()
-        for hook in tuple(self.optimizer._optimizer_step_pre_hooks.values()):
-            hook(self.optimizer, (), {})
-        loss = graph(self.params, self.buffers, self.states, x, y, lrs)
-        for hook in tuple(self.optimizer._optimizer_step_post_hooks.values()):
-            hook(self.optimizer, (), {})
-        # what an LR scheduler's wrapper of optimizer.step() marks: the step came before scheduler.step()
-        # (else the scheduler's first step warns that the optimizer has not stepped)
-        self.optimizer._opt_called = True
+        loss = self.graph(self.params, self.buffers, self.states, x, y, lrs)
         return loss.clone() if self.cuda_graphs else loss  # the graph's next replay overwrites its output
 
     def learning_rates(self, device: torch.device) -> torch.Tensor:
@@ -126,33 +109,20 @@ class CompiledUpdate:
             self.lr_values, self.lrs = values, torch.tensor(values, device=device)
         return self.lrs
 
-    def graph(self, x: torch.Tensor, y: torch.Tensor, lrs: torch.Tensor) -> Callable:
-        """The update compiled for this batch's shape, compiled now if it is new.
-
-        A graph called through ``torch.compile`` first runs Dynamo's checks that every input still
-        matches what it was compiled for: a large share of a small model's update time.
-        Here each shape is compiled ahead of time (``aot_compile``: traced, not run) and called
-        without guards: this dictionary is the guard, and nothing else a graph depends on changes
-        within a run. CUDA graphs keep ``torch.compile``'s own dispatch, which records them."""
-        key = (x.shape, self.model.training)
-        graph = self.graphs.get(key)
-        if graph is None:
-            if self.cuda_graphs:
-                graph = self.compiler
-            else:
-                compiled = self.compiler.aot_compile(((self.params, self.buffers, self.states, x, y, lrs), {}))
-                compiled.disable_guard_check()
-                graph = functools.partial(compiled, self)  # compiled from a method: it takes self first
-            self.graphs[key] = graph
-        return graph
-
     def compile_widths(self, x: torch.Tensor, y: torch.Tensor, lrs: torch.Tensor) -> None:
-        """Compile the graph of every width in ``self.widths`` (ahead-of-time compilation traces the
-        update without running it: the state and the random stream are untouched)."""
-        for width in self.widths:
-            shape = (x.shape[0], width)
-            self.graph(x.new_zeros(shape), y.new_zeros(shape), lrs)
-        self.widths = []
+        """Compile the graph of every width in ``self.widths`` by running it on a batch of zeros,
+        with the parameters, buffers, optimizer state and random stream put back after. (Run on the
+        tensors themselves: graphs compiled on copies would not be the ones the updates call.)"""
+        widths, self.widths = self.widths, []
+        state = [*self.params.values(), *self.buffers.values(), *(t for s in self.states for t in s.values())]
+        saved = [t.clone() for t in state]
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            for width in widths:
+                zeros = x.new_zeros((x.shape[0], width))
+                self.graph(self.params, self.buffers, self.states, zeros, y.new_zeros(zeros.shape), lrs)
+        with torch.no_grad():
+            for tensor, value in zip(state, saved):
+                tensor.copy_(value)
 
     def loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         args, kwargs = self.model.training_inputs(x, y)
@@ -160,65 +130,54 @@ class CompiledUpdate:
 
     def update(self, params, buffers, states, x, y, lrs):
         grads, loss = grad_and_value(self.loss)(params, buffers, x, y)
-        if self.clip:
-            clip_grad_norm(grads, self.clip)
-        step = adam_step if self.adam else sgd_step
-        i = 0
+        if self.clip:  # torch.nn.utils.clip_grad_norm_'s scaling, on the gradients the graph holds
+            scale = torch.clamp(self.clip / (torch.nn.utils.get_total_norm(list(grads.values())) + 1e-6), max=1.0)
+            grads = {name: g * scale for name, g in grads.items()}
+        first = 0
         with torch.no_grad():
-            for g, (group, names) in enumerate(zip(self.settings, self.groups)):
-                for name in names:
-                    step(params[name], grads[name], states[i], lrs[g], group)
-                    i += 1
+            for g, (names, settings) in enumerate(self.groups):
+                group_states = states[first:first + len(names)]
+                first += len(names)
+                step = adam_step if self.adam else sgd_step
+                step([params[n] for n in names], [grads[n] for n in names], group_states, lrs[g], settings)
         return loss.detach()
 
 
+def guards_that_can_change(entries) -> list[bool]:
+    """torch.compile's ``guard_filter_fn``: which of a graph's checks to keep. Those on the batch
+    (``x``, ``y``: its shape picks the width's graph) and on the learning rates, the modules'
+    training mode and torch's global state (nameless); not those on what ``CompiledUpdate`` holds
+    fixed for a run: its parameters, buffers, optimizer state, settings and the model's code."""
+    return [entry.name in ("x", "y", "lrs", "") or entry.name.endswith(".training") for entry in entries]
+
+
 def check_supported(optimizer: torch.optim.Optimizer) -> None:
-    """The optimizers and options the compiled update writes out; anything else is refused."""
+    """The optimizers and options the compiled update runs; anything else is refused."""
     name = type(optimizer).__name__
     if not isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
         raise ConfigError(f"loop.compile=true compiles the whole update for SGD, Adam and AdamW, not {name}; "
                           "use one of those (optimizer=sgd or optimizer=adamw) or loop.compile=false")
     for group in optimizer.param_groups:
-        unsupported = [key for key in ("amsgrad", "maximize", "differentiable") if group.get(key)]
-        if group.get("dampening"):
-            unsupported.append("dampening")
+        unsupported = [key for key in ("differentiable", "dampening") if group.get(key)]
         if unsupported:
-            raise ConfigError(f"loop.compile=true: {name} with {', '.join(unsupported)} is not written out in the "
-                              "compiled update; leave them at their defaults or set loop.compile=false")
+            raise ConfigError(f"loop.compile=true: {name} with {', '.join(unsupported)} is not compiled into "
+                              "the whole update; leave them at their defaults or set loop.compile=false")
 
 
-def clip_grad_norm(grads: dict, max_norm: float) -> None:
-    """``torch.nn.utils.clip_grad_norm_`` on the gradients: scale them so that their global norm is
-    at most ``max_norm``."""
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
-    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads.values():
-        g.mul_(scale)
+def sgd_step(params: list, grads: list, states: list[dict], lr: torch.Tensor, group: dict) -> None:
+    """torch.optim.SGD's step, by torch's functional SGD."""
+    buffers = [state["momentum_buffer"] for state in states] if group["momentum"] else [None] * len(params)
+    sgd(params, grads, buffers, foreach=True, lr=lr, weight_decay=group["weight_decay"],
+        momentum=group["momentum"], dampening=0, nesterov=group["nesterov"],
+        maximize=group["maximize"])
 
 
-def sgd_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: torch.Tensor, group: dict) -> None:
-    """torch.optim.SGD's step (dampening 0)."""
-    if group["weight_decay"]:
-        grad = grad + group["weight_decay"] * p
-    if group["momentum"]:
-        buffer = state["momentum_buffer"]
-        buffer.mul_(group["momentum"]).add_(grad)
-        grad = grad + group["momentum"] * buffer if group["nesterov"] else buffer
-    p.sub_(lr * grad)
-
-
-def adam_step(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: torch.Tensor, group: dict) -> None:
-    """torch.optim.Adam's step; AdamW's (decoupled_weight_decay) decays the weight itself first."""
+def adam_step(params: list, grads: list, states: list[dict], lr: torch.Tensor, group: dict) -> None:
+    """torch.optim.Adam's step (AdamW's: decoupled weight decay), by torch's functional Adam."""
     beta1, beta2 = group["betas"]
-    if group["weight_decay"]:
-        if group.get("decoupled_weight_decay"):
-            p.mul_(1 - lr * group["weight_decay"])
-        else:
-            grad = grad + group["weight_decay"] * p
-    step = state["step"]
-    step.add_(1)
-    state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    # bias corrections: the moving averages start at zero
-    denominator = (state["exp_avg_sq"].sqrt() / torch.sqrt(1 - beta2**step)).add_(group["eps"])
-    p.sub_(lr / (1 - beta1**step) * state["exp_avg"] / denominator)
+    adam(
+        params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
+        foreach=True, capturable=True, decoupled_weight_decay=group.get("decoupled_weight_decay", False), amsgrad=group["amsgrad"],
+        beta1=beta1, beta2=beta2, lr=lr, weight_decay=group["weight_decay"], eps=group["eps"],
+        maximize=group["maximize"])
