@@ -55,3 +55,13 @@ def test_nothing_probes_a_data_module_for_what_it_has():
     found = [f"{path.relative_to(REPO)}:{n}: {line.strip()}" for path in sorted((REPO / "src").rglob("*.py"))
              for n, line in enumerate(path.read_text().splitlines(), 1) if probing.search(line)]
     assert not found, "\n".join(found)
+
+
+def test_a_data_module_asks_its_model_for_nothing():
+    """Data flows to the model, never back: no data module reaches the model through its trainer
+    (the image data module's validation noise is given to it by the run)."""
+    asking = re.compile(r"\blightning_module\b|\bmodel\.")
+    found = [f"{path.relative_to(REPO)}:{n}: {line.strip()}" for path in sorted((REPO / "src/genlab/data").rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if asking.search(line.split("#")[0]) and not line.lstrip().startswith(('"', "'"))]
+    assert not found, "\n".join(found)

@@ -105,8 +105,9 @@ def run(plan: Plan, datamodule, run_dir: Path, folder: RunFolder, stop: Graceful
     if (words := datamodule.training_words()) is not None:
         model.training_words = sorted(words)
     updates_per_step = resolve_updates_per_step(model, datamodule, cfg.val_every, checkpoint, cfg.trainer)
-    if quality is not None:
+    if quality is not None:  # validations generate from the measure's fixed noise and score the images
         model.quality = quality
+        datamodule.validation_noise = quality.noise_batches(model.latent_shape)
     plan = plan.with_values(updates_per_step=updates_per_step)
     folder.claim(plan)
 

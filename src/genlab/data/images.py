@@ -115,6 +115,10 @@ class ImageFolderDataModule(GenlabDataModule):
         self.data_dir = Path(data_dir)
         self.image_size, self.batch_size, self.num_workers, self.seed = image_size, batch_size, num_workers, seed
         self.val_fraction = val_fraction
+        # what an image model validates on: the fixed noise it generates from for FID and KID, whose
+        # count and seed are the quality measure's (genlab.quality.ImageQuality.noise_batches, given
+        # by genlab.train); none: no validation
+        self.validation_noise = []
 
     def download(self) -> None:
         self.root = Path(self.given_root).expanduser() if self.given_root else self._default_root(self.data_dir,
@@ -180,8 +184,7 @@ class ImageFolderDataModule(GenlabDataModule):
                           generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self):
-        """What an image model validates on: its own fixed noise set (``genlab.models.image``)."""
-        return self.trainer.lightning_module.val_dataloader()
+        return self.validation_noise
 
     def real_images(self, n: int) -> tuple[list[Path], torch.Tensor]:
         """The first ``n`` held-out images (their files, and the images as the model sees them)."""

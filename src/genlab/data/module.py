@@ -10,7 +10,8 @@ fingerprint), as Lightning documents the two: ``genlab.train`` calls both before
 Training reads ``train_dataloader()``: plain ``(x, y)`` batches for a language model, one per
 optimizer update, trailing padding (targets -1) allowed (the loop groups them and trims each,
 ``genlab.steps``), or image batches; validation and test read
-``val_dataloader()`` and ``test_dataloader()``."""
+``val_dataloader()`` and ``test_dataloader()`` (an image data module's validation batches are the
+noise its model generates from, which the run's quality measure gives it)."""
 
 from __future__ import annotations
 

@@ -153,9 +153,6 @@ class ImageModel(GenlabModule):
     def monitor(self) -> str | None:
         return "quality/fid" if self.quality is not None else None
 
-    def val_dataloader(self):  # a generator's validation data: its fixed noise (the data module asks here)
-        return self.quality.noise_batches(self.latent_shape) if self.quality is not None else []
-
     def validation_step(self, z: torch.Tensor, batch_idx: int) -> None:
         if not self.trainer.sanity_checking:  # Lightning's check before training: the step runs, no more
             self._fake.append(self.quality.features(self.generate(z)))
