@@ -197,7 +197,8 @@ def test_characters_covered_by_bpe_windows_are_exact(tmp_path, mirror):
 
 @pytest.mark.parametrize("final_whole_split", [False, True])
 def test_metrics_say_what_the_final_figures_cover(text_file, tmp_path, final_whole_split):
-    from conftest import run_training
+    """metrics.json says what its figures cover, and eval.py measures the checkpoint over the same."""
+    from conftest import run_eval, run_training
 
     metrics = run_training(tmp_path / "run", [
         "model=gpt", "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "data=divina", f"data.path={text_file}",
@@ -207,6 +208,9 @@ def test_metrics_say_what_the_final_figures_cover(text_file, tmp_path, final_who
     whole = dm.evaluation_scope("val")["tokens"]
     assert metrics["val_whole_split"] is final_whole_split
     assert metrics["val_tokens"] == (whole if final_whole_split else 64)
+    evaluated = run_eval([f"ckpt_path={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'data'}"])
+    assert evaluated["val_tokens"] == metrics["val_tokens"]
+    assert evaluated["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
 
 
 def peak_memory_of_training(text: Path, data_dir: Path, run_dir: Path) -> int:

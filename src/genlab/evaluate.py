@@ -5,6 +5,7 @@ splits (the run's own data config, read from ``<run>/.hydra/config.yaml`` throug
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -20,6 +21,8 @@ from genlab.overrides import checked_command_line
 from genlab.runs import checkpoint_file, run_dir_of
 from genlab.runtime import CONF_DIR
 from genlab.trust import build, read_config, resolved
+
+log = logging.getLogger("genlab")
 
 USAGE = ("usage: python eval.py ckpt_path=<run folder | .ckpt file | last> [accelerator=auto] [out=FILE]\n"
          "                      [model_class=null] [trust_checkpoint=false]")
@@ -60,12 +63,8 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule = run_datamodule(run_dir, cfg)
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
-    val = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
-    result = {"checkpoint": str(path), "step": checkpoint.get("global_step"), "val_loss": val["loss/val"],
-              "val_bpc": val["loss/val_bpc"], "test_loss": None, "test_bpc": None}
-    if datamodule.has_test:
-        test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
-        result.update(test_loss=test["loss/test"], test_bpc=test["loss/test_bpc"])
+    result = {"checkpoint": str(path), "step": checkpoint.get("global_step"),
+              **final_losses(trainer, model, datamodule)}
     shown = f"val {result['val_loss']:.4f}" + (f", test {result['test_loss']:.4f}" if result["test_loss"] else "")
     shown += f" nats per token; val {result['val_bpc']:.4f} bits per character"
     print(f"{shown} at step {result['step']} of {path}")
@@ -73,6 +72,38 @@ def evaluate(cfg: DictConfig) -> dict:
     if save_result(lambda p: write_metrics(p, result), out, "the result", chosen=bool(cfg.out)):
         print(f"written to {out}")
     return result
+
+
+def final_losses(trainer: L.Trainer, model, datamodule, validated: bool = False) -> dict:
+    """A language model's final figures, for metrics.json and eval.json alike: the validation loss
+    and bits per character, and the test's where the data has a test split, over what
+    ``data.final_whole_split`` says (the whole splits, or the validations' fixed sample), with what
+    each covers. ``validated``: the trainer's last validation (training's, after its last update)
+    may stand for the final one, where it covered the same."""
+    # data.final_whole_split: a scope given to this evaluation's loaders (the data module, built
+    # before the plan was recorded, is not changed)
+    scope = {"whole_split": True} if datamodule.final_whole_split else {}
+    sampled = scope and not datamodule.evaluation_scope("val")["whole_split"]  # validations took a sample
+    if not validated or sampled or "loss/val" not in trainer.callback_metrics:
+        trainer.validate(model, dataloaders=datamodule.val_dataloader(**scope), verbose=False)
+    metrics = {"val_loss": float(trainer.callback_metrics["loss/val"]), "test_loss": None,
+               "val_bpc": float(trainer.callback_metrics["loss/val_bpc"]), "test_bpc": None}
+    metrics.update(evaluation_scope(datamodule, "val", scope=scope))
+    if datamodule.has_test:  # text data has a test split only when data.test_fraction > 0
+        result = trainer.test(model, dataloaders=datamodule.test_dataloader(**scope), verbose=False)[0]
+        metrics.update(test_loss=float(result["loss/test"]), test_bpc=float(result["loss/test_bpc"]))
+        metrics.update(evaluation_scope(datamodule, datamodule.test_split, "test", scope))
+    return metrics
+
+
+def evaluation_scope(datamodule, split: str, name: str | None = None, scope: dict | None = None) -> dict:
+    """``{name}_tokens`` and ``{name}_whole_split`` for metrics.json, and the same said in the log
+    (``scope``: what the evaluation was given, ``{"whole_split": True}`` or nothing)."""
+    scope = datamodule.evaluation_scope(split, **(scope or {}))
+    if scope is None:  # a data module that evaluates whole splits and says nothing more
+        return {}
+    log.info("final %s loss over %s", name or split, scope["description"].split(": ", 1)[1])
+    return {f"{name or split}_tokens": scope["tokens"], f"{name or split}_whole_split": scope["whole_split"]}
 
 
 @checked_command_line("eval")

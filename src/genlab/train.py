@@ -29,6 +29,7 @@ from genlab.callbacks import CheckpointAtEnd, Samples, TrainingClock, ValidateAt
 from genlab.checkpoints import check_resume, read_checkpoint, trainer_plugins
 from genlab.data.module import ready
 from genlab.console import UpdateProgress, printable, result_summary, route_library_logs, run_summary
+from genlab.evaluate import final_losses
 from genlab.errors import DiskFull, TrainingDiverged, exit_on_user_error, instantiate
 from genlab.hparams import log_hparams, run_hparams
 from genlab.lr_finder import find_learning_rate, plot_search
@@ -208,7 +209,8 @@ def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds:
         metrics = {**model.summary(), **model.quality_summary(),
                    "images_per_second": round(model.images_seen / train_seconds, 1)}
     else:
-        metrics = evaluate_language_model(trainer, model, datamodule)
+        metrics = final_losses(trainer, model, datamodule, validated=True)
+        metrics["best_val_loss"] = min(model.best_val_loss, metrics["val_loss"])
         metrics["tokens_per_second"] = round(model.tokens_seen / train_seconds, 1)
     clock = next((c for c in trainer.callbacks if isinstance(c, TrainingClock)), None)
     if clock is not None and clock.seconds is not None:
@@ -222,36 +224,6 @@ def wrap_up(run_dir: Path, trainer: L.Trainer, model, datamodule, train_seconds:
         write_metrics(run_dir / "metrics.json", metrics)
         log.info(result_summary(metrics, run_dir, UpdateProgress.unit(model)))
     return metrics.get("fid" if model.kind == "image" else "val_loss")  # what a sweep minimises
-
-
-def evaluate_language_model(trainer: L.Trainer, model, datamodule) -> dict:
-    """Final and best validation loss, and the test loss where the data has a test split, with
-    what each covers (the whole split or a fixed sample, and how many tokens)."""
-    # data.final_whole_split: the final figures cover whole splits, a scope given to this evaluation's
-    # loaders (the data module, built before the plan was recorded, is not changed)
-    scope = {"whole_split": True} if datamodule.final_whole_split else {}
-    sampled = scope and not datamodule.evaluation_scope("val")["whole_split"]  # validations took a sample
-    if sampled or "loss/val" not in trainer.callback_metrics:  # or a resumed run whose training had ended
-        trainer.validate(model, dataloaders=datamodule.val_dataloader(**scope), verbose=False)
-    val = float(trainer.callback_metrics["loss/val"])  # ValidateAtEnd: measured after the last update
-    metrics = {"val_loss": val, "best_val_loss": min(model.best_val_loss, val), "test_loss": None,
-               "val_bpc": float(trainer.callback_metrics["loss/val_bpc"]), "test_bpc": None}
-    metrics.update(evaluation_scope(datamodule, "val", scope=scope))
-    if datamodule.has_test:  # text data has a test split only when data.test_fraction > 0
-        result = trainer.test(model, dataloaders=datamodule.test_dataloader(**scope), verbose=False)[0]
-        metrics.update(test_loss=float(result["loss/test"]), test_bpc=float(result["loss/test_bpc"]))
-        metrics.update(evaluation_scope(datamodule, datamodule.test_split, "test", scope))
-    return metrics
-
-
-def evaluation_scope(datamodule, split: str, name: str | None = None, scope: dict | None = None) -> dict:
-    """``{name}_tokens`` and ``{name}_whole_split`` for metrics.json, and the same said in the log
-    (``scope``: what the evaluation was given, ``{"whole_split": True}`` or nothing)."""
-    scope = datamodule.evaluation_scope(split, **(scope or {}))
-    if scope is None:  # a data module that evaluates whole splits and says nothing more
-        return {}
-    log.info("final %s loss over %s", name or split, scope["description"].split(": ", 1)[1])
-    return {f"{name or split}_tokens": scope["tokens"], f"{name or split}_whole_split": scope["whole_split"]}
 
 
 def validation_words(datamodule, every: int) -> str | None:
