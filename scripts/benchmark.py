@@ -44,10 +44,10 @@ from omegaconf import open_dict
 from genlab.callbacks import TrainingClock
 from genlab.insight import Insight
 from genlab.models.compiled_update import CompiledUpdate
-from genlab.precision import resolve_precision
-from genlab.steps import fit, resolve_updates_per_step
-from genlab.runtime import skip_failing_nvml_check
-from genlab.train import CONF_DIR, build_model, build_trainer
+from genlab.loop.precision import resolve_precision
+from genlab.loop.steps import fit, resolve_updates_per_step
+from genlab.run.runtime import skip_failing_nvml_check
+from genlab.cli.train import CONF_DIR, build_model, build_trainer
 from genlab.data.module import ready
 
 # the configuration each model is benchmarked at, unless overridden on the command line
@@ -340,7 +340,7 @@ def measure(argv: list[str]) -> dict:
 # (fewer updates and rounds than the presets) so that all of them run in a few minutes on 2 cores
 TABLE_ROWS = [
     "model=mlp steps=3000 rounds=3",
-    # one update per Lightning step: Lightning's own cost per step (genlab.steps.LIGHTNING_STEP_SECONDS)
+    # one update per Lightning step: Lightning's own cost per step (genlab.loop.steps.LIGHTNING_STEP_SECONDS)
     "model=mlp loop.updates_per_step=1 steps=1000 rounds=3",
     "model=mlp loop.compile=true steps=3000 rounds=2",
     "model=bigram steps=3000 rounds=3",

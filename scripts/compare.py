@@ -6,7 +6,7 @@ writes comparison.csv and comparison.png into the folder (or --out)."""
 import argparse
 import sys
 
-from genlab.compare import compare
+from genlab.results.compare import compare
 from genlab.errors import GenlabError
 
 if __name__ == "__main__":

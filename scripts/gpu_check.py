@@ -1,6 +1,6 @@
 """``make gpu-check``: a short, offline check of genlab on one CUDA GPU (data from the mirror).
 
-Runs, each through ``genlab.train.train`` in this process, with ``trainer=gpu`` (its precision
+Runs, each through ``genlab.cli.train.train`` in this process, with ``trainer=gpu`` (its precision
 chosen by the card, ``loop.updates_per_step: auto`` timed on it):
 
 - ``experiment=notebook_gpt`` for ``GPT_UPDATES`` updates: eager, with ``loop.compile=true`` (the
@@ -99,7 +99,7 @@ def run_config(name: str, out: Path):
     """The config of the run ``name`` of ``RUNS``, writing into a folder of ``out``."""
     from hydra import compose, initialize_config_dir
 
-    from genlab.runtime import CONF_DIR
+    from genlab.run.runtime import CONF_DIR
 
     folder = out / "".join(c if c.isalnum() else "_" for c in name)  # a comma would be a Hydra sweep
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -107,9 +107,9 @@ def run_config(name: str, out: Path):
 
 
 def run(name: str, out: Path) -> bool:
-    from genlab.checkpoints import load_model
+    from genlab.run.checkpoints import load_model
     from genlab.models.base import peak_flops
-    from genlab.train import train
+    from genlab.cli.train import train
 
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -143,7 +143,7 @@ def commit() -> str:
 
 
 def header() -> str:
-    from genlab.precision import card_precision
+    from genlab.loop.precision import card_precision
 
     major, minor = torch.cuda.get_device_capability()
     return (f"gpu-check on {torch.cuda.get_device_name()} (compute capability {major}.{minor}: "

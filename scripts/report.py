@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from genlab.errors import GenlabError
-from genlab.report import write_report
+from genlab.results.report import write_report
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

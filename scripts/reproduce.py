@@ -8,7 +8,7 @@ other argument goes to every train.py multirun (hydra/launcher=slurm, hydra/laun
 import sys
 
 from genlab.errors import GenlabError
-from genlab.reproduce import reproduce
+from genlab.cli.reproduce import reproduce
 
 if __name__ == "__main__":
     try:

@@ -1,5 +1,5 @@
 """Shared fixtures: small data the tests make themselves, and a helper that trains through the
-same code path as ``python train.py`` (Hydra compose + ``genlab.train.train``)."""
+same code path as ``python train.py`` (Hydra compose + ``genlab.cli.train.train``)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from genlab.data.names import ITALIAN_NAMES
 from genlab.data.text import DIVINA, SHAKESPEARE
 from genlab.data.tokenizer import GPT2_ENCODER_JSON_SHA256, GPT2_VOCAB_BPE_SHA256
 from genlab.errors import DataError
-from genlab.train import CONF_DIR, train
+from genlab.cli.train import CONF_DIR, train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -207,7 +207,7 @@ def assert_learned(metrics: dict, run_dir: Path) -> None:
 
 def run_eval(overrides: list[str]) -> dict:
     """eval.py in-process (``ckpt_path=`` among the overrides); returns what it reports."""
-    from genlab.evaluate import evaluate
+    from genlab.cli.evaluate import evaluate
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return evaluate(compose("eval", overrides=["accelerator=cpu", *overrides]))

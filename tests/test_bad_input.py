@@ -8,8 +8,8 @@ from conftest import compose_config, run_training
 from genlab.data.fetch import fetch
 from genlab.data.names import ITALIAN_NAMES, NamesDataModule
 from genlab.errors import ConfigError, DataError, TrainingDiverged
-from genlab.sample import sample
-from genlab.train import CONF_DIR, train
+from genlab.cli.sample import sample
+from genlab.cli.train import CONF_DIR, train
 from genlab.data.module import ready
 
 
@@ -281,7 +281,7 @@ def test_a_run_diverging_before_its_first_checkpoint_says_there_is_none(names_fi
 
 
 def test_compare_skips_a_corrupt_metrics_file_and_says_so(names_file, tmp_path, capsys):
-    from genlab.compare import compare
+    from genlab.results.compare import compare
 
     outputs = tmp_path / "outputs"
     run_training(outputs / "good", [f"data.path={names_file}", "loop.updates_per_step=10", "trainer.max_steps=20",
@@ -334,7 +334,7 @@ def test_fewer_images_than_one_batch_is_refused(tmp_path):
      r"did you mean data.seq_len\b.*; trainer.max_step is not a setting; did you mean trainer.max_steps"),
 ])
 def test_a_key_that_does_not_exist_gets_the_closest_keys_of_its_group(args, pattern):
-    from genlab.overrides import check_command_line
+    from genlab.cli.overrides import check_command_line
 
     with pytest.raises(ConfigError, match=pattern):
         check_command_line("train", args)
@@ -363,7 +363,7 @@ def test_a_sweep_storage_that_cannot_be_written_or_reached(tmp_path):
     import sys
 
     from conftest import REPO
-    from genlab.overrides import check_command_line
+    from genlab.cli.overrides import check_command_line
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -19,12 +19,12 @@ from conftest import REPO, compose_config, run_training, snapshot
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from genlab.checkpoints import read_checkpoint
+from genlab.run.checkpoints import read_checkpoint
 from genlab.errors import CheckpointError, ConfigError, DiskFull
-from genlab.evaluate import evaluate
-from genlab.figures import plot_curves
-from genlab.sample import sample
-from genlab.train import CONF_DIR, train
+from genlab.cli.evaluate import evaluate
+from genlab.results.figures import plot_curves
+from genlab.cli.sample import sample
+from genlab.cli.train import CONF_DIR, train
 
 TINY = ["model.n_hidden=16", "loop.updates_per_step=10", "num_samples=0", "logger=none"]
 

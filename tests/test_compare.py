@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import image_file
 
-from genlab.compare import SHOWN_PARAMETERS, compare, find_runs, plot, short, swept_parameters
+from genlab.results.compare import SHOWN_PARAMETERS, compare, find_runs, plot, short, swept_parameters
 
 
 def fake_run(folder: Path, model: str, data: str, lr: float, loss: float, **settings) -> None:

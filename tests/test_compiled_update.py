@@ -145,7 +145,7 @@ def test_adamw_with_clipping_and_parameter_groups_trains_the_same_gpt():
 def test_an_unknown_compile_mode_is_refused_before_the_run_starts(tmp_path, names_file):
     from conftest import compose_config
 
-    from genlab.train import train
+    from genlab.cli.train import train
 
     cfg = compose_config([f"data.path={names_file}", "loop.compile=fastest"], tmp_path / "run")
     with pytest.raises(ConfigError, match="loop.compile=fastest: use false, true or one of torch.compile's modes"):

@@ -14,7 +14,7 @@ import sys
 import pytest
 from conftest import REPO, compose_config, run_training
 
-from genlab.steps import validation_interval
+from genlab.loop.steps import validation_interval
 from genlab.console import result_summary
 
 QUIET = ["trainer.max_steps=200", "loop.updates_per_step=50", "num_samples=2", "callbacks.insight=null", "threads=1"]

@@ -9,7 +9,7 @@ import re
 import pytest
 from conftest import REPO
 
-from genlab.checkpoints import genlab_classes
+from genlab.run.checkpoints import genlab_classes
 from genlab.data.images import ImageFolderDataModule
 from genlab.data.module import GenlabDataModule, ready
 from genlab.data.names import NamesDataModule

@@ -18,12 +18,12 @@ from conftest import REPO, compose_config, image_file, run_training, snapshot
 from PIL import Image
 from torch import nn
 
-from genlab import quality
-from genlab.checkpoints import load_model, read_checkpoint
+from genlab.results import quality
+from genlab.run.checkpoints import load_model, read_checkpoint
 from genlab.data.images import ImageFolderDataModule
 from genlab.errors import ConfigError, TrainingDiverged
 from genlab.models.dcgan import DCGAN, Discriminator, Generator
-from genlab.train import train
+from genlab.cli.train import train
 from genlab.data.module import ready
 
 
@@ -76,7 +76,7 @@ def test_image_sizes_that_do_not_fit_are_refused():
 def test_a_run_trains_both_networks_counts_batches_and_writes_its_pictures(faces, tmp_path):
     run = tmp_path / "run"
     cfg = compose_config(gan_overrides(faces), run)
-    from genlab.train import build_model, instantiate
+    from genlab.cli.train import build_model, instantiate
 
     before = build_model(cfg, ready(instantiate(cfg.data))).state_dict()
     metrics = run_training(run, gan_overrides(faces, "trainer.log_every_n_steps=1"))  # a curve point every step
@@ -324,7 +324,7 @@ def test_a_run_writes_fid_and_kid_curves_and_keeps_the_best_fid(faces, tmp_path,
     assert best["genlab"]["best_fid"] == pytest.approx(min(fid.values()))
 
     # the figure depends on the model alone: the same fixed noise, the same held-out images
-    from genlab.train import instantiate
+    from genlab.cli.train import instantiate
 
     model, _ = load_model(run / "checkpoints" / "best.ckpt")
     measure = quality.ImageQuality(TinyFeatures(), ready(instantiate(cfg.data)), images=5, seed=cfg.seed)
@@ -392,7 +392,7 @@ def test_a_study_that_minimises_fid_refuses_to_start_without_the_weights(faces, 
     from hydra import compose, initialize_config_dir
 
     from genlab.sweeps import SWEPT_KEYS, SweepReport
-    from genlab.train import CONF_DIR
+    from genlab.cli.train import CONF_DIR
 
     monkeypatch.delenv(SWEPT_KEYS, raising=False)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -188,7 +188,7 @@ def test_every_launch_combination_agrees_with_lightning_on_rank_and_world_size(n
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
     from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
-    from genlab.ranks import launch
+    from genlab.run.ranks import launch
 
     # DDP's set_world_ranks makes this process "rank r" for Lightning's rank-zero-only logging, a
     # global the later tests' runs would keep (their loggers would write nothing)
@@ -242,7 +242,7 @@ def test_processes_failing_at_once_tell_the_first_failure_whichever_wins():
     import torch.distributed as dist
 
     from genlab.errors import GenlabError
-    from genlab.ranks import ACK_S, Launch, Ranks
+    from genlab.run.ranks import ACK_S, Launch, Ranks
 
     for attempt in range(10):
         store = dist.TCPStore("127.0.0.1", free_port(), 2, is_master=True, wait_for_workers=False)
@@ -334,19 +334,19 @@ def test_every_setting_that_makes_lightning_start_processes_is_refused_inside_a_
                                                                                          monkeypatch):
     from conftest import compose_config
 
-    import genlab.checks
+    import genlab.run.checks
     from genlab.errors import ConfigError
 
     for variable in [v for v in os.environ if v.startswith(LAUNCH_VARIABLES)]:
         monkeypatch.delenv(variable)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # devices=-1: every GPU of a 2-GPU machine
-    monkeypatch.setattr(genlab.checks, "in_sweep", lambda: True)
+    monkeypatch.setattr(genlab.run.checks, "in_sweep", lambda: True)
     cfg = compose_config(overrides, tmp_path / "run")
     for launcher in ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
                      "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"):
-        monkeypatch.setattr(genlab.checks, "launcher_target", lambda: launcher)
+        monkeypatch.setattr(genlab.run.checks, "launcher_target", lambda: launcher)
         with pytest.raises(ConfigError, match=r"trains in \d processes.*cannot run inside a Hydra multirun"):
-            genlab.checks.check_processes_in_sweep(cfg)
-    monkeypatch.setattr(genlab.checks, "launcher_target", lambda: "hydra_plugins.hydra_submitit_launcher.x")
-    genlab.checks.check_processes_in_sweep(cfg)  # SLURM starts a job's processes itself
-    genlab.checks.check_processes_in_sweep(compose_config(["trainer=cpu"], tmp_path / "one"))  # one process: fine
+            genlab.run.checks.check_processes_in_sweep(cfg)
+    monkeypatch.setattr(genlab.run.checks, "launcher_target", lambda: "hydra_plugins.hydra_submitit_launcher.x")
+    genlab.run.checks.check_processes_in_sweep(cfg)  # SLURM starts a job's processes itself
+    genlab.run.checks.check_processes_in_sweep(compose_config(["trainer=cpu"], tmp_path / "one"))  # one process: fine

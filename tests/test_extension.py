@@ -17,14 +17,14 @@ from omegaconf import OmegaConf, open_dict
 from PIL import Image
 from torch import nn
 
-from genlab.checkpoints import read_checkpoint
+from genlab.run.checkpoints import read_checkpoint
 from genlab.errors import CheckpointError
 from genlab.models.base import LanguageModel
 from genlab.models.image import ImageModel
-from genlab.sample import sample
+from genlab.cli.sample import sample
 from genlab.schedules import warmup_cosine
-from genlab.steps import UpdateHook
-from genlab.train import CONF_DIR, train
+from genlab.loop.steps import UpdateHook
+from genlab.cli.train import CONF_DIR, train
 
 
 class TinyLM(LanguageModel):

@@ -44,8 +44,8 @@ def test_steady_clock_times_the_last_two_thirds_of_a_run(tmp_path, names_file):
 def test_every_run_of_the_check_composes_and_passes_the_checks_on_a_gpu(fake_gpus, tmp_path):
     """What a GPU session would otherwise find out first: each run's overrides compose (a comma in a
     folder name would read as a Hydra sweep) and pass genlab's checks, on an H200 (faked)."""
-    from genlab.checks import check_config
-    from genlab.precision import resolve_precision
+    from genlab.run.checks import check_config
+    from genlab.loop.precision import resolve_precision
 
     fake_gpus([("NVIDIA H200", (9, 0))])
     compiled = {}

@@ -8,7 +8,7 @@ import torch
 from conftest import image_file, run_training
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from genlab.checkpoints import load_model
+from genlab.run.checkpoints import load_model
 from genlab.insight import pca_2d, window_means
 
 SMALL = ["trainer.max_steps=400", "val_every=200", "loop.updates_per_step=100", "callbacks.insight.every_n_steps=200"]

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import REPO, compose_config, run_training
 
-from genlab.checkpoints import load_model, read_checkpoint
+from genlab.run.checkpoints import load_model, read_checkpoint
 from genlab.errors import ConfigError
-from genlab.plan import identity_of, resolve
-from genlab.steps import LOOP_KEYS, LoopSettings
-from genlab.train import build_model, train
+from genlab.run.plan import identity_of, resolve
+from genlab.loop.steps import LOOP_KEYS, LoopSettings
+from genlab.cli.train import build_model, train
 from genlab.data.module import ready
 
 MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))

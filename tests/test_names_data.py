@@ -7,7 +7,7 @@ from conftest import training_loop
 from genlab.data.module import ready
 from genlab.data.names import CleaningReport, NamesDataModule, clean_names
 from genlab.data.tokenizer import CharTokenizer
-from genlab.steps import batches_of
+from genlab.loop.steps import batches_of
 
 
 def test_cleaning_rules_on_a_small_list():
@@ -104,9 +104,9 @@ def test_unknown_sampling_is_refused(names_file, tmp_path):
 
 def test_accented_and_non_latin_names_sample_back_with_their_letters(tmp_path):
     from conftest import run_training
-    from genlab.sample import sample
+    from genlab.cli.sample import sample
     from hydra import compose, initialize_config_dir
-    from genlab.train import CONF_DIR
+    from genlab.cli.train import CONF_DIR
 
     stems = ["josé", "zoë", "jürgen", "ñandú", "李白", "王芳", "дмитрий", "αλέξανδρος", "अनीता", "anna"]
     names = [a + "-" + b for a in stems for b in stems if a != b]  # 90 names over their letters

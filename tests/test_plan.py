@@ -1,5 +1,5 @@
-"""The run plan (genlab.plan) resolved first and recorded once, and the writes that clean up after
-themselves (genlab.outputs)."""
+"""The run plan (genlab.run.plan) resolved first and recorded once, and the writes that clean up after
+themselves (genlab.run.outputs)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import torch
 from conftest import compose_config, run_training, snapshot
 from omegaconf import OmegaConf
 
-from genlab import outputs
+from genlab.run import outputs
 from genlab.errors import DiskFull
-from genlab.outputs import atomic_torch_save, atomic_write_text
-from genlab.plan import resolve
-from genlab.train import train
+from genlab.run.outputs import atomic_torch_save, atomic_write_text
+from genlab.run.plan import resolve
+from genlab.cli.train import train
 
 SMALL = ["loop.updates_per_step=10", "model.n_hidden=32", "trainer.max_steps=20", "val_every=20", "num_samples=0",
          "logger=csv"]
@@ -96,8 +96,8 @@ def test_nothing_changes_the_built_data_module_or_model_after_the_plan_is_claime
                                                                                     monkeypatch):
     """The final evaluation of data.final_whole_split=true once set datamodule.whole_split, after the
     plan was recorded: now the whole split is an argument of that evaluation's loaders."""
-    from genlab import train as train_module
-    from genlab.runs import RunFolder
+    from genlab.cli import train as train_module
+    from genlab.run.runs import RunFolder
 
     built, at_claim = {}, {}
     resolve_k, claim = train_module.resolve_updates_per_step, RunFolder.claim

@@ -27,8 +27,8 @@ import torch
 from conftest import REPO, compose_config
 
 from genlab.errors import GenlabError
-from genlab.outputs import TEMPORARY
-from genlab.train import train
+from genlab.run.outputs import TEMPORARY
+from genlab.cli.train import train
 
 STEPS = int(os.environ.get("GENLAB_PLAN_STEPS", 20))
 SEED = int(os.environ.get("GENLAB_PLAN_SEED", 34))

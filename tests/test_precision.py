@@ -12,11 +12,11 @@ from conftest import compose_config, run_training
 from lightning.pytorch.accelerators import MPSAccelerator
 from omegaconf import OmegaConf
 
-from genlab.checks import check_config
+from genlab.run.checks import check_config
 from genlab.console import run_summary
 from genlab.errors import ConfigError
-from genlab.precision import resolve_precision
-from genlab.train import train
+from genlab.loop.precision import resolve_precision
+from genlab.cli.train import train
 
 
 @pytest.mark.parametrize("card, capability, chosen", [

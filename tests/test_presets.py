@@ -11,8 +11,8 @@ import torch
 from conftest import compose_config, run_training
 from PIL import Image
 
-from genlab.checkpoints import load_model
-from genlab.train import CONF_DIR
+from genlab.run.checkpoints import load_model
+from genlab.cli.train import CONF_DIR
 
 PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 

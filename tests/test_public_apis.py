@@ -110,7 +110,7 @@ def test_the_rule_finds_what_it_describes(tmp_path):
     source.write_text(
         "import torch._dynamo\n"
         "from torch._inductor import config\n"
-        "from genlab.steps import _helper\n"
+        "from genlab.loop.steps import _helper\n"
         "class Model:\n"
         "    def f(self, optimizer):\n"
         "        self._mine, self.__class__\n"

@@ -14,9 +14,9 @@ import torch
 
 from conftest import REPO, compose_config, run_training, snapshot
 from genlab.errors import CheckpointError, ConfigError
-from genlab.plan import resolve as resolve_plan
-from genlab.runs import RunFolder
-from genlab.train import train
+from genlab.run.plan import resolve as resolve_plan
+from genlab.run.runs import RunFolder
+from genlab.cli.train import train
 
 MODELS = {
     "mlp": ["model=mlp", "model.n_hidden=32", "loop.updates_per_step=10"],
@@ -317,7 +317,7 @@ def test_the_same_slurm_job_with_other_settings_is_refused(names_file, tmp_path,
 
 
 def test_the_newest_complete_checkpoint_is_resumed_whichever_path_saved_it(tmp_path):
-    from genlab.runs import newest_checkpoint
+    from genlab.run.runs import newest_checkpoint
 
     (tmp_path / "checkpoints").mkdir()
     torch.save({"global_step": 10}, tmp_path / "checkpoints" / "last.ckpt")

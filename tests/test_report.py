@@ -21,9 +21,9 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-from genlab.precision import cpu_name
-from genlab.reproduce import COURSE, QUICK, commands
-from genlab.report import write_report
+from genlab.loop.precision import cpu_name
+from genlab.cli.reproduce import COURSE, QUICK, commands
+from genlab.results.report import write_report
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from test_reliability import STOPPABLE, fake_slurm
 
-from genlab.runtime import CONF_DIR
-from genlab.train import train
+from genlab.run.runtime import CONF_DIR
+from genlab.cli.train import train
 
 PREEMPT = ["+callbacks.kill._target_=conftest.SendSignal", "+callbacks.kill.where=train",
            f"+callbacks.kill.signum={int(signal.SIGUSR1)}", "+callbacks.kill.at=3"]

@@ -1,4 +1,4 @@
-"""A run folder or checkpoint from anyone is data (genlab.trust, docs/security.md): a corpus of
+"""A run folder or checkpoint from anyone is data (genlab.run.trust, docs/security.md): a corpus of
 crafted ones, each refused with one message while a canary tree outside the test's folder stays
 byte for byte the same. A new case is one line in CASES."""
 
@@ -19,11 +19,11 @@ from conftest import compose_config, run_in_a_mount_namespace
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from genlab.checkpoints import AtomicCheckpointIO
+from genlab.run.checkpoints import AtomicCheckpointIO
 from genlab.errors import CheckpointError, exit_on_user_error
-from genlab.evaluate import evaluate
-from genlab.sample import sample
-from genlab.train import CONF_DIR, train
+from genlab.cli.evaluate import evaluate
+from genlab.cli.sample import sample
+from genlab.cli.train import CONF_DIR, train
 
 TINY = ["model.n_hidden=16", "loop.updates_per_step=10", "num_samples=0", "logger=none", "callbacks.insight=null",
         "val_every=10"]

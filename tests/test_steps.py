@@ -1,4 +1,4 @@
-"""A step is an optimizer update (genlab.steps): trainer.global_step counts every update however many
+"""A step is an optimizer update (genlab.loop.steps): trainer.global_step counts every update however many
 one Lightning step makes, under every precision, through the one private Lightning attribute that
 genlab relies on, in the Lightning versions the tests have run."""
 
@@ -13,9 +13,9 @@ from conftest import compose_config, run_training
 from packaging.specifiers import SpecifierSet
 from test_dcgan import faces, gan_overrides  # noqa: F401  (faces is a fixture)
 
-from genlab.checkpoints import read_checkpoint
+from genlab.run.checkpoints import read_checkpoint
 from genlab.data.module import ready
-from genlab.steps import (
+from genlab.loop.steps import (
     FORCED_AUTO_VARIABLE,
     UpdateHook,
     TrainingCurve,
@@ -32,7 +32,7 @@ from genlab.steps import (
 
 def test_lightning_is_a_version_the_step_count_was_tested_with():
     assert L.__version__ in SpecifierSet(LIGHTNING_TESTED), (
-        f"lightning {L.__version__} is outside {LIGHTNING_TESTED}: check genlab.steps.count_update against it, "
+        f"lightning {L.__version__} is outside {LIGHTNING_TESTED}: check genlab.loop.steps.count_update against it, "
         "run the suite, then widen LIGHTNING_TESTED and pyproject.toml together")
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress  # the private counter
@@ -120,7 +120,7 @@ class CountUpdates(L.Callback, UpdateHook):
 
 @pytest.mark.parametrize("k", [1, 4, 10])
 def test_an_update_hook_is_called_around_every_nth_update_whatever_k(names_file, tmp_path, k, monkeypatch):
-    from genlab import train as train_module
+    from genlab.cli import train as train_module
 
     hook, build = CountUpdates(every=6), train_module.build_trainer
 
@@ -172,8 +172,8 @@ def test_auto_times_the_compiled_update_where_training_will_compile_it(names_fil
 
     import genlab.models.base
     import genlab.models.compiled_update as compiled_update
-    from genlab.steps import measure_update_seconds
-    from genlab.train import build_model, instantiate
+    from genlab.loop.steps import measure_update_seconds
+    from genlab.cli.train import build_model, instantiate
 
     made, compiled = [], []
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import compose_config, run_training
 
-from genlab.train import train
+from genlab.cli.train import train
 
 LONG = ["loop.updates_per_step=10", "trainer.max_steps=60", "val_every=20", "num_samples=3", "logger=csv",
         "data.eval_batch_size=1"]  # one name per validation batch: a validation of some 30 batches

@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import api_pb2, backend_context, get_experiment, list_session_groups
 
-from genlab.compare import compare
+from genlab.results.compare import compare
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -170,7 +170,7 @@ def test_parallel_jobs_share_the_cores(names_file, tmp_path):
 def test_tune_lr_plots_the_search_and_trains_with_the_suggestion(names_file, tmp_path, capsys):
     from conftest import run_training
 
-    from genlab.checkpoints import read_checkpoint
+    from genlab.run.checkpoints import read_checkpoint
 
     run_dir = tmp_path / "run"
     metrics = run_training(run_dir, ["model=mlp", f"data.path={names_file}", "tune_lr=true",

@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO, assert_learned, compose_config, run_training
 from genlab.errors import DataError
-from genlab.sample import sample
-from genlab.runtime import NVML_CHECK, skip_failing_nvml_check
-from genlab.train import CONF_DIR, train
+from genlab.cli.sample import sample
+from genlab.run.runtime import NVML_CHECK, skip_failing_nvml_check
+from genlab.cli.train import CONF_DIR, train
 
 TINY = {
     "bigram": ["model=bigram"],
@@ -201,7 +201,7 @@ def test_a_text_run_writes_continuations_of_the_validation_text_at_every_validat
 
 def test_a_checkpoint_saved_under_the_older_names_loads_and_resumes(names_file, tmp_path):
     """model.context (the n-gram table) and contiguous are now block_size and sequential."""
-    from genlab.checkpoints import load_model
+    from genlab.run.checkpoints import load_model
 
     run = tmp_path / "run"
     common = ["model=bigram", "model.counting=false", "model.block_size=2", f"data.path={names_file}",

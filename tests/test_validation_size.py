@@ -1,4 +1,4 @@
-"""What a validation of running text covers, sized to the run (genlab.checks.validation_size): the
+"""What a validation of running text covers, sized to the run (genlab.run.checks.validation_size): the
 tokens trained between two validations, at least one evaluation batch, at most data.val_tokens;
 evaluation batches of about EVAL_BATCH_TOKENS tokens. Resolved in the plan from the config alone."""
 
@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import compose_config, run_training
 
-from genlab.checks import EVAL_BATCH_TOKENS
+from genlab.run.checks import EVAL_BATCH_TOKENS
 from genlab.console import run_summary
 from genlab.data.text import TextDataModule
 from genlab.errors import ConfigError
-from genlab.plan import resolve
-from genlab.train import validation_words
+from genlab.run.plan import resolve
+from genlab.cli.train import validation_words
 from genlab.data.module import ready
 
 TEXT = ["model=gpt", "data=divina", "data.seq_len=64", "data.batch_size=8"]

@@ -1,4 +1,4 @@
-"""Callbacks that every run gets (see ``genlab.train.build_trainer``)."""
+"""Callbacks that every run gets (see ``genlab.cli.train.build_trainer``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import lightning as L
 
 from genlab.models.base import LanguageModel
-from genlab.outputs import atomic_write_text
-from genlab.sample import continue_text, sample_names
+from genlab.run.outputs import atomic_write_text
+from genlab.cli.sample import continue_text, sample_names
 
 
 class ValidateAtEnd(L.Callback):

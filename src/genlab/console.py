@@ -17,7 +17,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from tqdm import tqdm
 
-from genlab.steps import total_updates
+from genlab.loop.steps import total_updates
 
 log = logging.getLogger("genlab")
 
@@ -40,7 +40,7 @@ SILENCED_WARNINGS = (
     # tests compare the weights), and the DCGAN restarts the interrupted epoch of its image loader
     # (docs/dcgan.md); Lightning sees neither
     "You're resuming from a checkpoint that ended before the epoch ended",
-    # trainer.log_every_n_steps counts optimizer updates in genlab (genlab.steps.TrainingCurve), so an
+    # trainer.log_every_n_steps counts optimizer updates in genlab (genlab.loop.steps.TrainingCurve), so an
     # epoch of fewer Lightning steps than that is no reason for Lightning's warning
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     # where SLURM is installed Lightning suggests srun for every run; genlab reaches SLURM through
@@ -104,7 +104,7 @@ def count(n: int) -> str:
 def run_summary(choices: dict, model: L.LightningModule, trainer: L.Trainer, run_dir,
                 precision: str | None = None, validation: str | None = None) -> str:
     """One line: what trains on what, how big, where (``precision``: its words for the precision,
-    genlab.precision), how long, what a validation covers (``validation``) and where the run writes."""
+    genlab.loop.precision), how long, what a validation covers (``validation``) and where the run writes."""
     parameters = sum(p.numel() for p in model.parameters())
     device = f"{trainer.num_devices}x {choices['trainer']} ({precision or trainer.precision})"
     unit = UpdateProgress.unit(model)

@@ -24,7 +24,7 @@ class CheckpointError(GenlabError):
 
 
 class DiskFull(GenlabError):
-    """The disk filled while a file was written (``genlab.outputs``): the file it was to replace
+    """The disk filled while a file was written (``genlab.run.outputs``): the file it was to replace
     is whole, and no temporary file is left."""
 
 

@@ -1,5 +1,5 @@
 """A sweep job's failure belongs to that job. A job that fails or diverges once it owns its folder
-(``genlab.runs.RunFolder.claim``) records ``status``, the message and its overrides in its own
+(``genlab.run.runs.RunFolder.claim``) records ``status``, the message and its overrides in its own
 ``metrics.json``; a job that fails before (a configuration that cannot work, missing data, a folder
 that holds another plan's run or that another process holds) records that beside the folder
 (``<sweep>/<job>.refused.json``), never in it, so a folder's finished run is never lost. Either way
@@ -9,7 +9,7 @@ is a result of the search, not a failure). This holds for every launcher: the jo
 launcher run in worker processes, which an error would otherwise end together with the job beside it.
 
 The same sweep command again over the same sweep folder continues the sweep: each job finds its
-folder (``genlab.runs.RunFolder``) and keeps a finished run as it is, resumes an interrupted one from
+folder (``genlab.run.runs.RunFolder``) and keeps a finished run as it is, resumes an interrupted one from
 its newest checkpoint, or runs; a stop prints that command (``sweep_command``). Optuna workers that
 share one storage find the study made once, before they race for it (``prepare_study``). An Optuna
 job's folder is named by its trial's number, which goes on when a study is continued (Hydra's job
@@ -38,12 +38,12 @@ from omegaconf import DictConfig, OmegaConf
 from hydra.utils import get_class
 
 from genlab.errors import FolderTaken, GenlabError, TrainingDiverged
-from genlab.outputs import write_metrics
-from genlab.quality import require_weights
-from genlab.plan import PLAN_FILE
-from genlab.runs import held, owned_folder
-from genlab.runtime import is_first_process, task_overrides
-from genlab.trust import read_json
+from genlab.run.outputs import write_metrics
+from genlab.results.quality import require_weights
+from genlab.run.plan import PLAN_FILE
+from genlab.run.runs import held, owned_folder
+from genlab.run.runtime import is_first_process, task_overrides
+from genlab.run.trust import read_json
 
 log = logging.getLogger("genlab")
 NOT_COMPLETED = ("failed", "refused", "diverged")
@@ -98,7 +98,7 @@ def refusal_file(job_dir: Path) -> Path:
 
 def run_sweep_job(train: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
     """``train(cfg)`` for one job of a sweep; a failure is recorded in the job's folder where the job
-    owned it (it had claimed it: ``genlab.runs``), else beside it, instead of ending the sweep. Returns
+    owned it (it had claimed it: ``genlab.run.runs``), else beside it, instead of ending the sweep. Returns
     the loss the sweeper sees."""
     job_dir = Path(cfg.paths.output_dir)
     first = is_first_process()  # the other processes of a distributed job write nothing

@@ -4,7 +4,7 @@ are cut from them by indexing.
 A per-sample ``Dataset`` with the default collate costs more than a tiny model's step, so these
 iterables hand Lightning ready-made ``(x, y)`` batches: for training one per optimizer update, at
 the data's full width (the loop groups them for its Lightning steps and trims each batch's
-trailing padding, targets -1, ``genlab.steps``), for evaluation each trimmed to its longest sequence.
+trailing padding, targets -1, ``genlab.loop.steps``), for evaluation each trimmed to its longest sequence.
 """
 
 from __future__ import annotations

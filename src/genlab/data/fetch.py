@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genlab.errors import DataError
-from genlab.outputs import atomic_write_stream, check_writable_folder
+from genlab.run.outputs import atomic_write_stream, check_writable_folder
 
 log = logging.getLogger(__name__)
 

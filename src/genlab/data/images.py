@@ -3,7 +3,7 @@ ImageFolder's one folder per class), as the notebook prepares them: ``Resize(64)
 ``CenterCrop(64)``, ``Normalize(0.5, 0.5)`` -> tensors in [-1, 1].
 
 A seeded ``val_fraction`` of the images is held out (the same images every run with that seed and
-folder): the real images that FID and KID compare generated ones with (``genlab.quality``).
+folder): the real images that FID and KID compare generated ones with (``genlab.results.quality``).
 
 Where ``data.root`` is not given, the data mirror's ``faces/celeba`` is used when it exists (a
 10,000-image subset of ``img_align_celeba``), else torchvision downloads CelebA into
@@ -61,7 +61,7 @@ def readable_images(root: Path) -> tuple[list[Path], int]:
 
 
 def folder_fingerprint(root: Path, paths: list[Path]) -> str:
-    """The images' fingerprint, which the run's plan compares (``genlab.plan``): each image's path
+    """The images' fingerprint, which the run's plan compares (``genlab.run.plan``): each image's path
     under ``root``, size and modification time (whole seconds), in order; read from the file system
     alone, so it costs no image's bytes. An image added, removed, renamed, replaced or edited makes
     another plan, and so does a copy of the folder that does not keep the times (``cp`` without ``-p``);
@@ -116,8 +116,8 @@ class ImageFolderDataModule(GenlabDataModule):
         self.image_size, self.batch_size, self.num_workers, self.seed = image_size, batch_size, num_workers, seed
         self.val_fraction = val_fraction
         # what an image model validates on: the fixed noise it generates from for FID and KID, whose
-        # count and seed are the quality measure's (genlab.quality.ImageQuality.noise_batches, given
-        # by genlab.train); none: no validation
+        # count and seed are the quality measure's (genlab.results.quality.ImageQuality.noise_batches, given
+        # by genlab.cli.train); none: no validation
         self.validation_noise = []
 
     def download(self) -> None:

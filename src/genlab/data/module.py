@@ -4,12 +4,12 @@ evaluation use, with its defaults, so that none of them probes a data module for
 A data module is built from its config (``conf/data/*.yaml``) with its settings checked and nothing
 read. ``prepare_data()`` then puts its files on disk (fetched from the cache, a mirror or the web,
 tokenised into the token cache), and ``setup()`` loads them (the splits, the vocabulary, the
-fingerprint), as Lightning documents the two: ``genlab.train`` calls both before it builds the model
+fingerprint), as Lightning documents the two: ``genlab.cli.train`` calls both before it builds the model
 (whose sizes come from the data), and a second ``setup()`` (Lightning's own, at ``fit``) finds it done.
 
 Training reads ``train_dataloader()``: plain ``(x, y)`` batches for a language model, one per
 optimizer update, trailing padding (targets -1) allowed (the loop groups them and trims each,
-``genlab.steps``), or image batches; validation and test read
+``genlab.loop.steps``), or image batches; validation and test read
 ``val_dataloader()`` and ``test_dataloader()`` (an image data module's validation batches are the
 noise its model generates from, which the run's quality measure gives it)."""
 
@@ -54,7 +54,7 @@ class GenlabDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     # --- what a run reads of it, once set up ----------------------------------------------------------
-    fingerprint: str | None = None  # a hash of the data's content, which the run's plan compares (genlab.plan)
+    fingerprint: str | None = None  # a hash of the data's content, which the run's plan compares (genlab.run.plan)
 
     def model_sizes(self) -> dict:
         """The sizes a model built for this data takes from it, never typed twice: a language

@@ -148,7 +148,7 @@ class NamesDataModule(GenlabDataModule):
         if self.path:
             if not source.exists():
                 raise DataError(f"data.path={self.path}: no such file. Give an existing word list, one entry per line.")
-            self.fingerprint = sha256_of(source)  # the run's plan compares it (genlab.plan)
+            self.fingerprint = sha256_of(source)  # the run's plan compares it (genlab.run.plan)
         else:
             self.fingerprint = ITALIAN_NAMES.sha256  # fetch checked the file against it
         try:

@@ -11,7 +11,7 @@ the end). Training batches are random windows of ``seq_len + 1`` tokens (``sampl
 the text in order, for recurrent models that carry their state); an evaluation reads the split in
 consecutive windows, or where it holds more than ``val_tokens`` tokens a fixed, evenly spread
 sample of them, the same every time. A training run sizes ``val_tokens`` and ``eval_batch_size`` to
-itself (``genlab.checks.validation_size``, resolved in its plan).
+itself (``genlab.run.checks.validation_size``, resolved in its plan).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from genlab.checks import check_evaluation_sizes, sized_eval_batch
+from genlab.run.checks import check_evaluation_sizes, sized_eval_batch
 from genlab.data.batches import FixedWindows, StreamBatches, WindowBatches, replica
 from genlab.data.fetch import RemoteFile, fetch, sha256_of
 from genlab.data.module import GenlabDataModule
@@ -34,7 +34,7 @@ from genlab.data.tokenizer import CharTokenizer, GPT2Tokenizer
 from genlab.errors import ConfigError, DataError
 from genlab.data.tokens import (Progress, Source, characters_of, dtype_for, text_files,
                                 write_bpe_tokens, write_char_tokens)
-from genlab.outputs import atomic_write_text, check_writable_folder
+from genlab.run.outputs import atomic_write_text, check_writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ SOURCES = {
 }
 
 # an evaluation takes at most this many tokens unless val_tokens says otherwise (a training run's
-# plan lowers it to the run's own size: genlab.checks.validation_size)
+# plan lowers it to the run's own size: genlab.run.checks.validation_size)
 VAL_TOKENS = 2_000_000
 
 
@@ -166,7 +166,7 @@ class TextDataModule(GenlabDataModule):
         # the cache entry is named by what it is made from, never by a file name: the source's bytes,
         # their normalisation and the tokenizer (two texts called divina.txt never share an entry)
         made_from = f"{source_sha256}|{normalisation}|{self.tokenizer_name}|{CACHE_FORMAT}"
-        # the run's plan compares this too (genlab.plan): the same tokens, whatever the file is called
+        # the run's plan compares this too (genlab.run.plan): the same tokens, whatever the file is called
         self.fingerprint = hashlib.sha256(made_from.encode()).hexdigest()
         stem = f"{self.name}.{self.tokenizer_name}.{self.fingerprint[:16]}"
         bin_path, meta_path = self.data_dir / "tokens" / f"{stem}.bin", self.data_dir / "tokens" / f"{stem}.json"

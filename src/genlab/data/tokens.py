@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from genlab.errors import DataError
-from genlab.outputs import atomic_write_chunks
+from genlab.run.outputs import atomic_write_chunks
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from genlab.figures import plt, save_figure
+from genlab.results.figures import plt, save_figure
 from genlab.insight.board import add_histogram
 
 SATURATED = 0.97  # |tanh| above this passes almost no gradient: 1 - 0.97^2 = 0.06

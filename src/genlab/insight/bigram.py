@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from genlab.figures import plt, save_figure
+from genlab.results.figures import plt, save_figure
 from genlab.insight.labels import character_labels
 
 

@@ -19,7 +19,7 @@ from genlab.insight.embedding import embedding_figure
 from genlab.insight.losses import loss_figure
 from genlab.insight.update_ratio import UpdateRatios
 from genlab.models.base import LanguageModel
-from genlab.steps import UpdateHook
+from genlab.loop.steps import UpdateHook
 
 
 class Insight(L.Callback, UpdateHook):

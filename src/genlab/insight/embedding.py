@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from genlab.figures import plt, save_figure
+from genlab.results.figures import plt, save_figure
 from genlab.insight.labels import character_labels
 
 

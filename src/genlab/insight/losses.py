@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from genlab.figures import plt, save_figure
+from genlab.results.figures import plt, save_figure
 
 
 def window_means(values: list[float], window: int) -> tuple[list[float], list[float]]:

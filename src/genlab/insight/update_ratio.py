@@ -1,14 +1,14 @@
 """``update_ratio.png`` and ``network/update_ratio_log10/<matrix>``: log10(std(update) / std(weights))
 of each weight matrix, for the update due every ``every_n_steps``: the real update, whatever the
 optimizer (SGD, Adam, ...; the GAN's two), the weights compared before and after it (the insight
-callback is called around the due update by the loop, ``genlab.steps.UpdateHook``)."""
+callback is called around the due update by the loop, ``genlab.loop.steps.UpdateHook``)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from genlab.figures import plot_curves
+from genlab.results.figures import plot_curves
 
 
 def weight_matrices(model, optimizer) -> dict:

@@ -6,7 +6,7 @@ exact validation and test losses, optimizers and schedulers from Hydra configs, 
 
 Speed: a tiny model's update takes well under a millisecond, less than Lightning's per-step
 bookkeeping. With ``loop.updates_per_step = K`` one Lightning step gets K batches at once
-(``genlab.steps.UpdateGroup``) and makes K optimizer updates, each on its own batch, exactly as a
+(``genlab.loop.steps.UpdateGroup``) and makes K optimizer updates, each on its own batch, exactly as a
 plain loop would; ``trainer.global_step`` still counts optimizer updates, so ``trainer.max_steps``
 means updates, and the training curves get a point every ``trainer.log_every_n_steps`` updates
 whatever K is. A subclass never sees K: it may override ``training_update``, one update on one batch.
@@ -25,7 +25,7 @@ from genlab.data.tokenizer import tokenizer_from_config
 from genlab.errors import TrainingDiverged
 from genlab.models.module import GenlabModule
 from genlab.models.compiled_update import CUDA_GRAPH_MODES, CompiledUpdate
-from genlab.steps import TrainingCurve, batches_of, real_targets, updates_left
+from genlab.loop.steps import TrainingCurve, batches_of, real_targets, updates_left
 
 
 # dense bf16 peak FLOP/s of common accelerators (vendor data sheets), for MFU
@@ -145,7 +145,7 @@ class LanguageModel(GenlabModule):
 
     def log_training_point(self, update: int, loss: float, lr: float, tokens_per_second: float | None) -> None:
         """A point of the training curves (every ``trainer.log_every_n_steps`` updates, see
-        ``genlab.steps.TrainingCurve``), written at its update, whatever Lightning step it falls in;
+        ``genlab.loop.steps.TrainingCurve``), written at its update, whatever Lightning step it falls in;
         the progress bar shows the latest."""
         metrics = {"loss/train": loss, "optimizer/lr": lr}
         if tokens_per_second is not None:
@@ -199,7 +199,7 @@ class LanguageModel(GenlabModule):
 
     def timed_compiled_update(self, optimizer, device: torch.device) -> CompiledUpdate | None:
         """The compiled whole update that ``loop.compile`` will train this model with, for ``auto``
-        to time (``genlab.steps.measure_update_seconds``); None where the update is not compiled
+        to time (``genlab.loop.steps.measure_update_seconds``); None where the update is not compiled
         whole. Timed without CUDA graphs: a copy's graphs would hold their own memory."""
         mode = self.compile_mode()
         if mode is None or not self.whole_update_compiles():
@@ -314,7 +314,7 @@ class LanguageModel(GenlabModule):
 
     # --- checkpoints ---------------------------------------------------------------------------
     def checkpoint_extras(self) -> dict:
-        # the count auto chose, kept for a resume (genlab.steps.resolve_updates_per_step)
+        # the count auto chose, kept for a resume (genlab.loop.steps.resolve_updates_per_step)
         return {"training_words": self.training_words, "best_val_loss": self.best_val_loss,
                 "updates_per_step": self.updates_per_step, "curve_window": self.curve.state()}
 

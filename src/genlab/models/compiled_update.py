@@ -31,7 +31,7 @@ from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
 from genlab.errors import ConfigError
-from genlab.steps import pad_to
+from genlab.loop.steps import pad_to
 
 WIDTH_STEP = 8  # sequence widths are padded up to a multiple of this (a graph per padded width)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that replay CUDA graphs

@@ -15,7 +15,7 @@ and the pictures a run shows: a grid of real images at the start, every ``grid_e
 from one fixed noise batch (TensorBoard and ``grids/step_XXXXXXX.png``), and ``progress.gif`` at
 the end.
 
-Where the run has a quality measure (``genlab.quality``: the extractor's weights could be had),
+Where the run has a quality measure (``genlab.results.quality``: the extractor's weights could be had),
 every validation (``val_every`` and the end) generates images from its fixed noise set and logs
 FID and KID (``quality/fid``, ``quality/kid``); the best FID's checkpoint is ``best.ckpt``."""
 
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from genlab.errors import TrainingDiverged
-from genlab.figures import image_grid, plot_curves, save_gif, save_png
+from genlab.results.figures import image_grid, plot_curves, save_gif, save_png
 from genlab.models.module import GenlabModule
-from genlab.quality import ImageQuality
+from genlab.results.quality import ImageQuality
 
 
 class ImageModel(GenlabModule):

@@ -1,5 +1,5 @@
 """What every genlab model shares, language model or GAN: plain optimizer updates, each counted as
-a step with the update hooks called around it (``one_update``, genlab.steps), ``torch.compile``
+a step with the update hooks called around it (``one_update``, genlab.loop.steps), ``torch.compile``
 without renaming parameters, and checkpoints that name their model class and carry the random
 stream (for an exact resume)."""
 
@@ -12,8 +12,8 @@ import hydra
 import lightning as L
 import torch
 
-from genlab.checks import compile_mode
-from genlab.steps import LoopSettings, check_same_count, count_update, update_hooks
+from genlab.run.checks import compile_mode
+from genlab.loop.steps import LoopSettings, check_same_count, count_update, update_hooks
 
 
 class GenlabModule(L.LightningModule):
@@ -22,13 +22,13 @@ class GenlabModule(L.LightningModule):
     # True where a Lightning step may make loop.updates_per_step updates, each on its own batch (the
     # language models); False: one update per step (the GAN's step is one update of both networks)
     several_updates_per_step = False
-    updates_per_step = 1  # K, for a fit (genlab.steps.fit)
+    updates_per_step = 1  # K, for a fit (genlab.loop.steps.fit)
     monitor: str | None = "loss/val"  # the figure validation measures and best.ckpt minimises; None: none
     loop = LoopSettings()  # conf/loop's settings, given by train.build_model (a loaded model: the defaults)
 
     def __init__(self):
         super().__init__()
-        self._update_hooks = []  # the callbacks that act on updates (genlab.steps.UpdateHook), at the start of training
+        self._update_hooks = []  # the callbacks that act on updates (genlab.loop.steps.UpdateHook), at the start of training
         self._due_updates = []  # automatic optimization: the hooks called before the update Lightning is making
         self._rate_clock = None  # (time, running total) at the previous rate_since_last_point
 

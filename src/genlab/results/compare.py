@@ -27,10 +27,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from genlab.console import printable
 from genlab.errors import DataError
-from genlab.figures import plt, save_figure
-from genlab.hparams import GROUPS, INTERNAL_KEYS
-from genlab.plan import flatten
-from genlab.trust import read_config, read_json
+from genlab.results.figures import plt, save_figure
+from genlab.results.hparams import GROUPS, INTERNAL_KEYS
+from genlab.run.plan import flatten
+from genlab.run.trust import read_config, read_json
 
 # run-specific values that differ between any two runs without being a choice anyone made, and the
 # published figure a preset is compared with (notebook.*: a reference, not a setting)

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.errors import ConfigError
-from genlab.runtime import CONF_DIR
+from genlab.run.runtime import CONF_DIR
 
 _NOT_A_KEY = re.compile(r"Could not override '([^']+)'")
 # Hydra flags after which the command line is not a plain list of overrides: left to Hydra

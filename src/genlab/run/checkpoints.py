@@ -24,11 +24,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from genlab.errors import CheckpointError, ConfigError, instantiate
-from genlab.outputs import atomic_torch_save
-from genlab.runs import checkpoint_file, run_dir_of
-from genlab.runtime import choice
-from genlab.steps import LOOP_KEYS
-from genlab.trust import TRUST, check_model_settings, checked_checkpoint, read_json
+from genlab.run.outputs import atomic_torch_save
+from genlab.run.runs import checkpoint_file, run_dir_of
+from genlab.run.runtime import choice
+from genlab.loop.steps import LOOP_KEYS
+from genlab.run.trust import TRUST, check_model_settings, checked_checkpoint, read_json
 
 
 
@@ -66,7 +66,7 @@ def unreadable(path: Path, err: Exception) -> CheckpointError:
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
-    """A checkpoint as genlab uses it: through the trust boundary (``genlab.trust``) unless ``trust``."""
+    """A checkpoint as genlab uses it: through the trust boundary (``genlab.run.trust``) unless ``trust``."""
     path = checkpoint_file(str(path))  # a file or a run folder
     checkpoint = unpickle(path, trust=trust)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("genlab"), dict) \

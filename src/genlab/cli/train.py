@@ -1,12 +1,12 @@
 """``python train.py [overrides]``: the path of one run, top to bottom.
 
-1. resolve the run's plan (``genlab.plan``: the config checked by ``genlab.checks``, its validation
+1. resolve the run's plan (``genlab.run.plan``: the config checked by ``genlab.run.checks``, its validation
    interval and precision, the data's fingerprint) and take the run folder on it, which refuses a
-   folder that holds another run or that another process is writing (``genlab.runs``);
+   folder that holds another run or that another process is writing (``genlab.run.runs``);
 2. build the model, check a resumed checkpoint against it, resolve the rest of the plan (the learning
    rate of ``tune_lr``, the updates per step), then claim the folder (record the plan once, start
    ``train.log``); nothing is written into it before this point, nothing changes the plan after;
-3. fit; Ctrl-C or SIGTERM finish the step, save and exit with the resume command (``genlab.stopping``);
+3. fit; Ctrl-C or SIGTERM finish the step, save and exit with the resume command (``genlab.run.stopping``);
 4. the wrap-up: final validation and test losses, ``metrics.json`` (samples come after every validation).
 
 Returns the final validation loss (an image model's: its FID), which a sweep minimises (a sweep
@@ -26,25 +26,25 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.callbacks import CheckpointAtEnd, Samples, TrainingClock, ValidateAtEnd
-from genlab.checkpoints import check_resume, read_checkpoint, trainer_plugins
+from genlab.run.checkpoints import check_resume, read_checkpoint, trainer_plugins
 from genlab.data.module import ready
 from genlab.console import UpdateProgress, printable, result_summary, route_library_logs, run_summary
-from genlab.evaluate import final_losses
+from genlab.cli.evaluate import final_losses
 from genlab.errors import DiskFull, TrainingDiverged, exit_on_user_error, instantiate
-from genlab.hparams import log_hparams, run_hparams
-from genlab.lr_finder import find_learning_rate, plot_search
-from genlab.outputs import write_metrics
-from genlab.overrides import checked_command_line
-from genlab.plan import Plan, optimizer_key
-from genlab.plan import resolve as resolve_plan
-from genlab.precision import hardware
-from genlab.quality import image_quality
-from genlab.ranks import Ranks
-from genlab.resume import how_to_continue, last_good_state, report_stop
-from genlab.runs import RunFolder
-from genlab.runtime import CONF_DIR, choice, in_sweep, set_threads, skip_failing_nvml_check
-from genlab.steps import LoopSettings, fit, resolve_updates_per_step, validation_check_interval, validation_interval
-from genlab.stopping import GracefulStop, RunInterrupted
+from genlab.results.hparams import log_hparams, run_hparams
+from genlab.loop.lr_finder import find_learning_rate, plot_search
+from genlab.run.outputs import write_metrics
+from genlab.cli.overrides import checked_command_line
+from genlab.run.plan import Plan, optimizer_key
+from genlab.run.plan import resolve as resolve_plan
+from genlab.loop.precision import hardware
+from genlab.results.quality import image_quality
+from genlab.run.ranks import Ranks
+from genlab.run.resume import how_to_continue, last_good_state, report_stop
+from genlab.run.runs import RunFolder
+from genlab.run.runtime import CONF_DIR, choice, in_sweep, set_threads, skip_failing_nvml_check
+from genlab.loop.steps import LoopSettings, fit, resolve_updates_per_step, validation_check_interval, validation_interval
+from genlab.run.stopping import GracefulStop, RunInterrupted
 from genlab.sweeps import run_sweep_job
 
 log = logging.getLogger("genlab")

@@ -271,7 +271,7 @@ class Ranks(L.Callback):
     def on_exception(self, trainer, pl_module, exception):
         """What ended training, into train.log while it is open: this process's error, or, where a
         collective broke as another process ended, that one's."""
-        from genlab.stopping import RunInterrupted
+        from genlab.run.stopping import RunInterrupted
 
         try:
             other = self.failure()
@@ -342,7 +342,7 @@ class Ranks(L.Callback):
     def fail(self, exc: BaseException) -> dict | None:
         """Tell the others, and give them the time to read it (the first process serves the store);
         where another process failed first, its failure is returned, for this one to follow."""
-        from genlab.stopping import RunInterrupted
+        from genlab.run.stopping import RunInterrupted
 
         message = f"stopped by {exc} on its own" if isinstance(exc, RunInterrupted) else describe(exc)
         record = json.dumps({"rank": self.launch.rank, "message": message})

@@ -28,7 +28,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from genlab.errors import ConfigError
-from genlab.outputs import atomic_torch_save
+from genlab.run.outputs import atomic_torch_save
 
 log = logging.getLogger("genlab")
 

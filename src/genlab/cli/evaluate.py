@@ -1,6 +1,6 @@
 """``python eval.py ckpt_path=...``: the loss of a checkpoint on its run's validation and test
 splits (the run's own data config, read from ``<run>/.hydra/config.yaml`` through
-``genlab.trust``), printed, then written to ``eval.json`` beside the run's ``metrics.json`` (or to
+``genlab.run.trust``), printed, then written to ``eval.json`` beside the run's ``metrics.json`` (or to
 ``out=``) where that folder can be written."""
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from genlab.checkpoints import genlab_classes, load_model
+from genlab.run.checkpoints import genlab_classes, load_model
 from genlab.console import route_library_logs
 from genlab.data.module import GenlabDataModule, ready
 from genlab.errors import CheckpointError, ConfigError, exit_on_user_error, instantiate
-from genlab.outputs import save_result, write_metrics
-from genlab.overrides import checked_command_line
-from genlab.runs import checkpoint_file, run_dir_of
-from genlab.runtime import CONF_DIR
-from genlab.trust import build, read_config, resolved
+from genlab.run.outputs import save_result, write_metrics
+from genlab.cli.overrides import checked_command_line
+from genlab.run.runs import checkpoint_file, run_dir_of
+from genlab.run.runtime import CONF_DIR
+from genlab.run.trust import build, read_config, resolved
 
 log = logging.getLogger("genlab")
 

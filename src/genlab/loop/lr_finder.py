@@ -8,10 +8,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from genlab.checkpoints import trainer_plugins
+from genlab.run.checkpoints import trainer_plugins
 from genlab.errors import ConfigError, instantiate
-from genlab.figures import plt, save_figure
-from genlab.runtime import choice
+from genlab.results.figures import plt, save_figure
+from genlab.run.runtime import choice
 
 
 def find_learning_rate(cfg: DictConfig, datamodule, model) -> tuple[float, dict]:

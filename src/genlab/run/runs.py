@@ -25,11 +25,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from genlab.errors import CheckpointError, ConfigError, FolderTaken
-from genlab.outputs import NoFollowFileHandler, atomic_write_text, check_writable_folder, open_no_follow, remove_temporaries
-from genlab.plan import PLAN_FILE, Plan
-from genlab.ranks import Ranks, Start, describe, refusal
-from genlab.runtime import choice, hydra_config, in_sweep, task_overrides
-from genlab.trust import read_json
+from genlab.run.outputs import NoFollowFileHandler, atomic_write_text, check_writable_folder, open_no_follow, remove_temporaries
+from genlab.run.plan import PLAN_FILE, Plan
+from genlab.run.ranks import Ranks, Start, describe, refusal
+from genlab.run.runtime import choice, hydra_config, in_sweep, task_overrides
+from genlab.run.trust import read_json
 
 RUNS = Path("outputs/runs")
 # what a run writes into its folder: a folder holding any of the first five holds a run, and
@@ -122,7 +122,7 @@ def newest_checkpoint(folder: Path) -> Path | None:
 class RunFolder:
     """The folder of one run, held by this process from ``open`` to ``close``.
 
-    ``open`` takes the folder's lock and decides, on the run's plan (``genlab.plan``), how the run
+    ``open`` takes the folder's lock and decides, on the run's plan (``genlab.run.plan``), how the run
     starts there (``Start``): a new run in a free folder; a continuation of the run an explicit
     ``ckpt_path`` names (recorded as such); and where the command is run again (a sweep's job, a
     requeued SLURM job) with the same plan: keep the run if it finished, resume it from its newest
@@ -131,7 +131,7 @@ class RunFolder:
     which ``close`` removes. ``claim`` records the run (``.hydra/``, ``plan.json`` once, ``train.log``)
     once it is known to be valid there; until then the process does not own the folder, and a failure
     is reported beside it (``genlab.sweeps``). The first process of a distributed run decides; the
-    others learn its decision (``genlab.ranks``) and write nothing."""
+    others learn its decision (``genlab.run.ranks``) and write nothing."""
 
     def __init__(self, path: Path, primary: bool = True, ranks: Ranks | None = None):
         self.path, self.primary = Path(path), primary
@@ -282,7 +282,7 @@ class RunFolder:
 
     def record_early_failure(self, exc: BaseException) -> None:
         """A process Lightning started that fails before its trainer sets up has no store to tell the
-        first process (``genlab.ranks``), which waits in the process group's set-up until Lightning's
+        first process (``genlab.run.ranks``), which waits in the process group's set-up until Lightning's
         launcher ends it: the message goes into the run's train.log (appended to, never created)."""
         if not (self.path / "train.log").is_file():
             return  # the first process has not claimed the folder: it refused, and every process knows

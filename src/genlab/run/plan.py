@@ -5,7 +5,7 @@ sweep's job folder) is met again.
 A plan holds the resolved configuration with its YAML defaults (``config``: the validation interval
 ``val_every``, ``trainer.precision`` and the learning rate a ``tune_lr`` search chose are filled in,
 and for running text what a validation covers: ``data.val_tokens`` lowered to the run's size and
-``data.eval_batch_size``, ``genlab.checks.validation_size``),
+``data.eval_batch_size``, ``genlab.run.checks.validation_size``),
 the data's content fingerprint (the data module's ``fingerprint``: for a word list or a text, a hash
 of its content; for images, the files' names, sizes and times) and the updates per step K that
 the run trains with. Its ``config`` is read-only: nothing changes it after it is made, and nothing
@@ -31,9 +31,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from genlab.checks import check_config, validation_size
-from genlab.precision import resolve_precision
-from genlab.steps import LOOP_KEYS, validation_interval
+from genlab.run.checks import check_config, validation_size
+from genlab.loop.precision import resolve_precision
+from genlab.loop.steps import LOOP_KEYS, validation_interval
 
 PLAN_FILE = Path(".hydra") / "plan.json"
 # where and how a run is launched, not what it computes: a resume or a re-run may change these
@@ -103,7 +103,7 @@ def identity_of(config: dict, data) -> dict:
 
 
 def resolve(cfg: DictConfig) -> Plan:
-    """The plan's first part, from the configuration alone: checked (``genlab.checks``), its validation
+    """The plan's first part, from the configuration alone: checked (``genlab.run.checks``), its validation
     interval, precision and validation size filled in. Raises ConfigError before anything is loaded or written."""
     check_config(cfg)
     work = copy.deepcopy(cfg)  # the command's own cfg is never changed

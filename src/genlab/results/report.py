@@ -9,7 +9,7 @@ the ones that differ between runs marked. Pictures are PNG or JPEG inlined as ba
 refers outside the page, so it opens from disk or an e-mail attachment.
 
 Everything read from the run folders is untrusted: metrics.json through genlab's JSON reader
-(``genlab.trust.read_json``, via compare.find_runs), the training names through the safe checkpoint
+(``genlab.run.trust.read_json``, via compare.find_runs), the training names through the safe checkpoint
 loader, pictures through Pillow with a size bound, and every string escaped by Jinja2's autoescape."""
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 
-from genlab.checkpoints import read_checkpoint
-from genlab.compare import (FIGURES, Run, curves, ranked_groups, ranking_figure, runs_under, short, spread,
+from genlab.run.checkpoints import read_checkpoint
+from genlab.results.compare import (FIGURES, Run, curves, ranked_groups, ranking_figure, runs_under, short, spread,
                             swept_parameters)
 from genlab.errors import GenlabError
-from genlab.figures import plt
-from genlab.outputs import atomic_write_text
-from genlab.trust import read_json, read_overrides
+from genlab.results.figures import plt
+from genlab.run.outputs import atomic_write_text
+from genlab.run.trust import read_json, read_overrides
 
 # curves drawn for each kind of model: (tag, label) on the left axis, then the quality axis
 LOSS_CURVES = (("loss/train", "train"), ("loss/val", "val"), ("loss/discriminator", "D"), ("loss/generator", "G"))

@@ -17,16 +17,16 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from genlab.checkpoints import load_model
-from genlab.checks import is_whole_number
+from genlab.run.checkpoints import load_model
+from genlab.run.checks import is_whole_number
 from genlab.console import printable
 from genlab.data.tokenizer import tokenizer_from_config
 from genlab.errors import ConfigError, exit_on_user_error
-from genlab.figures import image_grid, save_png
-from genlab.outputs import atomic_write_text, save_result
-from genlab.overrides import checked_command_line
-from genlab.runs import run_dir_of
-from genlab.runtime import CONF_DIR, task_overrides
+from genlab.results.figures import image_grid, save_png
+from genlab.run.outputs import atomic_write_text, save_result
+from genlab.cli.overrides import checked_command_line
+from genlab.run.runs import run_dir_of
+from genlab.run.runtime import CONF_DIR, task_overrides
 
 USAGE = """usage: python sample.py ckpt_path=<run folder | .ckpt file | last> [num_samples=20] [temperature=1.0]
                         [top_k=null] [seed=0] [prompt=TEXT] [max_new_tokens=500] [interpolate=false] [out=FILE]

@@ -1,5 +1,5 @@
 """Pictures a run writes as files: image grids, an animated GIF of grids, curves. Each is made in
-memory and written atomically (``genlab.outputs``): a full disk leaves the previous picture whole
+memory and written atomically (``genlab.run.outputs``): a full disk leaves the previous picture whole
 and ends the run with one message."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
-from genlab.outputs import atomic_write_bytes  # noqa: E402
+from genlab.run.outputs import atomic_write_bytes  # noqa: E402
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from genlab.errors import ConfigError
-from genlab.outputs import write_metrics
-from genlab.precision import cpu_name
-from genlab.runtime import CONF_DIR
+from genlab.run.outputs import write_metrics
+from genlab.loop.precision import cpu_name
+from genlab.run.runtime import CONF_DIR
 
 ROOT = Path(CONF_DIR).parent  # train.py's folder
 USAGE = ("usage: python scripts/reproduce.py [quick=true] [dir=FOLDER] [gpu=auto|true|false] "
@@ -106,7 +106,7 @@ def commands(folder: Path, quick: bool, gpu: bool, passed: list[str]) -> list[tu
 
 def reproduce(args: list[str]) -> int:
     """Run the course's multiruns, then write the report; the exit status is 1 if a job failed."""
-    from genlab.report import write_report  # matplotlib and Jinja2 only once the runs are done
+    from genlab.results.report import write_report  # matplotlib and Jinja2 only once the runs are done
 
     own, passed = parse(args)
     quick = own["quick"] == "true"

@@ -11,8 +11,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.errors import ConfigError
-from genlab.ranks import launch
-from genlab.runtime import choice, in_sweep, launcher_target, task_overrides
+from genlab.run.ranks import launch
+from genlab.run.runtime import choice, in_sweep, launcher_target, task_overrides
 
 
 def is_whole_number(value) -> bool:

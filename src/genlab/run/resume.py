@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from genlab.checkpoints import read_checkpoint
-from genlab.runs import slurm_job
-from genlab.runtime import in_sweep, is_first_process, task_overrides
-from genlab.stopping import GracefulStop, requeue_slurm_job
+from genlab.run.checkpoints import read_checkpoint
+from genlab.run.runs import slurm_job
+from genlab.run.runtime import in_sweep, is_first_process, task_overrides
+from genlab.run.stopping import GracefulStop, requeue_slurm_job
 from genlab.sweeps import sweep_command
 
 

@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from genlab.plan import flatten
-from genlab.runtime import choice
+from genlab.run.plan import flatten
+from genlab.run.runtime import choice
 
 GROUPS = ("data", "model", "optimizer", "scheduler", "trainer")
 # keys that say how a run is wired, not what it trains: class paths and folders

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from genlab.checks import asked_interval
+from genlab.run.checks import asked_interval
 from genlab.data.batches import trim, widths
 from genlab.errors import ConfigError
-from genlab.precision import uses_cuda
+from genlab.loop.precision import uses_cuda
 
 LIGHTNING_TESTED = ">=2.6,<2.7"
 # Lightning's fixed work per step (its loops, hooks, logging, the progress bar, genlab's callbacks): an
@@ -53,7 +53,7 @@ FORCED_AUTO_VARIABLE = "GENLAB_AUTO_UPDATES"
 @dataclasses.dataclass(frozen=True)
 class LoopSettings:
     """``conf/loop``: how the loop trains a model, whichever model it is (``train.build_model`` gives
-    them to the model it builds; checked by ``genlab.checks``). Not the model's hyper-parameters: a
+    them to the model it builds; checked by ``genlab.run.checks``). Not the model's hyper-parameters: a
     checkpoint's model loads and samples without them."""
 
     updates_per_step: int | str = 1  # K, or "auto"
@@ -73,7 +73,7 @@ def count_update(trainer: L.Trainer) -> None:
     except AttributeError:
         raise RuntimeError(f"this Lightning ({L.__version__}) keeps its step count elsewhere; genlab counts "
                            f"updates through it and is tested with lightning{LIGHTNING_TESTED}: install that "
-                           "(pip install -e .) or update genlab.steps") from None
+                           "(pip install -e .) or update genlab.loop.steps") from None
     progress.increment_completed()
 
 
