@@ -45,7 +45,7 @@ from genlab.callbacks import TrainingClock
 from genlab.insight import Insight
 from genlab.models.compiled_update import CompiledUpdate
 from genlab.loop.precision import resolve_precision
-from genlab.loop.steps import fit, resolve_updates_per_step
+from genlab.loop.steps import batches_of, fit, resolve_updates_per_step
 from genlab.run.runtime import skip_failing_nvml_check
 from genlab.cli.train import CONF_DIR, build_model, build_trainer
 from genlab.data.module import ready
@@ -278,9 +278,9 @@ def measure(argv: list[str]) -> dict:
         per_update, unit, plain_loop = float(len(batches[0])), "images", plain_gan_speed
         k = 1
     else:
-        batches = []  # single batches, as a plain loop sees them
+        batches = []  # single batches, trimmed of their trailing padding as the loop trims them, for both sides
         while len(batches) < steps:
-            batches.extend(datamodule.train_dataloader())
+            batches.extend(b for batch in datamodule.train_dataloader() for b in batches_of(batch))
         # auto's choice, made once for every round; the batches a whole number of Lightning steps, so
         # that the framework makes the same updates as the plain loop
         # (at most a tenth of the updates, as the clock starts after a warm-up step and needs steps to
