@@ -50,6 +50,7 @@ class CompiledUpdate:
         self.widths = sorted({self.padded(w) for w in widths or []})
         self.lr_values, self.lrs = None, None  # the learning rates as the graphs take them (a tensor)
         self.adam = isinstance(optimizer, torch.optim.Adam)  # AdamW is an Adam (decoupled weight decay)
+        self.step = adam_step if self.adam else sgd_step
         names = {id(p): name for name, p in model.named_parameters()}
         # each group's parameter names and settings but the learning rate, which goes in as a
         # tensor: the graph reads only these, so a scheduler's new learning rate does not recompile it
@@ -138,8 +139,7 @@ class CompiledUpdate:
             for g, (names, settings) in enumerate(self.groups):
                 group_states = states[first:first + len(names)]
                 first += len(names)
-                step = adam_step if self.adam else sgd_step
-                step([params[n] for n in names], [grads[n] for n in names], group_states, lrs[g], settings)
+                self.step([params[n] for n in names], [grads[n] for n in names], group_states, lrs[g], settings)
         return loss.detach()
 
 
@@ -164,6 +164,10 @@ def check_supported(optimizer: torch.optim.Optimizer) -> None:
                               "the whole update; leave them at their defaults or set loop.compile=false")
 
 
+# SGD takes torch's foreach form: in torch 2.14.1 Inductor fuses the single-tensor form's weight
+# decay, grad.add(param, alpha=wd) on a gradient straight from a matmul, into addmm and drops alpha
+# (a weight decay of 1); tests/test_compiled_update.py's SGD weight-decay test catches it. Adam's
+# foreach form, with a tensor learning rate, needs capturable=True.
 def sgd_step(params: list, grads: list, states: list[dict], lr: torch.Tensor, group: dict) -> None:
     """torch.optim.SGD's step, by torch's functional SGD."""
     buffers = [state["momentum_buffer"] for state in states] if group["momentum"] else [None] * len(params)
