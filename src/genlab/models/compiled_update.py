@@ -65,6 +65,10 @@ class CompiledUpdate:
         # views of the parameters and buffers, updated in place (the same tensors at every update)
         self.params = {name: p.detach() for name, p in model.named_parameters()}
         self.buffers = {name: b.detach() for name, b in model.named_buffers()}
+        # a graph per padded width the data can give, and past torch.compile's recompile limit (8 by
+        # default) a fullgraph compile fails: a word list whose longest word is long gives more
+        graphs = len({self.padded(w) for w in range(1, model.seq_len + 1)} | set(self.widths))
+        torch.compiler.config.recompile_limit = max(torch.compiler.config.recompile_limit, graphs)
         # compiled functions are cached per function, across instances: a process trains one run at a
         # time (a sweep's jobs one after another), so the previous run's graphs go rather than fill the cache
         torch.compiler.reset()
